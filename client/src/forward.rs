@@ -1,0 +1,182 @@
+//! Carries one app request over the tunnel and returns the response.
+//!
+//! The path is straight: open a stream → send the request head → pump the
+//! app's body up in its own task while waiting for the response head →
+//! return a response whose body reads the stream's frames as they arrive.
+//!
+//! Cancellation needs no flags: the response body owns the stream's
+//! receive half, so when the app goes away hyper drops the body, quinn
+//! sends STOP_SENDING, and the relay drops its upstream call.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Incoming;
+use passage_shared::body::FrameBody;
+use passage_shared::error_body::ApiError;
+use passage_shared::frame::{Frame, FrameCodec, MAX_DATA_CHUNK, RequestHead, reset_code};
+use passage_shared::http_map::{extend_from_wire, headers_to_wire};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tracing::{Instrument, debug};
+
+use crate::tunnel::{Tunnel, TunnelError};
+
+/// The body of a response given to the app: a local error, or the stream's frames.
+pub type ResponseBody = Either<Full<Bytes>, FrameBody<quinn::RecvStream>>;
+
+type Sender = FramedWrite<quinn::SendStream, FrameCodec>;
+
+/// Forwards `request` over the tunnel; every failure becomes an
+/// OpenAI-shaped error response.
+pub async fn forward(
+    tunnel: &Tunnel,
+    connect_wait: Duration,
+    id: String,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    match try_forward(tunnel, connect_wait, id, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response::<Full<Bytes>>().map(Either::Left),
+    }
+}
+
+async fn try_forward(
+    tunnel: &Tunnel,
+    connect_wait: Duration,
+    id: String,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let (parts, body) = request.into_parts();
+    // Only the path and query travel: an absolute-form target never chooses
+    // a destination, and authority-form (CONNECT) has nothing to forward.
+    let path_and_query = match parts.uri.path_and_query() {
+        Some(pq) if parts.method != Method::CONNECT && pq.as_str().starts_with('/') => {
+            pq.as_str().to_owned()
+        }
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_target",
+                "passage forwards only origin-form requests such as POST /v1/chat/completions",
+            ));
+        }
+    };
+    let has_body = !body.is_end_stream();
+    let head = RequestHead {
+        id,
+        method: parts.method.as_str().to_owned(),
+        path_and_query,
+        headers: headers_to_wire(&parts.headers),
+        has_body,
+    };
+
+    let (send, recv) = tunnel
+        .open_stream(connect_wait)
+        .await
+        .map_err(tunnel_error)?;
+    let mut sender = FramedWrite::new(send, FrameCodec);
+    sender.send(Frame::RequestHead(head)).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "tunnel_stream_failed",
+            format!("could not send the request to the relay: {e}"),
+        )
+    })?;
+    if has_body {
+        tokio::spawn(pump_body(body, sender).in_current_span());
+    } else {
+        let _ = sender.send(Frame::End).await;
+        let _ = sender.get_mut().finish();
+    }
+
+    let mut frames = FramedRead::new(recv, FrameCodec);
+    let head = match frames.next().await {
+        Some(Ok(Frame::ResponseHead(head))) => head,
+        other => {
+            let why = match other {
+                Some(Ok(frame)) => format!(
+                    "the relay sent a {} frame before the response head",
+                    frame.kind()
+                ),
+                Some(Err(e)) => format!("the tunnel stream failed before the response head: {e}"),
+                None => "the relay closed the stream without a response".to_owned(),
+            };
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "tunnel_stream_failed",
+                why,
+            ));
+        }
+    };
+    let status = StatusCode::from_u16(head.status).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "invalid_upstream_response",
+            format!(
+                "the upstream answered with an invalid status {}",
+                head.status
+            ),
+        )
+    })?;
+    let mut response = Response::new(Either::Right(FrameBody::new(frames)));
+    *response.status_mut() = status;
+    extend_from_wire(response.headers_mut(), head.headers).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "invalid_upstream_response",
+            e.to_string(),
+        )
+    })?;
+    Ok(response)
+}
+
+/// Streams the app's body up as frames; resets the stream if the app's
+/// body fails, so the relay never forwards a truncated request as whole.
+async fn pump_body(mut body: Incoming, mut sender: Sender) {
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                let Ok(mut data) = frame.into_data() else {
+                    continue;
+                };
+                while !data.is_empty() {
+                    let chunk = data.split_to(data.len().min(MAX_DATA_CHUNK));
+                    if let Err(e) = sender.send(Frame::Data(chunk)).await {
+                        // The relay stopped reading: it answered early or the request was cancelled.
+                        debug!(error = %e, "request body no longer wanted");
+                        return;
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                debug!(error = %e, "the app's request body failed; resetting the stream");
+                let _ = sender.get_mut().reset(reset_code::BODY_FAILED.into());
+                return;
+            }
+            None => {
+                if sender.send(Frame::End).await.is_ok() {
+                    let _ = sender.get_mut().finish();
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn tunnel_error(error: TunnelError) -> ApiError {
+    let status = match error {
+        TunnelError::Lost(_) => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let code = match error {
+        TunnelError::Unavailable { .. } => "tunnel_unavailable",
+        TunnelError::StreamTimeout(_) => "tunnel_busy",
+        TunnelError::Lost(_) => "tunnel_lost",
+        TunnelError::Stopped => "client_shutting_down",
+    };
+    ApiError::new(status, code, format!("passage: {error}"))
+}

@@ -1,0 +1,155 @@
+//! passage-client: the local end of the tunnel. Apps send OpenAI API
+//! requests to it on 127.0.0.1; it carries each over its own QUIC stream
+//! to passage-relay.
+//!
+//! [`server`] is the local HTTP server, [`tunnel`] keeps the QUIC connection
+//! up, and [`forward`] moves one request onto a stream and its response back.
+
+pub mod forward;
+pub mod server;
+pub mod tunnel;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use passage_shared::bundle::Bundle;
+use passage_shared::pki::{PkiError, parse_cert, parse_key};
+use passage_shared::quic::{self, QuicSetupError};
+use passage_shared::tls::{TlsError, client_tls_config};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::server::ServerContext;
+use crate::tunnel::{RelayTarget, Tunnel, TunnelSettings};
+
+/// Default address of the local endpoint.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8710";
+
+/// Everything `passage-client run` needs.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The bundle issued by the relay operator.
+    pub bundle: Bundle,
+    /// Local address apps connect to.
+    pub listen: SocketAddr,
+    /// Relays to try after the bundle's, in order.
+    pub extra_relays: Vec<String>,
+    /// How long a request waits for the tunnel before failing with 503.
+    pub connect_wait: Duration,
+    /// How long in-flight responses may run on after a shutdown signal.
+    pub drain_timeout: Duration,
+    /// Tunnel timing.
+    pub tunnel: TunnelSettings,
+}
+
+impl ClientConfig {
+    /// A config with the documented defaults.
+    pub fn new(bundle: Bundle, listen: SocketAddr) -> Self {
+        ClientConfig {
+            bundle,
+            listen,
+            extra_relays: Vec::new(),
+            connect_wait: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(30),
+            tunnel: TunnelSettings::default(),
+        }
+    }
+}
+
+/// Why the client could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The bundle's certificates or key are unusable.
+    #[error("bundle: {0}")]
+    Bundle(#[from] PkiError),
+    /// TLS could not be configured.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// QUIC could not be configured.
+    #[error(transparent)]
+    Quic(#[from] QuicSetupError),
+    /// The local address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// A bound client, ready to run.
+#[derive(Debug)]
+pub struct Client {
+    listener: TcpListener,
+    quic: quinn::ClientConfig,
+    targets: Vec<RelayTarget>,
+    config: ClientConfig,
+}
+
+impl Client {
+    /// Checks the bundle and binds the local listener.
+    pub async fn bind(config: ClientConfig) -> Result<Client, ClientError> {
+        let bundle = &config.bundle;
+        let tls = client_tls_config(
+            parse_cert(&bundle.ca_cert, "the CA certificate")?,
+            vec![parse_cert(&bundle.cert, "the client certificate")?],
+            parse_key(&bundle.key, "the client key")?,
+        )?;
+        let quic = quic::client_config(tls, config.tunnel.liveness)?;
+        let targets = bundle
+            .relays
+            .iter()
+            .chain(&config.extra_relays)
+            .map(|address| RelayTarget::new(address, bundle.server_name.as_deref()))
+            .collect();
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ClientError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        Ok(Client {
+            listener,
+            quic,
+            targets,
+            config,
+        })
+    }
+
+    /// The local address apps connect to.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Runs the tunnel and the local server until `shutdown` fires.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let local = self
+            .listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let relays: Vec<&str> = self.targets.iter().map(|t| t.address.as_str()).collect();
+        info!(listen = %local, relays = ?relays, client = %self.config.bundle.name, "client serving");
+        // The tunnel outlives the server by the drain time, so in-flight
+        // responses can finish after the listener closes.
+        let tunnel_shutdown = CancellationToken::new();
+        let tunnel = Tunnel::start(
+            self.targets,
+            self.quic,
+            self.config.tunnel,
+            tunnel_shutdown.clone(),
+        );
+        let ctx = Arc::new(ServerContext {
+            tunnel,
+            client_name: self.config.bundle.name.clone(),
+            connect_wait: self.config.connect_wait,
+        });
+        server::serve(self.listener, ctx, self.config.drain_timeout, shutdown).await;
+        tunnel_shutdown.cancel();
+        info!("client stopped");
+    }
+}

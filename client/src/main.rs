@@ -1,0 +1,77 @@
+//! Command line of passage-client: parses arguments and calls the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use passage_client::{Client, ClientConfig, DEFAULT_LISTEN};
+use passage_shared::bundle::Bundle;
+
+/// The local end of passage: an OpenAI-compatible endpoint on 127.0.0.1
+/// whose requests travel through a QUIC tunnel to passage-relay.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the local endpoint and keep the tunnel up.
+    Run {
+        /// Bundle file from `passage-relay issue`.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Local address apps connect to (base_url http://ADDR/v1).
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        listen: SocketAddr,
+        /// Another relay HOST:PORT to fail over to, after the bundle's (repeatable).
+        #[arg(long = "relay")]
+        relays: Vec<String>,
+        /// Seconds a request waits for the tunnel before failing with 503.
+        #[arg(long, default_value_t = 5)]
+        connect_wait: u64,
+        /// Seconds in-flight responses may run on after SIGTERM/SIGINT.
+        #[arg(long, default_value_t = 30)]
+        drain_timeout: u64,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("passage-client: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let Command::Run {
+        bundle,
+        listen,
+        relays,
+        connect_wait,
+        drain_timeout,
+    } = cli.command;
+    passage_shared::process::init_logging();
+    let bundle = Bundle::load(&bundle)?;
+    let mut config = ClientConfig::new(bundle, listen);
+    config.extra_relays = relays;
+    config.connect_wait = Duration::from_secs(connect_wait);
+    config.drain_timeout = Duration::from_secs(drain_timeout);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let client = Client::bind(config)
+            .await
+            .context("starting passage-client")?;
+        let shutdown = passage_shared::process::shutdown_on_signal()
+            .context("installing the SIGTERM/SIGINT handlers")?;
+        client.run(shutdown).await;
+        Ok(())
+    })
+}

@@ -1,0 +1,151 @@
+//! The local HTTP/1.1 server apps talk to: answers `GET /healthz` itself
+//! and forwards every other request through the tunnel.
+//!
+//! Each request gets a span carrying its id and the client's name. On
+//! shutdown the listener closes and open connections finish their current
+//! response, bounded by the drain timeout.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use passage_shared::error_body::ApiError;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::forward::{ResponseBody, forward};
+use crate::tunnel::{Tunnel, TunnelState};
+
+/// What each request handler needs.
+#[derive(Debug)]
+pub struct ServerContext {
+    /// The tunnel requests go through.
+    pub tunnel: Tunnel,
+    /// The client's name (from its certificate), for logs.
+    pub client_name: String,
+    /// How long a request waits for the tunnel before failing with 503.
+    pub connect_wait: Duration,
+}
+
+/// Accepts app connections until `shutdown` fires, then drains them.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<ServerContext>,
+    drain_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Typically EMFILE: back off briefly instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // SSE events must leave as soon as they are written.
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let service = service_fn(move |request| handle(request, ctx.clone()));
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(%peer, error = %e, "app connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(
+            drain_timeout_s = drain_timeout.as_secs(),
+            "drain timeout reached; closing app connections"
+        );
+    }
+}
+
+async fn handle(
+    request: Request<Incoming>,
+    ctx: Arc<ServerContext>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let id = format!("{:016x}", fastrand::u64(..));
+    let span = info_span!(
+        "request",
+        id = %id,
+        client = %ctx.client_name,
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    async move {
+        if request.method() == Method::GET && request.uri().path() == "/healthz" {
+            return Ok(health(&ctx.tunnel));
+        }
+        let started = Instant::now();
+        let response = forward(&ctx.tunnel, ctx.connect_wait, id, request).await;
+        info!(
+            status = response.status().as_u16(),
+            head_ms = started.elapsed().as_millis() as u64,
+            "response head"
+        );
+        Ok(response)
+    }
+    .instrument(span)
+    .await
+}
+
+/// `GET /healthz`: 200 while the tunnel is up, 503 with the reason otherwise.
+fn health(tunnel: &Tunnel) -> Response<ResponseBody> {
+    match tunnel.state() {
+        TunnelState::Up { connection, relay } => {
+            let body = serde_json::json!({
+                "status": "ok",
+                "relay": relay,
+                "rtt_ms": connection.rtt().as_secs_f64() * 1000.0,
+            });
+            let mut response =
+                Response::new(Either::Left(Full::new(Bytes::from(body.to_string()))));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        TunnelState::Connecting { last_error } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "tunnel_unavailable",
+            match last_error {
+                Some(e) => format!("the tunnel to the relay is down: {e}"),
+                None => "the tunnel to the relay is not up yet".to_owned(),
+            },
+        )
+        .into_response::<Full<Bytes>>()
+        .map(Either::Left),
+        TunnelState::Stopped => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "client_shutting_down",
+            "passage-client is shutting down",
+        )
+        .into_response::<Full<Bytes>>()
+        .map(Either::Left),
+    }
+}

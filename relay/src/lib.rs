@@ -1,0 +1,130 @@
+//! passage-relay: the end of the tunnel that runs abroad, holds the API key
+//! and calls the upstream API.
+//!
+//! [`listener`] accepts QUIC connections and streams, [`stream`] serves one
+//! request, [`upstream`] is the HTTP client for the configured upstream, and
+//! [`pki_cmd`] implements `init` and `issue`.
+
+pub mod listener;
+pub mod pki_cmd;
+pub mod stream;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use passage_shared::pki::{PkiDir, PkiError};
+use passage_shared::quic::{self, Liveness, QuicSetupError};
+use passage_shared::tls::{TlsError, relay_tls_config};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::stream::StreamContext;
+use crate::upstream::{ApiKey, UpstreamBase, UpstreamClient, UpstreamConfigError};
+
+/// Everything `passage-relay serve` needs.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// PKI directory made by `init`.
+    pub pki_dir: PathBuf,
+    /// The one upstream every request goes to.
+    pub upstream: UpstreamBase,
+    /// The key that replaces the app's Authorization, if any.
+    pub api_key: Option<ApiKey>,
+    /// Longest time to open a TCP connection to the upstream.
+    pub connect_timeout: Duration,
+    /// Longest upstream silence before the response head or between chunks.
+    pub idle_read_timeout: Duration,
+    /// Longest wait for a request head on a new stream.
+    pub head_timeout: Duration,
+    /// How long in-flight requests may run on after a shutdown signal.
+    pub drain_timeout: Duration,
+    /// Keep-alive and idle timeout of client connections.
+    pub liveness: Liveness,
+}
+
+impl RelayConfig {
+    /// A config with the documented defaults for everything but the essentials.
+    pub fn new(listen: SocketAddr, pki_dir: PathBuf, upstream: UpstreamBase) -> Self {
+        RelayConfig {
+            listen,
+            pki_dir,
+            upstream,
+            api_key: None,
+            connect_timeout: Duration::from_secs(10),
+            idle_read_timeout: Duration::from_secs(600),
+            head_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            liveness: Liveness::default(),
+        }
+    }
+}
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The PKI directory could not be read.
+    #[error("PKI: {0}")]
+    Pki(#[from] PkiError),
+    /// TLS could not be configured.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The QUIC endpoint could not be made.
+    #[error(transparent)]
+    Quic(#[from] QuicSetupError),
+    /// The upstream is misconfigured.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamConfigError),
+}
+
+/// A bound relay, ready to serve.
+#[derive(Debug)]
+pub struct Relay {
+    endpoint: quinn::Endpoint,
+    ctx: Arc<StreamContext>,
+    drain_timeout: Duration,
+}
+
+impl Relay {
+    /// Loads the PKI and binds the UDP socket; must run inside a tokio runtime.
+    pub fn bind(config: RelayConfig) -> Result<Relay, RelayError> {
+        let identity = PkiDir::new(&config.pki_dir).load_relay_identity()?;
+        let tls = relay_tls_config(identity.ca, identity.chain, identity.key)?;
+        let server = quic::server_config(tls, config.liveness)?;
+        let endpoint = quic::endpoint(config.listen, Some(server))?;
+        let upstream = UpstreamClient::new(
+            config.upstream,
+            config.api_key.as_ref(),
+            config.connect_timeout,
+        )?;
+        Ok(Relay {
+            endpoint,
+            ctx: Arc::new(StreamContext {
+                upstream,
+                head_timeout: config.head_timeout,
+                idle_read_timeout: config.idle_read_timeout,
+            }),
+            drain_timeout: config.drain_timeout,
+        })
+    }
+
+    /// The UDP address the relay listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves until `shutdown` fires, then drains and returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        info!(
+            listen = %self.endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            upstream = %self.ctx.upstream.base(),
+            "relay serving"
+        );
+        listener::serve(self.endpoint, self.ctx, self.drain_timeout, shutdown).await;
+        info!("relay stopped");
+    }
+}

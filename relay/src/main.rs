@@ -1,0 +1,154 @@
+//! Command line of passage-relay: parses arguments and calls the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use passage_relay::upstream::{ApiKey, UpstreamBase};
+use passage_relay::{Relay, RelayConfig, pki_cmd};
+
+/// The relay end of passage: holds the API key and calls the upstream API.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make a private CA and the relay certificate.
+    Init {
+        /// Directory for the PKI (created, mode 0700).
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS name or IP address clients use to reach the relay (repeatable;
+        /// default: localhost, 127.0.0.1, ::1).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+    /// Issue a client certificate and write its bundle file.
+    Issue {
+        /// PKI directory made by `init`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Client name (letters, digits, '.', '_', '-').
+        #[arg(long)]
+        name: String,
+        /// Relay address HOST:PORT the client connects to (repeatable).
+        #[arg(long = "relay", required = true)]
+        relays: Vec<String>,
+        /// TLS name to verify the relay by (default: each relay's host).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// Days the client certificate is valid.
+        #[arg(long, default_value_t = passage_shared::pki::DEFAULT_CLIENT_DAYS)]
+        days: i64,
+        /// Bundle file to write (default: DIR/clients/NAME.toml).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Accept tunnel connections and forward requests to the upstream.
+    Serve {
+        /// PKI directory made by `init`.
+        #[arg(long)]
+        pki: PathBuf,
+        /// UDP address to listen on.
+        #[arg(long, default_value = "0.0.0.0:4433")]
+        listen: SocketAddr,
+        /// Upstream base URL; request paths are appended to it.
+        #[arg(long, default_value = "https://api.openai.com")]
+        upstream: String,
+        /// Environment variable holding the upstream API key; when set, it
+        /// replaces the app's Authorization header.
+        #[arg(long)]
+        api_key_env: Option<String>,
+        /// Seconds to wait for a TCP connection to the upstream.
+        #[arg(long, default_value_t = 10)]
+        connect_timeout: u64,
+        /// Seconds of upstream silence (before the head or between chunks)
+        /// after which the request fails with 504.
+        #[arg(long, default_value_t = 600)]
+        idle_timeout: u64,
+        /// Seconds in-flight requests may run on after SIGTERM/SIGINT.
+        #[arg(long, default_value_t = 30)]
+        drain_timeout: u64,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("passage-relay: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init { dir, hosts } => pki_cmd::init(&dir, &hosts),
+        Command::Issue {
+            dir,
+            name,
+            relays,
+            server_name,
+            days,
+            out,
+        } => pki_cmd::issue(&dir, &name, &relays, server_name.as_deref(), days, out).map(|_| ()),
+        Command::Serve {
+            pki,
+            listen,
+            upstream,
+            api_key_env,
+            connect_timeout,
+            idle_timeout,
+            drain_timeout,
+        } => {
+            passage_shared::process::init_logging();
+            let upstream = UpstreamBase::parse(&upstream)?;
+            let mut config = RelayConfig::new(listen, pki, upstream);
+            config.api_key = api_key_env.map(|var| read_api_key(&var)).transpose()?;
+            config.connect_timeout = Duration::from_secs(connect_timeout);
+            config.idle_read_timeout = Duration::from_secs(idle_timeout);
+            config.drain_timeout = Duration::from_secs(drain_timeout);
+            serve(config)
+        }
+    }
+}
+
+fn read_api_key(var: &str) -> anyhow::Result<ApiKey> {
+    let key = std::env::var(var)
+        .with_context(|| format!("--api-key-env {var}: the variable is not set or not UTF-8"))?;
+    let key = key.trim().to_owned();
+    anyhow::ensure!(
+        !key.is_empty(),
+        "--api-key-env {var}: the variable is empty"
+    );
+    Ok(ApiKey::new(key))
+}
+
+fn serve(config: RelayConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let relay = Relay::bind(config.clone()).with_context(|| {
+            format!(
+                "starting the relay on {} with PKI {}",
+                config.listen,
+                config.pki_dir.display()
+            )
+        })?;
+        if config.api_key.is_some() {
+            tracing::info!("the relay's API key replaces the apps' Authorization");
+        } else {
+            tracing::info!("no API key configured: apps' Authorization is passed through");
+        }
+        let shutdown = passage_shared::process::shutdown_on_signal()
+            .context("installing the SIGTERM/SIGINT handlers")?;
+        relay.run(shutdown).await;
+        Ok(())
+    })
+}

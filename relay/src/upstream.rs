@@ -1,0 +1,346 @@
+//! The relay's HTTP client for the one configured upstream.
+//!
+//! Only the configured base URL is ever contacted: a request's path and
+//! query are appended to it, and nothing the app sends (Host, an absolute
+//! URI) chooses where the relay connects. When the relay holds an API key it
+//! replaces the app's Authorization header, so the key never has to leave
+//! this machine. Connections are pooled (HTTP/2 where the upstream offers
+//! it over TLS, HTTP/1.1 otherwise).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, HOST, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use passage_shared::body::FrameBody;
+use passage_shared::error_body::ApiError;
+use passage_shared::frame::RequestHead;
+use passage_shared::http_map::extend_from_wire;
+
+/// The body of a request sent upstream: nothing, or the app's body frames.
+pub type UpstreamBody = Either<Empty<Bytes>, FrameBody<quinn::RecvStream>>;
+
+/// The upstream API key held by the relay; never printed.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wraps a key read from the environment.
+    pub fn new(key: String) -> Self {
+        ApiKey(key)
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// Why the upstream base URL or key is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamConfigError {
+    /// The URL is not `http(s)://host[:port][/base]`.
+    #[error("upstream URL {url:?} is not usable: {why}")]
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// The API key cannot be an HTTP header value.
+    #[error("the API key contains characters not allowed in an HTTP header")]
+    BadKey,
+    /// TLS for the upstream could not be set up.
+    #[error("upstream TLS: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Where requests go: scheme, authority and an optional base path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamBase {
+    scheme: Scheme,
+    authority: Authority,
+    base_path: String,
+}
+
+impl UpstreamBase {
+    /// Parses `http(s)://host[:port][/base/path]`; queries and fragments are refused.
+    pub fn parse(url: &str) -> Result<UpstreamBase, UpstreamConfigError> {
+        let bad = |why| UpstreamConfigError::BadUrl {
+            url: url.to_owned(),
+            why,
+        };
+        let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| bad("missing http:// or https://"))?;
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(bad("the scheme must be http or https"));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| bad("missing host"))?;
+        if authority.as_str().contains('@') {
+            return Err(bad("credentials in the URL are not supported"));
+        }
+        if uri.query().is_some() {
+            return Err(bad("a query string is not allowed"));
+        }
+        Ok(UpstreamBase {
+            scheme,
+            authority,
+            base_path: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The URI for an app request target (origin form, starting with `/`).
+    pub fn join(&self, path_and_query: &str) -> Result<Uri, ApiError> {
+        let bad_target = || {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_target",
+                "the request target must be a path starting with '/'",
+            )
+        };
+        if !path_and_query.starts_with('/') {
+            return Err(bad_target());
+        }
+        let joined: PathAndQuery = format!("{}{}", self.base_path, path_and_query)
+            .parse()
+            .map_err(|_| bad_target())?;
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(joined)
+            .build()
+            .map_err(|_| bad_target())
+    }
+}
+
+impl std::fmt::Display for UpstreamBase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+}
+
+/// Builds the upstream request for `head`: fixed destination, the app's
+/// end-to-end headers, and the relay's key in place of the app's when set.
+pub fn upstream_request<B>(
+    base: &UpstreamBase,
+    authorization: Option<&HeaderValue>,
+    head: RequestHead,
+    body: B,
+) -> Result<Request<B>, ApiError> {
+    let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_method",
+            "invalid HTTP method",
+        )
+    })?;
+    let uri = base.join(&head.path_and_query)?;
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    extend_from_wire(headers, head.headers)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_header", e.to_string()))?;
+    // The app addressed the client on 127.0.0.1; the upstream gets its own
+    // host, which hyper derives from the URI.
+    headers.remove(HOST);
+    if let Some(authorization) = authorization {
+        headers.insert(AUTHORIZATION, authorization.clone());
+    }
+    Ok(request)
+}
+
+/// Pooled HTTP client bound to the configured upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    base: UpstreamBase,
+    authorization: Option<HeaderValue>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>,
+}
+
+impl UpstreamClient {
+    /// Makes the client: webpki roots for https, plain http allowed for
+    /// local testing, a bounded connect time.
+    pub fn new(
+        base: UpstreamBase,
+        api_key: Option<&ApiKey>,
+        connect_timeout: Duration,
+    ) -> Result<UpstreamClient, UpstreamConfigError> {
+        let authorization = api_key
+            .map(|key| {
+                let mut value = HeaderValue::try_from(format!("Bearer {}", key.0))
+                    .map_err(|_| UpstreamConfigError::BadKey)?;
+                value.set_sensitive(true);
+                Ok::<_, UpstreamConfigError>(value)
+            })
+            .transpose()?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?;
+        let tls = hyper_rustls::ConfigBuilderExt::with_webpki_roots(tls).with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        Ok(UpstreamClient {
+            base,
+            authorization,
+            client,
+        })
+    }
+
+    /// The configured upstream.
+    pub fn base(&self) -> &UpstreamBase {
+        &self.base
+    }
+
+    /// Builds the upstream request for `head` (see [`upstream_request`]).
+    pub fn request(
+        &self,
+        head: RequestHead,
+        body: UpstreamBody,
+    ) -> Result<Request<UpstreamBody>, ApiError> {
+        upstream_request(&self.base, self.authorization.as_ref(), head, body)
+    }
+
+    /// Sends the request and waits for the response head.
+    pub async fn send(
+        &self,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, ApiError> {
+        self.client.request(request).await.map_err(|e| {
+            let detail = error_chain(&e);
+            if e.is_connect() {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unreachable",
+                    format!(
+                        "passage relay cannot connect to the upstream {}: {detail}",
+                        self.base
+                    ),
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_failed",
+                    format!("the upstream request failed: {detail}"),
+                )
+            }
+        })
+    }
+}
+
+/// An error and its sources, joined with ": ".
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use passage_shared::frame::Header;
+
+    fn head(path: &str, headers: &[(&str, &str)]) -> RequestHead {
+        RequestHead {
+            id: "1".into(),
+            method: "POST".into(),
+            path_and_query: path.into(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| Header {
+                    name: (*n).into(),
+                    value: Bytes::copy_from_slice(v.as_bytes()),
+                })
+                .collect(),
+            has_body: true,
+        }
+    }
+
+    #[test]
+    fn base_urls_are_checked() {
+        assert!(UpstreamBase::parse("https://api.openai.com").is_ok());
+        assert!(UpstreamBase::parse("http://127.0.0.1:9000/base/").is_ok());
+        for bad in [
+            "ftp://x",
+            "api.openai.com",
+            "https://u:p@h",
+            "https://h/?q=1",
+            "/v1",
+        ] {
+            assert!(UpstreamBase::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_destination_is_always_the_configured_upstream() {
+        let base = UpstreamBase::parse("https://api.openai.com/base/").expect("valid");
+        let request = upstream_request(
+            &base,
+            None,
+            head("/v1/models?limit=2", &[("host", "evil.example")]),
+            (),
+        )
+        .expect("builds");
+        assert_eq!(
+            request.uri(),
+            "https://api.openai.com/base/v1/models?limit=2"
+        );
+        assert!(request.headers().get(HOST).is_none());
+        for target in ["http://evil.example/x", "evil.example:443", "*", ""] {
+            assert!(
+                upstream_request(&base, None, head(target, &[]), ()).is_err(),
+                "{target}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_relay_key_replaces_the_apps_authorization() {
+        let base = UpstreamBase::parse("http://127.0.0.1:1").expect("valid");
+        let relay_key = HeaderValue::from_static("Bearer relay-key");
+        let app = head("/v1/x", &[("authorization", "Bearer app-key")]);
+        let request = upstream_request(&base, Some(&relay_key), app.clone(), ()).expect("builds");
+        let values: Vec<_> = request.headers().get_all(AUTHORIZATION).iter().collect();
+        assert_eq!(values, [&relay_key]);
+        let passed = upstream_request(&base, None, app, ()).expect("builds");
+        assert_eq!(passed.headers()[AUTHORIZATION], "Bearer app-key");
+    }
+
+    #[test]
+    fn the_key_is_never_printed() {
+        let key = ApiKey::new("sk-secret".into());
+        assert!(!format!("{key:?}").contains("sk-secret"));
+    }
+}

@@ -1,0 +1,163 @@
+//! An HTTP body read from a passage stream: the `Data` frames up to `End`.
+//!
+//! The relay hands one to hyper as the upstream request body, the client as
+//! the app's response body, so neither side buffers a whole body: each
+//! frame becomes one body chunk the moment it arrives. Anything but a clean
+//! `End` — a `Failure` frame, a reset, a stream that just stops — surfaces
+//! as a body error, so hyper aborts the message instead of passing a
+//! truncated body off as complete.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::AsyncRead;
+use tokio_util::codec::FramedRead;
+
+use crate::frame::{Frame, FrameCodec, FrameError, StreamFailure};
+
+/// Why a body read from a stream did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Reading or decoding frames failed (includes stream resets).
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The sender reported that the body failed part-way.
+    #[error("{}: {}", .0.code, .0.message)]
+    Failure(StreamFailure),
+    /// A frame that has no place inside a body arrived.
+    #[error("unexpected {0} frame inside a body")]
+    Unexpected(&'static str),
+    /// The stream ended without an `End` frame.
+    #[error("stream ended before the body was complete")]
+    Truncated,
+}
+
+/// The body frames of one direction of a stream, as an `http_body::Body`.
+#[derive(Debug)]
+pub struct FrameBody<R> {
+    frames: FramedRead<R, FrameCodec>,
+    done: bool,
+}
+
+impl<R: AsyncRead + Unpin> FrameBody<R> {
+    /// Reads the body from `frames`, whose head has already been taken.
+    pub fn new(frames: FramedRead<R, FrameCodec>) -> Self {
+        FrameBody {
+            frames,
+            done: false,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> http_body::Body for FrameBody<R> {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let next = ready!(self.frames.poll_next_unpin(cx));
+        let result = match next {
+            Some(Ok(Frame::Data(bytes))) => {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(bytes))));
+            }
+            Some(Ok(Frame::End)) => {
+                self.done = true;
+                return Poll::Ready(None);
+            }
+            Some(Ok(Frame::Failure(failure))) => BodyError::Failure(failure),
+            Some(Ok(other)) => BodyError::Unexpected(other.kind()),
+            Some(Err(e)) => BodyError::Frame(e),
+            None => BodyError::Truncated,
+        };
+        self.done = true;
+        Poll::Ready(Some(Err(result)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::encode_frame;
+    use bytes::BytesMut;
+    use http_body::Body;
+
+    async fn collect(frames: &[Frame], eof_early: bool) -> (Vec<Bytes>, Option<BodyError>) {
+        let mut wire = BytesMut::new();
+        for frame in frames {
+            encode_frame(frame, &mut wire).expect("encodes");
+        }
+        if eof_early {
+            wire.truncate(wire.len() - 1);
+        }
+        let reader = std::io::Cursor::new(wire.to_vec());
+        let mut body = FrameBody::new(FramedRead::new(reader, FrameCodec));
+        let mut chunks = Vec::new();
+        loop {
+            let next = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+            match next {
+                Some(Ok(frame)) => chunks.push(frame.into_data().expect("data")),
+                Some(Err(e)) => return (chunks, Some(e)),
+                None => return (chunks, None),
+            }
+        }
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    #[test]
+    fn data_until_end_is_a_complete_body() {
+        let frames = [
+            Frame::Data(Bytes::from_static(b"ab")),
+            Frame::Data(Bytes::from_static(b"c")),
+            Frame::End,
+        ];
+        let (chunks, error) = block_on(collect(&frames, false));
+        assert_eq!(
+            chunks,
+            [Bytes::from_static(b"ab"), Bytes::from_static(b"c")]
+        );
+        assert!(error.is_none());
+    }
+
+    #[test]
+    fn failure_truncation_and_stray_frames_are_errors() {
+        let failure = Frame::Failure(StreamFailure {
+            code: "x".into(),
+            message: "y".into(),
+        });
+        let (_, error) = block_on(collect(&[Frame::Data(Bytes::new()), failure], false));
+        assert!(matches!(error, Some(BodyError::Failure(_))));
+
+        let (_, error) = block_on(collect(&[Frame::Data(Bytes::from_static(b"a"))], false));
+        assert!(matches!(error, Some(BodyError::Truncated)));
+
+        let (_, error) = block_on(collect(&[Frame::Data(Bytes::from_static(b"a"))], true));
+        assert!(matches!(
+            error,
+            Some(BodyError::Frame(FrameError::Truncated { .. }))
+        ));
+
+        let head = Frame::ResponseHead(crate::frame::ResponseHead {
+            status: 200,
+            headers: vec![],
+        });
+        let (_, error) = block_on(collect(&[head], false));
+        assert!(matches!(error, Some(BodyError::Unexpected(_))));
+    }
+}

@@ -1,0 +1,125 @@
+//! Mapping between `http` header maps and the headers carried in frames.
+//!
+//! Hop-by-hop headers belong to one HTTP connection and are never carried:
+//! the fixed list from RFC 9110 §7.6.1 plus any header that the message's
+//! own `Connection` header names. Everything else travels byte for byte.
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::frame::Header;
+
+/// Headers that describe a single connection, not the message.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether `name` (lower case) is a hop-by-hop header by definition.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name)
+}
+
+/// The end-to-end headers of `headers`, in order, ready for a frame.
+pub fn headers_to_wire(headers: &HeaderMap) -> Vec<Header> {
+    let named_by_connection: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|token| token.trim().to_ascii_lowercase())
+        .filter(|token| !token.is_empty())
+        .collect();
+    headers
+        .iter()
+        .filter(|(name, _)| {
+            let name = name.as_str();
+            !is_hop_by_hop(name) && !named_by_connection.iter().any(|n| n == name)
+        })
+        .map(|(name, value)| Header {
+            name: name.as_str().to_owned(),
+            value: Bytes::copy_from_slice(value.as_bytes()),
+        })
+        .collect()
+}
+
+/// A header received in a frame that is not a valid HTTP header.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid header {name:?} in frame")]
+pub struct InvalidHeader {
+    /// The name as received (lossy).
+    pub name: String,
+}
+
+/// Appends the frame's headers to `headers`, dropping any hop-by-hop ones a
+/// misbehaving peer may have sent.
+pub fn extend_from_wire(headers: &mut HeaderMap, wire: Vec<Header>) -> Result<(), InvalidHeader> {
+    headers.reserve(wire.len());
+    for header in wire {
+        if is_hop_by_hop(&header.name) {
+            continue;
+        }
+        let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| InvalidHeader {
+            name: header.name.clone(),
+        })?;
+        let value = HeaderValue::from_maybe_shared(header.value).map_err(|_| InvalidHeader {
+            name: header.name.clone(),
+        })?;
+        headers.append(name, value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_and_the_rest_kept_in_order() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Private"),
+        );
+        headers.append("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.append("transfer-encoding", HeaderValue::from_static("chunked"));
+        headers.append("x-private", HeaderValue::from_static("hop"));
+        headers.append("x-multi", HeaderValue::from_static("one"));
+        headers.append("x-multi", HeaderValue::from_static("two"));
+        headers.append("authorization", HeaderValue::from_static("Bearer k"));
+        let wire = headers_to_wire(&headers);
+        let names: Vec<&str> = wire.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["x-multi", "x-multi", "authorization"]);
+
+        let mut back = HeaderMap::new();
+        extend_from_wire(&mut back, wire).expect("valid");
+        let multi: Vec<&[u8]> = back
+            .get_all("x-multi")
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        assert_eq!(multi, [b"one".as_slice(), b"two".as_slice()]);
+    }
+
+    #[test]
+    fn invalid_wire_headers_are_refused() {
+        let mut headers = HeaderMap::new();
+        let bad = vec![Header {
+            name: "bad name".into(),
+            value: Bytes::from_static(b"x"),
+        }];
+        assert!(extend_from_wire(&mut headers, bad).is_err());
+        let bad_value = vec![Header {
+            name: "x-ok".into(),
+            value: Bytes::from_static(b"line\nbreak"),
+        }];
+        assert!(extend_from_wire(&mut headers, bad_value).is_err());
+    }
+}

@@ -1,0 +1,16 @@
+//! What both ends of passage share: the wire protocol (frames and their
+//! codec), header mapping, the PKI, TLS and QUIC configuration, the client
+//! bundle format and the OpenAI-shaped error body.
+//!
+//! The request path is app → client → [`frame`] → relay → upstream; this
+//! crate owns everything on that path that both programs must agree on.
+
+pub mod body;
+pub mod bundle;
+pub mod error_body;
+pub mod frame;
+pub mod http_map;
+pub mod pki;
+pub mod process;
+pub mod quic;
+pub mod tls;

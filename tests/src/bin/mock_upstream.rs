@@ -1,0 +1,24 @@
+//! `passage-mock-upstream`: serves the test mock upstream on a given address,
+//! for scripts that drive the real binaries (the openai SDK check).
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use passage_tests::mock_upstream::MockUpstream;
+
+/// Serves the mock OpenAI upstream until killed.
+#[derive(Debug, Parser)]
+struct Cli {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let upstream = MockUpstream::start_on(cli.listen).await?;
+    println!("{}", upstream.url());
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
