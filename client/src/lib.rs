@@ -70,6 +70,12 @@ pub enum ClientError {
     /// QUIC could not be configured.
     #[error(transparent)]
     Quic(#[from] QuicSetupError),
+    /// The local address is reachable from other machines.
+    #[error(
+        "refusing to listen on {0}: passage-client serves loopback addresses only, \
+         since anyone who can reach it spends the relay's key"
+    )]
+    NotLoopback(SocketAddr),
     /// The local address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -92,6 +98,9 @@ pub struct Client {
 impl Client {
     /// Checks the bundle and binds the local listener.
     pub async fn bind(config: ClientConfig) -> Result<Client, ClientError> {
+        if !config.listen.ip().is_loopback() {
+            return Err(ClientError::NotLoopback(config.listen));
+        }
         let bundle = &config.bundle;
         let tls = client_tls_config(
             parse_cert(&bundle.ca_cert, "the CA certificate")?,
@@ -137,7 +146,7 @@ impl Client {
         // The tunnel outlives the server by the drain time, so in-flight
         // responses can finish after the listener closes.
         let tunnel_shutdown = CancellationToken::new();
-        let tunnel = Tunnel::start(
+        let (tunnel, manager) = Tunnel::start(
             self.targets,
             self.quic,
             self.config.tunnel,
@@ -150,6 +159,9 @@ impl Client {
         });
         server::serve(self.listener, ctx, self.config.drain_timeout, shutdown).await;
         tunnel_shutdown.cancel();
+        // Let the manager send CONNECTION_CLOSE so the relay frees the
+        // connection now rather than after its idle timeout.
+        let _ = tokio::time::timeout(Duration::from_secs(2), manager).await;
         info!("client stopped");
     }
 }

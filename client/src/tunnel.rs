@@ -19,6 +19,9 @@ use passage_shared::frame::{Frame, FrameCodec};
 use passage_shared::quic;
 use tokio_util::codec::FramedRead;
 
+/// A connection that lasted this long resets the reconnect backoff.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+
 /// One relay the client may connect to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayTarget {
@@ -117,13 +120,14 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Starts the manager task, which runs until `shutdown` fires.
+    /// Starts the manager task, which runs until `shutdown` fires; await
+    /// the handle to let it close the connection cleanly.
     pub fn start(
         targets: Vec<RelayTarget>,
         client_config: quinn::ClientConfig,
         settings: TunnelSettings,
         shutdown: CancellationToken,
-    ) -> Tunnel {
+    ) -> (Tunnel, tokio::task::JoinHandle<()>) {
         let (state_tx, state) = watch::channel(TunnelState::Connecting { last_error: None });
         let manager = Manager {
             targets,
@@ -133,8 +137,8 @@ impl Tunnel {
             v4: None,
             v6: None,
         };
-        tokio::spawn(manager.run(shutdown));
-        Tunnel { state, settings }
+        let handle = tokio::spawn(manager.run(shutdown));
+        (Tunnel { state, settings }, handle)
     }
 
     /// The current state.
@@ -243,20 +247,28 @@ impl Manager {
                             connection: connection.clone(),
                             relay: target.address.clone(),
                         });
-                        backoff = new_backoff();
-                        tokio::select! {
+                        let up_since = tokio::time::Instant::now();
+                        let reason = tokio::select! {
                             _ = shutdown.cancelled() => {
                                 connection.close(0u32.into(), b"client shutting down");
                                 break 'rounds;
                             }
-                            reason = connection.closed() => {
-                                warn!(relay = %target.address, %reason, "tunnel lost; reconnecting");
-                                self.state.send_replace(TunnelState::Connecting {
-                                    last_error: Some(format!("connection to {} lost: {reason}", target.address)),
-                                });
-                            }
+                            reason = connection.closed() => reason,
+                        };
+                        warn!(relay = %target.address, %reason, "tunnel lost; reconnecting");
+                        let lost = format!("connection to {} lost: {reason}", target.address);
+                        self.state.send_replace(TunnelState::Connecting {
+                            last_error: Some(lost.clone()),
+                        });
+                        if up_since.elapsed() >= STABLE_CONNECTION {
+                            // A connection that held is no reason to wait.
+                            backoff = new_backoff();
+                            continue 'rounds;
                         }
-                        continue 'rounds;
+                        // One that dropped at once (a relay that accepts and
+                        // closes) must not make the client spin: back off.
+                        last_error = Some(lost);
+                        break;
                     }
                     Err(e) => {
                         warn!(relay = %target.address, error = %e, "cannot reach relay");

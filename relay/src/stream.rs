@@ -92,6 +92,14 @@ pub async fn handle(
         }
     };
 
+    // The head's fields go into log lines: check them before they do.
+    if let Err(error) = check_head(&head) {
+        warn!(client = %client, code = error.code, message = %error.message, "request refused");
+        if send_api_error(&mut responder, error).await.is_ok() {
+            let _ = responder.get_mut().finish();
+        }
+        return;
+    }
     let path = head
         .path_and_query
         .split('?')
@@ -134,6 +142,44 @@ pub async fn handle(
     }
     .instrument(span)
     .await
+}
+
+/// Longest request id a client may send (it generates 16 hex digits).
+const MAX_ID_LEN: usize = 32;
+/// Longest request target accepted; API paths are far shorter.
+const MAX_TARGET_LEN: usize = 8 * 1024;
+
+/// Checks the fields of a request head that end up in logs: a short plain
+/// id, a valid method token, and a target with no control characters.
+fn check_head(head: &RequestHead) -> Result<(), ApiError> {
+    let refuse = |code, message: &str| Err(ApiError::new(StatusCode::BAD_REQUEST, code, message));
+    if head.id.is_empty()
+        || head.id.len() > MAX_ID_LEN
+        || !head
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return refuse(
+            "invalid_request_id",
+            "the request id must be 1 to 32 letters, digits or '-'",
+        );
+    }
+    if head.method.len() > 32 || http::Method::from_bytes(head.method.as_bytes()).is_err() {
+        return refuse("invalid_method", "invalid HTTP method");
+    }
+    if head.path_and_query.len() > MAX_TARGET_LEN
+        || head
+            .path_and_query
+            .parse::<http::uri::PathAndQuery>()
+            .is_err()
+    {
+        return refuse(
+            "invalid_request_target",
+            "the request target is not a valid path",
+        );
+    }
+    Ok(())
 }
 
 /// The request's straight path; returns how it ended.

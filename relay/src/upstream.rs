@@ -114,6 +114,15 @@ impl UpstreamBase {
         if !path_and_query.starts_with('/') {
             return Err(bad_target());
         }
+        let path = path_and_query.split('?').next().unwrap_or_default();
+        if has_dot_segment(path) {
+            // `/base/../x` would leave a path-prefixed upstream's base.
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_target",
+                "the request path must not contain '.' or '..' segments",
+            ));
+        }
         let joined: PathAndQuery = format!("{}{}", self.base_path, path_and_query)
             .parse()
             .map_err(|_| bad_target())?;
@@ -130,6 +139,14 @@ impl std::fmt::Display for UpstreamBase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
     }
+}
+
+/// Whether a path has a `.` or `..` segment, literally or percent-encoded.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
+        decoded == "." || decoded == ".."
+    })
 }
 
 /// Builds the upstream request for `head`: fixed destination, the app's
@@ -318,7 +335,15 @@ mod tests {
             "https://api.openai.com/base/v1/models?limit=2"
         );
         assert!(request.headers().get(HOST).is_none());
-        for target in ["http://evil.example/x", "evil.example:443", "*", ""] {
+        for target in [
+            "http://evil.example/x",
+            "evil.example:443",
+            "*",
+            "",
+            "/../admin",
+            "/v1/%2e%2E/x",
+            "/v1/./x",
+        ] {
             assert!(
                 upstream_request(&base, None, head(target, &[]), ()).is_err(),
                 "{target}"

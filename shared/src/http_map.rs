@@ -50,28 +50,49 @@ pub fn headers_to_wire(headers: &HeaderMap) -> Vec<Header> {
         .collect()
 }
 
-/// A header received in a frame that is not a valid HTTP header.
+/// Most header lines one message may carry through the tunnel. Real API
+/// traffic uses a few dozen; the cap keeps a hostile head from growing a
+/// `HeaderMap` past its limits (which would panic) or amplifying memory.
+pub const MAX_HEADERS: usize = 256;
+
+/// Headers received in a frame that cannot become an HTTP header map.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid header {name:?} in frame")]
-pub struct InvalidHeader {
-    /// The name as received (lossy).
-    pub name: String,
+pub enum HeaderError {
+    /// A name or value is not valid HTTP.
+    #[error("invalid header {name:?}")]
+    Invalid {
+        /// The name as received, cut to 64 bytes.
+        name: String,
+    },
+    /// More header lines than [`MAX_HEADERS`].
+    #[error("{count} header lines, more than the limit of {max}")]
+    TooMany {
+        /// Lines received.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// Appends the frame's headers to `headers`, dropping any hop-by-hop ones a
 /// misbehaving peer may have sent.
-pub fn extend_from_wire(headers: &mut HeaderMap, wire: Vec<Header>) -> Result<(), InvalidHeader> {
+pub fn extend_from_wire(headers: &mut HeaderMap, wire: Vec<Header>) -> Result<(), HeaderError> {
+    if wire.len() > MAX_HEADERS {
+        return Err(HeaderError::TooMany {
+            count: wire.len(),
+            max: MAX_HEADERS,
+        });
+    }
     headers.reserve(wire.len());
     for header in wire {
         if is_hop_by_hop(&header.name) {
             continue;
         }
-        let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| InvalidHeader {
-            name: header.name.clone(),
-        })?;
-        let value = HeaderValue::from_maybe_shared(header.value).map_err(|_| InvalidHeader {
-            name: header.name.clone(),
-        })?;
+        let invalid = || HeaderError::Invalid {
+            name: header.name.chars().take(64).collect(),
+        };
+        let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| invalid())?;
+        let value = HeaderValue::from_maybe_shared(header.value.clone()).map_err(|_| invalid())?;
         headers.append(name, value);
     }
     Ok(())
@@ -121,5 +142,21 @@ mod tests {
             value: Bytes::from_static(b"line\nbreak"),
         }];
         assert!(extend_from_wire(&mut headers, bad_value).is_err());
+    }
+
+    #[test]
+    fn too_many_headers_are_refused_without_panicking() {
+        let many: Vec<Header> = (0..40_000)
+            .map(|i| Header {
+                name: format!("x-{i}"),
+                value: Bytes::from_static(b"v"),
+            })
+            .collect();
+        let mut headers = HeaderMap::new();
+        assert!(matches!(
+            extend_from_wire(&mut headers, many),
+            Err(HeaderError::TooMany { count: 40_000, .. })
+        ));
+        assert!(headers.is_empty());
     }
 }

@@ -9,6 +9,8 @@
 //!   answers with an OpenAI file object;
 //! - `GET /v1/endless`: an SSE stream that only ends when the reader goes
 //!   away, which it records as a cancellation;
+//! - `GET /v1/slow-head`: answers only after 30 s, recording a cancellation
+//!   if the caller gives up first (a long non-streaming generation);
 //! - `GET /v1/broken`: starts an SSE stream, then fails mid-way;
 //! - `GET /download?bytes=N`: N bytes of [`pattern_bytes`];
 //! - `GET [/v1]/status/CODE`: an error response with `retry-after: 7`;
@@ -135,6 +137,7 @@ async fn route(
         ("POST", "/v1/chat/completions") => chat(request).await,
         ("POST", "/v1/files") => upload(request).await,
         ("GET", "/v1/endless") => endless(record),
+        ("GET", "/v1/slow-head") => slow_head(record).await,
         ("GET", "/v1/broken") => broken(),
         ("GET", "/download") => download(&request),
         (_, p) if p.starts_with("/status/") || p.starts_with("/v1/status/") => status(p),
@@ -357,6 +360,13 @@ fn endless(record: Arc<MockRecord>) -> Response<MockBody> {
         ))
     });
     sse(BodyExt::boxed(StreamBody::new(stream)))
+}
+
+async fn slow_head(record: Arc<MockRecord>) -> Response<MockBody> {
+    let guard = CancelGuard(record);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    std::mem::forget(guard);
+    json(StatusCode::OK, serde_json::json!({"slow": true}))
 }
 
 fn broken() -> Response<MockBody> {

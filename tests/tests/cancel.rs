@@ -45,3 +45,26 @@ async fn app_disconnect_cancels_the_upstream_request() {
         "upstream cancelled only after {took:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_giving_up_before_the_response_head_cancels_the_upstream_request() {
+    let stack = TestStack::start().await;
+    let cancelled = stack.upstream.record.cancelled.notified();
+    tokio::pin!(cancelled);
+    cancelled.as_mut().enable();
+
+    // The app waits 300 ms for a slow non-streaming answer, then gives up
+    // (dropping the request future closes its connection).
+    let attempt =
+        tokio::time::timeout(Duration::from_millis(300), stack.get("/v1/slow-head")).await;
+    assert!(attempt.is_err(), "the slow upstream answered early");
+    let gave_up_at = Instant::now();
+    tokio::time::timeout(Duration::from_secs(2), cancelled)
+        .await
+        .expect("the upstream saw the cancellation");
+    let took = gave_up_at.elapsed();
+    assert!(
+        took < Duration::from_millis(500),
+        "upstream cancelled only after {took:?}"
+    );
+}

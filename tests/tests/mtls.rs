@@ -31,14 +31,26 @@ async fn foreign_ca_client_is_refused() {
     })
     .await;
 
-    // Give the client time for several handshake attempts.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let health = stack.get("/healthz").await.expect("healthz answers");
-    assert_eq!(health.status(), 503);
-    let health = body_json(health).await;
+    // Poll /healthz until a handshake attempt has been refused.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let health = loop {
+        let response = stack.get("/healthz").await.expect("healthz answers");
+        assert_eq!(response.status(), 503);
+        let health = body_json(response).await;
+        let message = health["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if message.contains("refused the connection") {
+            break health;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no refusal reported: {message}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(health["error"]["code"], "tunnel_unavailable");
-    let reason = health["error"]["message"].as_str().unwrap_or_default();
-    assert!(reason.contains("refused the connection"), "{reason}");
 
     let response = stack
         .post_json(
@@ -95,4 +107,19 @@ async fn healthz_reports_the_tunnel_up() {
         0,
         "healthz is answered locally"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refuses_to_listen_beyond_loopback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = PkiDir::new(dir.path());
+    pki.init(&[]).expect("init");
+    let bundle = pki
+        .issue_client("c", &["127.0.0.1:4433".into()], None, 1)
+        .expect("issue");
+    let config = passage_client::ClientConfig::new(bundle, "0.0.0.0:0".parse().expect("literal"));
+    let error = passage_client::Client::bind(config)
+        .await
+        .expect_err("a non-loopback listen address is refused");
+    assert!(error.to_string().contains("loopback"), "{error}");
 }
