@@ -20,15 +20,16 @@ use passage_shared::body::FrameBody;
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::{Frame, FrameCodec, MAX_DATA_CHUNK, RequestHead, reset_code};
 use passage_shared::http_map::{extend_from_wire, headers_to_wire};
+use passage_shared::transport::{BoxRecv, BoxSend};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug};
 
 use crate::tunnel::{Tunnel, TunnelError};
 
 /// The body of a response given to the app: a local error, or the stream's frames.
-pub type ResponseBody = Either<Full<Bytes>, FrameBody<quinn::RecvStream>>;
+pub type ResponseBody = Either<Full<Bytes>, FrameBody<BoxRecv>>;
 
-type Sender = FramedWrite<quinn::SendStream, FrameCodec>;
+type Sender = FramedWrite<BoxSend, FrameCodec>;
 
 /// Forwards `request` over the tunnel; every failure becomes an
 /// OpenAI-shaped error response.
@@ -90,7 +91,7 @@ async fn try_forward(
         tokio::spawn(pump_body(body, sender).in_current_span());
     } else {
         let _ = sender.send(Frame::End).await;
-        let _ = sender.get_mut().finish();
+        sender.get_mut().finish();
     }
 
     let mut frames = FramedRead::new(recv, FrameCodec);
@@ -154,12 +155,12 @@ async fn pump_body(mut body: Incoming, mut sender: Sender) {
             }
             Some(Err(e)) => {
                 debug!(error = %e, "the app's request body failed; resetting the stream");
-                let _ = sender.get_mut().reset(reset_code::BODY_FAILED.into());
+                sender.get_mut().reset(reset_code::BODY_FAILED);
                 return;
             }
             None => {
                 if sender.send(Frame::End).await.is_ok() {
-                    let _ = sender.get_mut().finish();
+                    sender.get_mut().finish();
                 }
                 return;
             }

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use futures_util::StreamExt;
 use passage_shared::frame::{Frame, FrameCodec};
 use passage_shared::quic;
+use passage_shared::transport::{BoxRecv, BoxSend};
 use tokio_util::codec::FramedRead;
 
 /// A connection that lasted this long resets the reconnect backoff.
@@ -172,10 +173,7 @@ impl Tunnel {
 
     /// Opens a stream for one request. A stream that could not be opened
     /// carried nothing, so one failure is retried on the next connection.
-    pub async fn open_stream(
-        &self,
-        wait: Duration,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
+    pub async fn open_stream(&self, wait: Duration) -> Result<(BoxSend, BoxRecv), TunnelError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -183,7 +181,7 @@ impl Tunnel {
             let opened =
                 tokio::time::timeout(self.settings.open_stream_timeout, connection.open_bi()).await;
             match opened {
-                Ok(Ok(streams)) => return Ok(streams),
+                Ok(Ok((send, recv))) => return Ok((Box::new(send), Box::new(recv))),
                 Ok(Err(e)) if attempt < 2 => {
                     warn!(error = %e, "could not open a stream; retrying on a new connection");
                     // Let the manager notice the loss before asking again.

@@ -105,7 +105,8 @@ async fn connection(
             };
             match accepted {
                 Ok((send, recv)) => {
-                    let handler = stream::handle(send, recv, ctx.clone(), client.clone());
+                    let handler =
+                        stream::handle(Box::new(send), Box::new(recv), ctx.clone(), client.clone());
                     tracker.spawn(handler.in_current_span());
                 }
                 Err(e) => {

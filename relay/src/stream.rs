@@ -25,6 +25,7 @@ use passage_shared::frame::{
     reset_code,
 };
 use passage_shared::http_map::headers_to_wire;
+use passage_shared::transport::{BoxRecv, BoxSend};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -41,7 +42,7 @@ pub struct StreamContext {
     pub idle_read_timeout: Duration,
 }
 
-type Responder = FramedWrite<quinn::SendStream, FrameCodec>;
+type Responder = FramedWrite<BoxSend, FrameCodec>;
 
 /// How a request ended, for the log line.
 #[derive(Debug)]
@@ -61,12 +62,7 @@ enum Outcome {
 }
 
 /// Serves one request stream from a client named `client`.
-pub async fn handle(
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    ctx: Arc<StreamContext>,
-    client: Arc<str>,
-) {
+pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, client: Arc<str>) {
     let stopped = send.stopped();
     let mut responder = FramedWrite::new(send, FrameCodec);
     let mut frames = FramedRead::new(recv, FrameCodec);
@@ -83,11 +79,8 @@ pub async fn handle(
                 Err(_) => "no request head in time".to_owned(),
             };
             warn!(client = %client, reason = %why, "stream refused");
-            let _ = responder.get_mut().reset(reset_code::PROTOCOL_ERROR.into());
-            frames
-                .get_mut()
-                .stop(reset_code::PROTOCOL_ERROR.into())
-                .ok();
+            responder.get_mut().reset(reset_code::PROTOCOL_ERROR);
+            frames.get_mut().stop(reset_code::PROTOCOL_ERROR);
             return;
         }
     };
@@ -96,7 +89,7 @@ pub async fn handle(
     if let Err(error) = check_head(&head) {
         warn!(client = %client, code = error.code, message = %error.message, "request refused");
         if send_api_error(&mut responder, error).await.is_ok() {
-            let _ = responder.get_mut().finish();
+            responder.get_mut().finish();
         }
         return;
     }
@@ -117,25 +110,25 @@ pub async fn handle(
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match outcome {
             Outcome::Complete { status, bytes } => {
-                let _ = responder.get_mut().finish();
+                responder.get_mut().finish();
                 info!(status, bytes, elapsed_ms, "request complete");
             }
             Outcome::UpstreamBrokeOff { status, bytes, reason } => {
-                let _ = responder.get_mut().finish();
+                responder.get_mut().finish();
                 warn!(status, bytes, elapsed_ms, %reason, "upstream broke off mid-response");
             }
             Outcome::Refused(error) => {
                 let status = error.status.as_u16();
                 match send_api_error(&mut responder, error.clone()).await {
                     Ok(()) => {
-                        let _ = responder.get_mut().finish();
+                        responder.get_mut().finish();
                     }
                     Err(e) => debug!(error = %e, "could not deliver the error response"),
                 }
                 warn!(status, code = error.code, message = %error.message, elapsed_ms, "request refused");
             }
             Outcome::ClientGone { bytes } => {
-                let _ = responder.get_mut().reset(reset_code::CANCELLED.into());
+                responder.get_mut().reset(reset_code::CANCELLED);
                 info!(bytes, elapsed_ms, "client went away; upstream call dropped");
             }
         }
@@ -185,7 +178,7 @@ fn check_head(head: &RequestHead) -> Result<(), ApiError> {
 /// The request's straight path; returns how it ended.
 async fn proxy(
     head: RequestHead,
-    frames: FramedRead<quinn::RecvStream, FrameCodec>,
+    frames: FramedRead<BoxRecv, FrameCodec>,
     responder: &mut Responder,
     ctx: &StreamContext,
 ) -> Outcome {

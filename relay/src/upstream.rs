@@ -22,9 +22,10 @@ use passage_shared::body::FrameBody;
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::RequestHead;
 use passage_shared::http_map::extend_from_wire;
+use passage_shared::transport::BoxRecv;
 
 /// The body of a request sent upstream: nothing, or the app's body frames.
-pub type UpstreamBody = Either<Empty<Bytes>, FrameBody<quinn::RecvStream>>;
+pub type UpstreamBody = Either<Empty<Bytes>, FrameBody<BoxRecv>>;
 
 /// The upstream API key held by the relay; never printed.
 #[derive(Clone)]

@@ -14,3 +14,4 @@ pub mod pki;
 pub mod process;
 pub mod quic;
 pub mod tls;
+pub mod transport;
