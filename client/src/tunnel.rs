@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use futures_util::StreamExt;
+use passage_shared::bundle::relay_host;
 use passage_shared::frame::{Frame, FrameCodec};
 use passage_shared::quic;
 use passage_shared::transport::{BoxRecv, BoxSend};
@@ -35,14 +36,9 @@ pub struct RelayTarget {
 impl RelayTarget {
     /// A target for `address`, verified as `server_name` or, if none, as the address's host.
     pub fn new(address: &str, server_name: Option<&str>) -> RelayTarget {
-        let host = address
-            .rsplit_once(':')
-            .map_or(address, |(host, _)| host)
-            .trim_start_matches('[')
-            .trim_end_matches(']');
         RelayTarget {
             address: address.to_owned(),
-            server_name: server_name.unwrap_or(host).to_owned(),
+            server_name: server_name.unwrap_or(relay_host(address)).to_owned(),
         }
     }
 }

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use passage_shared::bundle::relay_host;
 use passage_shared::pki::{PkiDir, write_new_file};
 
 /// `passage-relay init`: makes the CA and the relay certificate in `dir`.
@@ -46,8 +47,21 @@ pub fn issue(
         bail!("--days must be positive");
     }
     let pki = PkiDir::new(dir);
+    // The client verifies every relay by this one name, so it must be one
+    // the relay certificate carries: catch a mismatch now, not at connect.
+    let server_name = server_name.unwrap_or_else(|| relay_host(&relays[0]));
+    let names = pki
+        .relay_names()
+        .with_context(|| format!("reading the relay certificate in {}", dir.display()))?;
+    if !names.iter().any(|n| n.eq_ignore_ascii_case(server_name)) {
+        bail!(
+            "the relay certificate is valid for {} but clients would verify it as {server_name:?}; \
+             pass --server-name with one of those names, or re-create the PKI with init --host {server_name}",
+            names.join(", ")
+        );
+    }
     let bundle = pki
-        .issue_client(name, relays, server_name, days)
+        .issue_client(name, relays, Some(server_name), days)
         .with_context(|| format!("issuing a certificate for {name:?} from {}", dir.display()))?;
     let out = out.unwrap_or_else(|| pki.bundle_path(name));
     let text = bundle.to_toml().context("encoding the bundle")?;
@@ -74,4 +88,80 @@ pub fn check_relay_address(address: &str) -> anyhow::Result<()> {
         bail!("relay address {address:?}: put IPv6 hosts in brackets, e.g. [::1]:4433");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn issue_writes_a_private_bundle_naming_the_relay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init(dir.path(), &[]).expect("init");
+        let path = issue(
+            dir.path(),
+            "laptop",
+            &["127.0.0.1:4433".into()],
+            None,
+            30,
+            None,
+        )
+        .expect("issue");
+        let mode = std::fs::metadata(&path)
+            .expect("bundle")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let bundle = passage_shared::bundle::Bundle::load(&path).expect("loads");
+        assert_eq!(bundle.server_name.as_deref(), Some("127.0.0.1"));
+        assert_eq!(bundle.relays, ["127.0.0.1:4433"]);
+        assert!(
+            issue(
+                dir.path(),
+                "laptop",
+                &["127.0.0.1:4433".into()],
+                None,
+                30,
+                None
+            )
+            .is_err(),
+            "an existing bundle is never overwritten"
+        );
+    }
+
+    #[test]
+    fn issue_refuses_a_name_the_relay_certificate_lacks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init(dir.path(), &[]).expect("init");
+        let error = issue(
+            dir.path(),
+            "x",
+            &["relay.example:4433".into()],
+            None,
+            30,
+            None,
+        )
+        .expect_err("mismatch");
+        assert!(error.to_string().contains("--server-name"), "{error}");
+        issue(
+            dir.path(),
+            "x",
+            &["relay.example:4433".into()],
+            Some("localhost"),
+            30,
+            None,
+        )
+        .expect("an explicit name the certificate carries");
+    }
+
+    #[test]
+    fn relay_addresses_need_a_port() {
+        check_relay_address("relay.example:4433").expect("plain");
+        check_relay_address("[::1]:4433").expect("bracketed IPv6");
+        for bad in ["relay.example", "::1:4433", "host:0", ":4433"] {
+            assert!(check_relay_address(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -78,6 +78,15 @@ impl Bundle {
     }
 }
 
+/// The host part of a `HOST:PORT` relay address, without IPv6 brackets.
+pub fn relay_host(address: &str) -> &str {
+    address
+        .rsplit_once(':')
+        .map_or(address, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+}
+
 impl fmt::Debug for Bundle {
     // The private key never reaches a log.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -87,5 +96,17 @@ impl fmt::Debug for Bundle {
             .field("server_name", &self.server_name)
             .field("key", &"<redacted>")
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_host_strips_port_and_brackets() {
+        assert_eq!(relay_host("relay.example:4433"), "relay.example");
+        assert_eq!(relay_host("[::1]:4433"), "::1");
+        assert_eq!(relay_host("10.0.0.1:1"), "10.0.0.1");
     }
 }

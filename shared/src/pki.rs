@@ -229,6 +229,41 @@ impl PkiDir {
         })
     }
 
+    /// The DNS names and IP addresses the relay certificate is valid for.
+    pub fn relay_names(&self) -> Result<Vec<String>, PkiError> {
+        let der = parse_cert(
+            &read_text(&self.relay_cert_path())?,
+            "the relay certificate",
+        )?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Crypto {
+                context: "parsing the relay certificate".into(),
+                message: e.to_string(),
+            })?;
+        let mut names = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    x509_parser::extensions::GeneralName::DNSName(dns) => {
+                        names.push((*dns).to_owned())
+                    }
+                    x509_parser::extensions::GeneralName::IPAddress(bytes) => {
+                        let ip = match bytes.len() {
+                            4 => <[u8; 4]>::try_from(*bytes).ok().map(std::net::IpAddr::from),
+                            16 => <[u8; 16]>::try_from(*bytes)
+                                .ok()
+                                .map(std::net::IpAddr::from),
+                            _ => None,
+                        };
+                        names.extend(ip.map(|ip| ip.to_string()));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(names)
+    }
+
     /// Loads the relay's certificate, key and the CA it trusts for clients.
     pub fn load_relay_identity(&self) -> Result<RelayIdentity, PkiError> {
         Ok(RelayIdentity {
@@ -395,7 +430,12 @@ mod tests {
     fn issued_client_carries_its_name() {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = PkiDir::new(dir.path());
-        pki.init(&["relay.example".into()]).expect("init");
+        pki.init(&["relay.example".into(), "192.0.2.7".into()])
+            .expect("init");
+        assert_eq!(
+            pki.relay_names().expect("names"),
+            ["relay.example", "192.0.2.7"]
+        );
         let bundle = pki
             .issue_client("alice", &["relay.example:4433".into()], None, 30)
             .expect("issue");
