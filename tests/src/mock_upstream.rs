@@ -7,8 +7,10 @@
 //!   an SSE stream of [`SSE_CHUNKS`] chunks spaced [`SSE_INTERVAL`] apart;
 //! - `POST /v1/files`: digests the upload (streamed, never buffered) and
 //!   answers with an OpenAI file object;
-//! - `GET /v1/endless`: an SSE stream that only ends when the reader goes
-//!   away, which it records as a cancellation;
+//! - `GET /v1/endless[?interval_ms=M]`: an SSE stream that only ends when
+//!   the reader goes away, which it records as a cancellation;
+//! - `GET /v1/stamped?chunks=N&interval_ms=M`: SSE events carrying their
+//!   send time (`sent_ns`, Unix nanoseconds) for latency measurements;
 //! - `GET /v1/slow-head`: answers only after 30 s, recording a cancellation
 //!   if the caller gives up first (a long non-streaming generation);
 //! - `GET /v1/broken`: starts an SSE stream, then fails mid-way;
@@ -136,7 +138,12 @@ async fn route(
     let response = match (request.method().as_str(), path.as_str()) {
         ("POST", "/v1/chat/completions") => chat(request).await,
         ("POST", "/v1/files") => upload(request).await,
-        ("GET", "/v1/endless") => endless(record),
+        ("GET", "/v1/endless") => {
+            let interval =
+                query_u64(&request, "interval_ms").map_or(SSE_INTERVAL, Duration::from_millis);
+            endless(record, interval)
+        }
+        ("GET", "/v1/stamped") => stamped(&request),
         ("GET", "/v1/slow-head") => slow_head(record).await,
         ("GET", "/v1/broken") => broken(),
         ("GET", "/download") => download(&request),
@@ -347,11 +354,11 @@ impl Drop for CancelGuard {
     }
 }
 
-fn endless(record: Arc<MockRecord>) -> Response<MockBody> {
+fn endless(record: Arc<MockRecord>, interval: Duration) -> Response<MockBody> {
     let guard = CancelGuard(record);
-    let stream = futures_util::stream::unfold((0usize, guard), |(index, guard)| async move {
+    let stream = futures_util::stream::unfold((0usize, guard), move |(index, guard)| async move {
         if index > 0 {
-            tokio::time::sleep(SSE_INTERVAL).await;
+            tokio::time::sleep(interval).await;
         }
         let event = format!("data: {}\n\n", chunk_json(index, "x", None));
         Some((
@@ -367,6 +374,45 @@ async fn slow_head(record: Arc<MockRecord>) -> Response<MockBody> {
     tokio::time::sleep(Duration::from_secs(30)).await;
     std::mem::forget(guard);
     json(StatusCode::OK, serde_json::json!({"slow": true}))
+}
+
+/// The value of query parameter `name`, if it is a number.
+fn query_u64(request: &Request<Incoming>, name: &str) -> Option<u64> {
+    request
+        .uri()
+        .query()?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == name)
+        .and_then(|(_, value)| value.parse().ok())
+}
+
+/// Wall-clock time in nanoseconds since the Unix epoch.
+pub fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// SSE events stamped with their send time, for latency measurements:
+/// `chunks` events `interval_ms` apart, each `data: {"seq":N,"sent_ns":T}`.
+fn stamped(request: &Request<Incoming>) -> Response<MockBody> {
+    let chunks = query_u64(request, "chunks").unwrap_or(SSE_CHUNKS as u64);
+    let interval = Duration::from_millis(query_u64(request, "interval_ms").unwrap_or(10));
+    let stream = futures_util::stream::unfold(0u64, move |seq| async move {
+        if seq >= chunks {
+            return None;
+        }
+        if seq > 0 {
+            tokio::time::sleep(interval).await;
+        }
+        let event = format!("data: {{\"seq\":{seq},\"sent_ns\":{}}}\n\n", unix_nanos());
+        Some((
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from(event))),
+            seq + 1,
+        ))
+    });
+    sse(BodyExt::boxed(StreamBody::new(stream)))
 }
 
 fn broken() -> Response<MockBody> {
@@ -407,12 +453,7 @@ impl futures_util::Stream for PatternStream {
 }
 
 fn download(request: &Request<Incoming>) -> Response<MockBody> {
-    let len = request
-        .uri()
-        .query()
-        .and_then(|q| q.strip_prefix("bytes="))
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or(0);
+    let len = query_u64(request, "bytes").unwrap_or(0);
     let mut response = Response::new(BodyExt::boxed(StreamBody::new(PatternStream {
         offset: 0,
         len,

@@ -1,0 +1,36 @@
+//! The client's command line: a missing or broken bundle is one clear line.
+
+use std::process::{Command, Output};
+
+fn client(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_passage-client"))
+        .args(args)
+        .output()
+        .expect("passage-client runs")
+}
+
+fn one_line_error(output: &Output) -> String {
+    assert!(!output.status.success(), "expected a failure");
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    assert_eq!(stderr.lines().count(), 1, "one clear line, got: {stderr}");
+    assert!(stderr.starts_with("passage-client: "), "{stderr}");
+    stderr
+}
+
+#[test]
+fn a_missing_bundle_is_one_clear_line() {
+    let error = one_line_error(&client(&["run", "--bundle", "/nonexistent/bundle.toml"]));
+    assert!(
+        error.contains("cannot read bundle /nonexistent/bundle.toml"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_malformed_bundle_is_one_clear_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bundle.toml");
+    std::fs::write(&path, "name = \"x\"\nrelays = []\n").expect("write");
+    let error = one_line_error(&client(&["run", "--bundle", path.to_str().expect("utf-8")]));
+    assert!(error.contains("is not valid"), "{error}");
+}
