@@ -15,6 +15,8 @@
 //!   if the caller gives up first (a long non-streaming generation);
 //! - `GET /v1/broken`: starts an SSE stream, then fails mid-way;
 //! - `GET /download?bytes=N`: N bytes of [`pattern_bytes`];
+//! - `POST /sink`: counts the body's bytes (no digest: cheap enough not to
+//!   be the bottleneck of an upload benchmark);
 //! - `GET [/v1]/status/CODE`: an error response with `retry-after: 7`;
 //! - anything else: echoes method, target, headers and a body digest as JSON.
 
@@ -147,6 +149,7 @@ async fn route(
         ("GET", "/v1/slow-head") => slow_head(record).await,
         ("GET", "/v1/broken") => broken(),
         ("GET", "/download") => download(&request),
+        ("POST", "/sink") => sink(request).await,
         (_, p) if p.starts_with("/status/") || p.starts_with("/v1/status/") => status(p),
         _ => echo(request).await,
     };
@@ -466,6 +469,23 @@ fn download(request: &Request<Incoming>) -> Response<MockBody> {
         .headers_mut()
         .insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
     response
+}
+
+async fn sink(request: Request<Incoming>) -> Response<MockBody> {
+    let mut body = request.into_body();
+    let mut len = 0u64;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => len += frame.data_ref().map_or(0, |d| d.len() as u64),
+            Err(e) => {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": e.to_string()}),
+                );
+            }
+        }
+    }
+    json(StatusCode::OK, serde_json::json!({"bytes": len}))
 }
 
 fn status(path: &str) -> Response<MockBody> {

@@ -1,0 +1,146 @@
+//! passage-bench: the benchmark suite behind `scripts/bench.sh`.
+//!
+//! Every figure is a ratio against a baseline run in the same invocation
+//! (these machines are shared and noisy), and every scenario drives the
+//! real release binaries with a user's defaults. [`run`] starts the mock
+//! upstream and a tunnel, runs the chosen scenarios and renders
+//! `BENCHMARKS.md`.
+
+pub mod bulk;
+pub mod http;
+pub mod many_streams;
+pub mod overhead;
+pub mod report;
+pub mod stack;
+pub mod stats;
+pub mod streaming;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::report::Section;
+use crate::stack::{Tunnel, TunnelOptions, Upstream};
+
+/// Scenario names, in run order.
+pub const SCENARIOS: [&str; 4] = ["overhead", "streaming", "bulk", "many"];
+
+/// Sizes and durations of one run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Whether this is the short smoke run.
+    pub quick: bool,
+    /// Rounds of the wrk comparison.
+    pub rounds: usize,
+    /// Length of one wrk run.
+    pub wrk_duration: Duration,
+    /// Stamped streams per variant.
+    pub stream_requests: usize,
+    /// Events per stamped stream.
+    pub stream_chunks: usize,
+    /// Spacing of stamped events.
+    pub stream_interval_ms: u64,
+    /// Bytes per bulk transfer.
+    pub bulk_bytes: u64,
+    /// Streams held open at once.
+    pub many_streams: usize,
+}
+
+impl Settings {
+    /// The full suite's settings, or the seconds-long smoke version.
+    pub fn new(quick: bool) -> Settings {
+        if quick {
+            Settings {
+                quick,
+                rounds: 1,
+                wrk_duration: Duration::from_secs(1),
+                stream_requests: 2,
+                stream_chunks: 10,
+                stream_interval_ms: 5,
+                bulk_bytes: 16 << 20,
+                many_streams: 100,
+            }
+        } else {
+            Settings {
+                quick,
+                rounds: 3,
+                wrk_duration: Duration::from_secs(5),
+                stream_requests: 20,
+                stream_chunks: 50,
+                stream_interval_ms: 10,
+                bulk_bytes: 1 << 30,
+                many_streams: 5000,
+            }
+        }
+    }
+}
+
+/// What the scenarios share: the binaries, the upstream and one tunnel.
+pub struct Bench {
+    /// Directory holding the binaries under test.
+    pub bin_dir: PathBuf,
+    /// The mock upstream process.
+    pub upstream: Upstream,
+    /// passage-relay and passage-client with default settings.
+    pub tunnel: Tunnel,
+}
+
+/// Starts the processes and runs `scenarios`; returns their sections.
+pub async fn run(
+    bin_dir: PathBuf,
+    scenarios: &[String],
+    settings: &Settings,
+) -> anyhow::Result<Vec<Section>> {
+    let upstream = Upstream::start(&bin_dir).await?;
+    let tunnel = Tunnel::start(&bin_dir, &upstream.url, &TunnelOptions::default()).await?;
+    let bench = Bench {
+        bin_dir,
+        upstream,
+        tunnel,
+    };
+    let mut sections = Vec::new();
+    for scenario in scenarios {
+        eprintln!("passage-bench: running {scenario}");
+        let section = match scenario.as_str() {
+            "overhead" => overhead::run(&bench, settings).await,
+            "streaming" => streaming::run(&bench, settings).await,
+            "bulk" => bulk::run(&bench, settings).await,
+            "many" => many_streams::run(&bench, settings).await,
+            other => anyhow::bail!(
+                "unknown scenario {other:?}; known: {}",
+                SCENARIOS.join(", ")
+            ),
+        };
+        sections.push(section.map_err(|e| e.context(format!("scenario {scenario}")))?);
+    }
+    Ok(sections)
+}
+
+/// Wall-clock time in nanoseconds since the Unix epoch (the mock upstream
+/// stamps events with the same clock).
+pub fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// A description of the machine for the report header.
+pub fn machine_description() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cores} cores ({model}), {mem_gib:.0} GiB RAM, Linux {}",
+        kernel.trim()
+    )
+}

@@ -1,0 +1,135 @@
+//! Scenario 4, many streams: thousands of streaming requests held open at
+//! once through one tunnel (each app connection carries one, as SDKs do),
+//! and what they cost the client and relay in resident memory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::sync::Semaphore;
+
+use crate::http::{Body, empty};
+use crate::report::{Section, fixed};
+use crate::{Bench, Settings};
+
+/// One open streaming request: its body and the connection task driving it.
+struct OpenStream {
+    _body: Incoming,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+async fn open(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<OpenStream> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream)).await?;
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = Request::get(path)
+        .header("host", addr.to_string())
+        .body(empty())?;
+    let response = sender.send_request(request).await?;
+    anyhow::ensure!(response.status() == 200, "status {}", response.status());
+    let mut body = response.into_body();
+    // The first event proves the stream is live end to end.
+    let first = body
+        .frame()
+        .await
+        .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+    anyhow::ensure!(first.is_data(), "no first event");
+    Ok(OpenStream {
+        _body: body,
+        connection,
+    })
+}
+
+/// Runs the scenario.
+pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> {
+    let n = settings.many_streams;
+    let path = "/v1/endless?interval_ms=10000";
+    // Warm the tunnel and both processes' allocators with one stream.
+    drop(open(bench.tunnel.addr, path).await?);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (client_before, relay_before) = bench.tunnel.rss_kib()?;
+
+    let gate = Arc::new(Semaphore::new(256));
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let gate = gate.clone();
+        let addr = bench.tunnel.addr;
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await?;
+            open(addr, path).await
+        }));
+    }
+    let mut streams = Vec::with_capacity(n);
+    let opened = tokio::time::timeout(Duration::from_secs(120), async {
+        for task in tasks {
+            streams.push(task.await??);
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    match opened {
+        Ok(result) => result?,
+        Err(_) => anyhow::bail!("only {} of {n} streams opened within 120 s", streams.len()),
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (client_during, relay_during) = bench.tunnel.rss_kib()?;
+    drop(streams);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (client_after, relay_after) = bench.tunnel.rss_kib()?;
+
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let growth_kib = (client_during + relay_during).saturating_sub(client_before + relay_before);
+    let mut section = Section {
+        title: "4. Many concurrent streams".into(),
+        method: format!(
+            "{n} streaming requests (`/v1/endless`, one event per 10 s) opened through one tunnel, \
+             256 at a time, each on its own app connection, each confirmed by its first event, then \
+             held together. RSS (VmRSS) of each program before (one warm stream, closed), during \
+             (all open) and 2 s after all are closed."
+        ),
+        ..Section::default()
+    };
+    section.table.push(
+        [
+            "program",
+            "before (MiB)",
+            "during (MiB)",
+            "after (MiB)",
+            "per stream (KiB)",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    for (name, before, during, after) in [
+        ("passage-client", client_before, client_during, client_after),
+        ("passage-relay", relay_before, relay_during, relay_after),
+    ] {
+        section.table.push(vec![
+            name.to_owned(),
+            fixed(mib(before), 1),
+            fixed(mib(during), 1),
+            fixed(mib(after), 1),
+            fixed(during.saturating_sub(before) as f64 / n as f64, 1),
+        ]);
+    }
+    section.target(
+        &format!("{n} streams: client + relay growth"),
+        format!("{:.1} MiB", mib(growth_kib)),
+        "< 150 MiB (at 5,000 streams)",
+        mib(growth_kib) < 150.0,
+    );
+    Ok(section)
+}

@@ -1,0 +1,285 @@
+//! Scenario 1, request overhead: wrk drives a fixed chat completion POST
+//! straight at the upstream (`direct`), through an nginx reverse proxy
+//! (`nginx`, the classic single hop), and through passage (`passage`), at 1
+//! connection (latency) and 32 connections (throughput). Variants take
+//! turns within each round so they share the machine's noise.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::process::Command;
+
+use crate::report::{Section, fixed};
+use crate::stack::{Proc, find_program, free_port};
+use crate::stats::median;
+use crate::{Bench, Settings};
+
+/// What one wrk run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct WrkRun {
+    /// Requests per second.
+    pub rps: f64,
+    /// Median latency, µs.
+    pub p50_us: f64,
+    /// 99th percentile latency, µs.
+    pub p99_us: f64,
+}
+
+const BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}"#;
+
+fn wrk_script(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let path = dir.join("post.lua");
+    std::fs::write(
+        &path,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = '{BODY}'\n\
+             wrk.headers[\"Content-Type\"] = \"application/json\"\n\
+             wrk.headers[\"Authorization\"] = \"Bearer sk-bench\"\n"
+        ),
+    )?;
+    Ok(path)
+}
+
+/// Runs wrk with one thread against `url`.
+pub async fn wrk(
+    script: &Path,
+    url: &str,
+    connections: u32,
+    duration: Duration,
+) -> anyhow::Result<WrkRun> {
+    let wrk = find_program("wrk").context("wrk is not installed (apt-get install wrk)")?;
+    let output = Command::new(wrk)
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{}s", duration.as_secs()),
+        ])
+        .args(["--latency", "-s"])
+        .arg(script)
+        .arg(url)
+        .output()
+        .await
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!("wrk failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    parse_wrk(&text).with_context(|| format!("reading wrk's output:\n{text}"))
+}
+
+/// Reads requests/s and the 50th/99th latency percentiles from wrk's output;
+/// refuses runs with errors or non-2xx answers.
+pub fn parse_wrk(text: &str) -> anyhow::Result<WrkRun> {
+    if let Some(line) = text
+        .lines()
+        .find(|l| l.contains("Non-2xx or 3xx responses"))
+    {
+        bail!("wrk saw failed requests: {}", line.trim());
+    }
+    if let Some(line) = text.lines().find(|l| l.contains("Socket errors")) {
+        bail!("wrk saw socket errors: {}", line.trim());
+    }
+    let percentile = |p: &str| -> anyhow::Result<f64> {
+        let line = text
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(p))
+            .with_context(|| format!("no {p} latency line"))?;
+        parse_duration_us(line.split_whitespace().nth(1).context("no value")?)
+    };
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .context("no Requests/sec line")?
+        .trim()
+        .parse()?;
+    Ok(WrkRun {
+        rps,
+        p50_us: percentile("50%")?,
+        p99_us: percentile("99%")?,
+    })
+}
+
+fn parse_duration_us(value: &str) -> anyhow::Result<f64> {
+    let split = value
+        .find(|c: char| c.is_ascii_alphabetic())
+        .context("no unit")?;
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number.parse()?;
+    Ok(match unit {
+        "us" => number,
+        "ms" => number * 1e3,
+        "s" => number * 1e6,
+        "m" => number * 60e6,
+        other => bail!("unknown unit {other}"),
+    })
+}
+
+/// An nginx reverse proxy in front of the upstream, as commonly deployed
+/// for this: keepalive to the upstream, no response or request buffering.
+pub struct Nginx {
+    _proc: Proc,
+    /// Its base URL.
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// Starts nginx on a free port in front of `upstream`.
+    pub async fn start(upstream: SocketAddr) -> anyhow::Result<Nginx> {
+        let nginx = find_program("nginx")
+            .context("nginx is not installed (apt-get install nginx-light)")?;
+        let dir = tempfile::tempdir()?;
+        let port = free_port(false)?;
+        let root = dir.path().display();
+        let config = format!(
+            "worker_processes auto;\ndaemon off;\npid {root}/nginx.pid;\nerror_log {root}/error.log warn;\n\
+             events {{ worker_connections 8192; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {root}/body;\n  proxy_temp_path {root}/proxy;\n\
+             fastcgi_temp_path {root}/fastcgi;\n  uwsgi_temp_path {root}/uwsgi;\n  scgi_temp_path {root}/scgi;\n\
+             upstream mock {{ server {upstream}; keepalive 64; }}\n\
+             server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://mock;\n\
+             proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n\
+             proxy_request_buffering off;\n    }}\n  }}\n}}\n"
+        );
+        let config_path = dir.path().join("nginx.conf");
+        std::fs::write(&config_path, config)?;
+        let proc = Proc::spawn(
+            "nginx",
+            Command::new(nginx)
+                .arg("-e")
+                .arg(dir.path().join("error.log"))
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-c")
+                .arg(&config_path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )?;
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Ok(Nginx {
+                    _proc: proc,
+                    url: format!("http://127.0.0.1:{port}"),
+                    _dir: dir,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        bail!("nginx did not start listening on port {port}")
+    }
+}
+
+/// Runs the scenario.
+pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> {
+    let scratch = tempfile::tempdir()?;
+    let script = wrk_script(scratch.path())?;
+    let nginx = Nginx::start(bench.upstream.addr).await?;
+    let path = "/v1/chat/completions";
+    let variants = [
+        ("direct", format!("{}{path}", bench.upstream.url)),
+        ("nginx", format!("{}{path}", nginx.url)),
+        ("passage", format!("{}{path}", bench.tunnel.url)),
+    ];
+    let duration = settings.wrk_duration;
+    // Warm every path (pools, QUIC stream credit) before measuring.
+    for (_, url) in &variants {
+        wrk(&script, url, 4, Duration::from_secs(1)).await?;
+    }
+    let mut runs: Vec<Vec<(u32, WrkRun)>> = vec![Vec::new(); variants.len()];
+    for _ in 0..settings.rounds {
+        for connections in [1u32, 32] {
+            for (index, (_, url)) in variants.iter().enumerate() {
+                runs[index].push((connections, wrk(&script, url, connections, duration).await?));
+            }
+        }
+    }
+    let med = |index: usize, connections: u32, pick: fn(&WrkRun) -> f64| {
+        let samples: Vec<f64> = runs[index]
+            .iter()
+            .filter(|(c, _)| *c == connections)
+            .map(|(_, run)| pick(run))
+            .collect();
+        median(&samples)
+    };
+
+    let mut section = Section {
+        title: "1. Request overhead (wrk, POST chat completion)".into(),
+        method: format!(
+            "wrk 1 thread, {}s per run, {} rounds; in each round the three variants run back to back \
+             at 1 connection and at 32 connections; figures are medians over rounds. The upstream \
+             (passage-mock-upstream) answers a fixed chat completion at once. nginx: `worker_processes \
+             auto`, `keepalive 64` to the upstream, `proxy_buffering off`, `proxy_request_buffering off`. \
+             passage: the binaries under test with default settings (log level info, to a file).",
+            duration.as_secs(),
+            settings.rounds
+        ),
+        ..Section::default()
+    };
+    section.table.push(
+        [
+            "variant",
+            "p50 @1 conn (µs)",
+            "p99 @1 conn (µs)",
+            "req/s @1 conn",
+            "req/s @32 conns",
+            "@32 vs direct",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    let direct_rps = med(0, 32, |r| r.rps);
+    for (index, (name, _)) in variants.iter().enumerate() {
+        section.table.push(vec![
+            (*name).to_owned(),
+            fixed(med(index, 1, |r| r.p50_us), 0),
+            fixed(med(index, 1, |r| r.p99_us), 0),
+            fixed(med(index, 1, |r| r.rps), 0),
+            fixed(med(index, 32, |r| r.rps), 0),
+            fixed(med(index, 32, |r| r.rps) / direct_rps, 2),
+        ]);
+    }
+    let added_p50 = med(2, 1, |r| r.p50_us) - med(0, 1, |r| r.p50_us);
+    let vs_nginx = med(2, 32, |r| r.rps) / med(1, 32, |r| r.rps);
+    section.notes.push(format!(
+        "passage adds {added_p50:.0} µs at the median over direct at 1 connection \
+         (nginx adds {:.0} µs); at 32 connections passage reaches {vs_nginx:.2}× nginx's throughput.",
+        med(1, 1, |r| r.p50_us) - med(0, 1, |r| r.p50_us)
+    ));
+    section.target(
+        "throughput @32 conns vs nginx",
+        format!("{vs_nginx:.2}×"),
+        "≥ 0.5×",
+        vs_nginx >= 0.5,
+    );
+    section.target(
+        "added p50 latency @1 conn vs direct",
+        format!("{added_p50:.0} µs"),
+        "≤ 200 µs",
+        added_p50 <= 200.0,
+    );
+    Ok(section)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_output_is_read() {
+        let text = "Running 5s test @ http://127.0.0.1:1/\n  1 threads and 1 connections\n\
+            \x20 Latency Distribution\n     50%   57.00us\n     75%   61.00us\n     90%   66.00us\n\
+            \x20    99%    1.04ms\n  80642 requests in 5.00s, 23.15MB read\nRequests/sec:  16127.41\n";
+        let run = parse_wrk(text).expect("parses");
+        assert_eq!(run.p50_us, 57.0);
+        assert_eq!(run.p99_us, 1040.0);
+        assert_eq!(run.rps, 16127.41);
+        assert!(parse_wrk(&format!("{text}  Non-2xx or 3xx responses: 3\n")).is_err());
+    }
+}

@@ -1,0 +1,247 @@
+//! The processes under test: the mock upstream, and passage-relay plus
+//! passage-client as a user runs them (the same binaries and defaults),
+//! each a child process so its memory can be read on its own.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+
+/// A child process killed when dropped.
+pub struct Proc {
+    child: Child,
+    name: &'static str,
+}
+
+impl Proc {
+    /// Starts `command` as a child killed on drop.
+    pub fn spawn(name: &'static str, command: &mut Command) -> anyhow::Result<Proc> {
+        let child = command
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc { child, name })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        self.child
+            .id()
+            .with_context(|| format!("{} has exited", self.name))
+    }
+
+    /// Resident memory now, KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        proc_status_kib(self.pid()?, "VmRSS")
+    }
+
+    /// Peak resident memory since start or the last [`Proc::reset_peak`], KiB.
+    pub fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        proc_status_kib(self.pid()?, "VmHWM")
+    }
+
+    /// Resets the peak-RSS mark (Linux `clear_refs` 5).
+    pub fn reset_peak(&self) -> anyhow::Result<()> {
+        let path = format!("/proc/{}/clear_refs", self.pid()?);
+        std::fs::write(&path, "5").with_context(|| format!("writing {path}"))
+    }
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// A free port on 127.0.0.1 (bound and released, so a small race remains).
+pub fn free_port(udp: bool) -> anyhow::Result<u16> {
+    let port = if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    };
+    Ok(port)
+}
+
+/// The mock upstream process.
+pub struct Upstream {
+    /// Its process.
+    pub proc: Proc,
+    /// Its base URL, `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its address.
+    pub addr: SocketAddr,
+}
+
+impl Upstream {
+    /// Starts `passage-mock-upstream` from `bin_dir`.
+    pub async fn start(bin_dir: &Path) -> anyhow::Result<Upstream> {
+        let mut command = Command::new(bin_dir.join("passage-mock-upstream"));
+        command
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut proc = Proc::spawn("the mock upstream", &mut command)?;
+        let stdout = proc.child.stdout.take().context("mock upstream stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let url = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .context("the mock upstream did not report its address")??
+            .context("the mock upstream exited")?;
+        let addr = url
+            .trim_start_matches("http://")
+            .parse()
+            .with_context(|| format!("mock upstream address {url:?}"))?;
+        Ok(Upstream { proc, url, addr })
+    }
+}
+
+/// How to start the tunnel.
+#[derive(Debug, Default, Clone)]
+pub struct TunnelOptions {
+    /// Extra arguments for `passage-relay serve`.
+    pub relay_args: Vec<String>,
+    /// Extra arguments for `passage-client run`.
+    pub client_args: Vec<String>,
+    /// Address the client dials instead of the relay's own (an impairment forwarder).
+    pub via: Option<SocketAddr>,
+    /// UDP port for the relay (default: a free one).
+    pub relay_port: Option<u16>,
+}
+
+/// passage-relay and passage-client running against an upstream.
+pub struct Tunnel {
+    /// The relay process.
+    pub relay: Proc,
+    /// The client process.
+    pub client: Proc,
+    /// The client's base URL, `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The client's local address.
+    pub addr: SocketAddr,
+    /// The relay's UDP address.
+    pub relay_addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Tunnel {
+    /// Makes a PKI, starts both programs, and waits until `/healthz` is 200.
+    pub async fn start(
+        bin_dir: &Path,
+        upstream_url: &str,
+        options: &TunnelOptions,
+    ) -> anyhow::Result<Tunnel> {
+        let dir = tempfile::tempdir()?;
+        let pki = dir.path().join("pki");
+        let relay_bin = bin_dir.join("passage-relay");
+        let relay_port = match options.relay_port {
+            Some(port) => port,
+            None => free_port(true)?,
+        };
+        let relay_addr: SocketAddr = ([127, 0, 0, 1], relay_port).into();
+        let dialled = options.via.unwrap_or(relay_addr);
+        let bundle = dir.path().join("bench.toml");
+        run_quiet(Command::new(&relay_bin).arg("init").arg("--dir").arg(&pki)).await?;
+        run_quiet(
+            Command::new(&relay_bin)
+                .args(["issue", "--name", "bench", "--relay", &dialled.to_string()])
+                .arg("--dir")
+                .arg(&pki)
+                .arg("--out")
+                .arg(&bundle),
+        )
+        .await?;
+
+        let relay_log = std::fs::File::create(dir.path().join("relay.log"))?;
+        let relay = Proc::spawn(
+            "passage-relay",
+            Command::new(&relay_bin)
+                .arg("serve")
+                .arg("--pki")
+                .arg(&pki)
+                .args([
+                    "--listen",
+                    &relay_addr.to_string(),
+                    "--upstream",
+                    upstream_url,
+                ])
+                .args(&options.relay_args)
+                .stdout(Stdio::null())
+                .stderr(relay_log),
+        )?;
+        let client_port = free_port(false)?;
+        let client_log = std::fs::File::create(dir.path().join("client.log"))?;
+        let client = Proc::spawn(
+            "passage-client",
+            Command::new(bin_dir.join("passage-client"))
+                .arg("run")
+                .arg("--bundle")
+                .arg(&bundle)
+                .args(["--listen", &format!("127.0.0.1:{client_port}")])
+                .args(&options.client_args)
+                .stdout(Stdio::null())
+                .stderr(client_log),
+        )?;
+        let tunnel = Tunnel {
+            relay,
+            client,
+            url: format!("http://127.0.0.1:{client_port}"),
+            addr: ([127, 0, 0, 1], client_port).into(),
+            relay_addr,
+            _dir: dir,
+        };
+        tunnel.wait_until_up(Duration::from_secs(15)).await?;
+        Ok(tunnel)
+    }
+
+    async fn wait_until_up(&self, limit: Duration) -> anyhow::Result<()> {
+        let client = crate::http::client();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(response) = crate::http::get(&client, &format!("{}/healthz", self.url)).await
+            {
+                if response.status() == 200 {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the tunnel did not come up within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Resident memory of client and relay, KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<(u64, u64)> {
+        Ok((self.client.rss_kib()?, self.relay.rss_kib()?))
+    }
+}
+
+async fn run_quiet(command: &mut Command) -> anyhow::Result<()> {
+    let output = command.output().await.context("running a PKI command")?;
+    if !output.status.success() {
+        bail!("{}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Finds a program on PATH or in the usual sbin directories.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}

@@ -1,0 +1,100 @@
+//! Scenario 2, streaming latency: the upstream stamps each SSE event with
+//! its send time; the reader notes when the event arrives; the difference
+//! is compared through passage and direct. Requests alternate between the
+//! two so both see the same machine load.
+
+use http_body_util::BodyExt;
+
+use crate::http::{HttpClient, client, get};
+use crate::report::{Section, fixed};
+use crate::stats::percentile;
+use crate::{Bench, Settings, unix_nanos};
+
+/// Reads one stamped stream, appending each event's latency (µs) to `out`.
+async fn collect(client: &HttpClient, url: &str, out: &mut Vec<f64>) -> anyhow::Result<()> {
+    let response = get(client, url).await?;
+    anyhow::ensure!(response.status() == 200, "status {}", response.status());
+    let mut body = response.into_body();
+    let mut buffer: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        let arrived = unix_nanos();
+        buffer.extend_from_slice(&data);
+        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buffer.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&event);
+            let json = text.trim().trim_start_matches("data:").trim();
+            let value: serde_json::Value = serde_json::from_str(json)?;
+            let sent = value["sent_ns"].as_u64().unwrap_or(arrived);
+            out.push(arrived.saturating_sub(sent) as f64 / 1000.0);
+        }
+    }
+    Ok(())
+}
+
+/// Runs the scenario.
+pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> {
+    let client = client();
+    let query = format!(
+        "/v1/stamped?chunks={}&interval_ms={}",
+        settings.stream_chunks, settings.stream_interval_ms
+    );
+    let direct_url = format!("{}{query}", bench.upstream.url);
+    let passage_url = format!("{}{query}", bench.tunnel.url);
+    let (mut direct, mut passage) = (Vec::new(), Vec::new());
+    // Warm both paths; these samples are discarded.
+    collect(&client, &direct_url, &mut Vec::new()).await?;
+    collect(&client, &passage_url, &mut Vec::new()).await?;
+    for _ in 0..settings.stream_requests {
+        collect(&client, &direct_url, &mut direct).await?;
+        collect(&client, &passage_url, &mut passage).await?;
+    }
+    let p = |samples: &[f64], q: f64| percentile(samples, q);
+    let added_p50 = p(&passage, 50.0) - p(&direct, 50.0);
+    let added_p99 = p(&passage, 99.0) - p(&direct, 99.0);
+    let mut section = Section {
+        title: "2. Streaming: per-chunk latency".into(),
+        method: format!(
+            "{} requests per variant, alternating, each an SSE stream of {} events {} ms apart from \
+             `/v1/stamped`; each event carries its send time (wall clock, same machine) and the \
+             reader subtracts it from the arrival time of the chunk holding it. Added latency is \
+             the passage percentile minus the direct percentile.",
+            settings.stream_requests, settings.stream_chunks, settings.stream_interval_ms
+        ),
+        ..Section::default()
+    };
+    section.table.push(
+        ["variant", "events", "p50 (µs)", "p99 (µs)"]
+            .map(String::from)
+            .to_vec(),
+    );
+    for (name, samples) in [("direct", &direct), ("passage", &passage)] {
+        section.table.push(vec![
+            name.to_owned(),
+            samples.len().to_string(),
+            fixed(p(samples, 50.0), 0),
+            fixed(p(samples, 99.0), 0),
+        ]);
+    }
+    section.table.push(vec![
+        "added by passage".into(),
+        String::new(),
+        fixed(added_p50, 0),
+        fixed(added_p99, 0),
+    ]);
+    section.target(
+        "streaming added latency p50",
+        format!("{added_p50:.0} µs"),
+        "≤ 100 µs",
+        added_p50 <= 100.0,
+    );
+    section.target(
+        "streaming added latency p99",
+        format!("{added_p99:.0} µs"),
+        "≤ 1000 µs",
+        added_p99 <= 1000.0,
+    );
+    Ok(section)
+}
