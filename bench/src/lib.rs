@@ -8,6 +8,8 @@
 
 pub mod bulk;
 pub mod http;
+pub mod impair;
+pub mod longhaul;
 pub mod many_streams;
 pub mod overhead;
 pub mod report;
@@ -22,7 +24,7 @@ use crate::report::Section;
 use crate::stack::{Tunnel, TunnelOptions, Upstream};
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 4] = ["overhead", "streaming", "bulk", "many"];
+pub const SCENARIOS: [&str; 5] = ["overhead", "streaming", "bulk", "many", "longhaul"];
 
 /// Sizes and durations of one run.
 #[derive(Debug, Clone)]
@@ -43,6 +45,18 @@ pub struct Settings {
     pub bulk_bytes: u64,
     /// Streams held open at once.
     pub many_streams: usize,
+    /// Long-haul: round-trip times to emulate, ms.
+    pub longhaul_rtts_ms: Vec<u64>,
+    /// Long-haul: loss probabilities to emulate.
+    pub longhaul_losses: Vec<f64>,
+    /// Long-haul: congestion controllers to compare.
+    pub longhaul_controllers: Vec<&'static str>,
+    /// The controller passage uses by default (its rows are judged).
+    pub default_congestion: &'static str,
+    /// Long-haul: streaming requests for the time to first byte.
+    pub longhaul_requests: usize,
+    /// Long-haul: bytes of the download.
+    pub longhaul_bytes: u64,
 }
 
 impl Settings {
@@ -58,6 +72,12 @@ impl Settings {
                 stream_interval_ms: 5,
                 bulk_bytes: 16 << 20,
                 many_streams: 100,
+                longhaul_rtts_ms: vec![40],
+                longhaul_losses: vec![0.0, 0.01],
+                longhaul_controllers: vec!["cubic"],
+                default_congestion: "cubic",
+                longhaul_requests: 3,
+                longhaul_bytes: 1 << 20,
             }
         } else {
             Settings {
@@ -69,6 +89,12 @@ impl Settings {
                 stream_interval_ms: 10,
                 bulk_bytes: 1 << 30,
                 many_streams: 5000,
+                longhaul_rtts_ms: vec![100, 300],
+                longhaul_losses: vec![0.0, 0.01, 0.05],
+                longhaul_controllers: vec!["cubic", "bbr"],
+                default_congestion: "cubic",
+                longhaul_requests: 10,
+                longhaul_bytes: 20 << 20,
             }
         }
     }
@@ -105,6 +131,7 @@ pub async fn run(
             "streaming" => streaming::run(&bench, settings).await,
             "bulk" => bulk::run(&bench, settings).await,
             "many" => many_streams::run(&bench, settings).await,
+            "longhaul" => longhaul::run(&bench, settings).await,
             other => anyhow::bail!(
                 "unknown scenario {other:?}; known: {}",
                 SCENARIOS.join(", ")

@@ -33,6 +33,7 @@ fn every_scenario_runs_in_its_smoke_version() {
         "## 2. Streaming",
         "## 3. Bulk transfer",
         "## 4. Many concurrent streams",
+        "## 5. Long-haul links",
     ] {
         assert!(
             report.contains(heading),

@@ -3,6 +3,8 @@
 //! The path is straight: open a stream → send the request head → pump the
 //! app's body up in its own task while waiting for the response head →
 //! return a response whose body reads the stream's frames as they arrive.
+//! A small body of known length skips the pump: it is read first and sent
+//! with the head in one write.
 //!
 //! Cancellation needs no flags: the response body owns the stream's
 //! receive half, so when the app goes away hyper drops the body, quinn
@@ -10,17 +12,20 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use passage_shared::body::FrameBody;
+use passage_shared::body::{FrameBody, encode_whole_body, is_inline};
 use passage_shared::error_body::ApiError;
-use passage_shared::frame::{Frame, FrameCodec, MAX_DATA_CHUNK, RequestHead, reset_code};
+use passage_shared::frame::{
+    Frame, FrameCodec, MAX_DATA_CHUNK, RequestHead, encode_frame, reset_code,
+};
 use passage_shared::http_map::{extend_from_wire, headers_to_wire};
 use passage_shared::transport::{BoxRecv, BoxSend};
+use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug};
 
@@ -67,6 +72,7 @@ async fn try_forward(
         }
     };
     let has_body = !body.is_end_stream();
+    let inline = has_body && is_inline(&body);
     let head = RequestHead {
         id,
         method: parts.method.as_str().to_owned(),
@@ -74,24 +80,34 @@ async fn try_forward(
         headers: headers_to_wire(&parts.headers),
         has_body,
     };
+    let mut batch = BytesMut::new();
+    encode_frame(&Frame::RequestHead(head), &mut batch).map_err(invalid_request)?;
+    let mut body = body;
+    if inline {
+        // A small request (most API calls) is read first, then leaves with
+        // its head in one write, usually one packet.
+        encode_whole_body(&mut body, &mut batch)
+            .await
+            .map_err(invalid_request)?;
+    } else if !has_body {
+        encode_frame(&Frame::End, &mut batch).map_err(invalid_request)?;
+    }
 
-    let (send, recv) = tunnel
+    let (mut send, recv) = tunnel
         .open_stream(connect_wait)
         .await
         .map_err(tunnel_error)?;
-    let mut sender = FramedWrite::new(send, FrameCodec);
-    sender.send(Frame::RequestHead(head)).await.map_err(|e| {
+    send.write_all(&batch).await.map_err(|e| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
             "tunnel_stream_failed",
             format!("could not send the request to the relay: {e}"),
         )
     })?;
-    if has_body {
-        tokio::spawn(pump_body(body, sender).in_current_span());
+    if has_body && !inline {
+        tokio::spawn(pump_body(body, FramedWrite::new(send, FrameCodec)).in_current_span());
     } else {
-        let _ = sender.send(Frame::End).await;
-        sender.get_mut().finish();
+        send.finish();
     }
 
     let mut frames = FramedRead::new(recv, FrameCodec);
@@ -166,6 +182,15 @@ async fn pump_body(mut body: Incoming, mut sender: Sender) {
             }
         }
     }
+}
+
+/// The app's request could not be read or encoded.
+fn invalid_request(error: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        format!("passage could not read the request: {error}"),
+    )
 }
 
 fn tunnel_error(error: TunnelError) -> ApiError {

@@ -107,7 +107,7 @@ impl Client {
             vec![parse_cert(&bundle.cert, "the client certificate")?],
             parse_key(&bundle.key, "the client key")?,
         )?;
-        let quic = quic::client_config(tls, config.tunnel.liveness)?;
+        let quic = quic::client_config(tls, config.tunnel.transport)?;
         let targets = bundle
             .relays
             .iter()

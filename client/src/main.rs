@@ -37,6 +37,16 @@ enum Command {
         /// Seconds in-flight responses may run on after SIGTERM/SIGINT.
         #[arg(long, default_value_t = 30)]
         drain_timeout: u64,
+        /// Runtime threads: 1 runs everything on one thread (measured
+        /// fastest on small machines); more for a busy many-core host.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: u16,
+        /// Congestion controller for what this end sends: cubic, bbr or newreno.
+        #[arg(long, default_value = "cubic")]
+        congestion: passage_shared::quic::Congestion,
+        /// Per-stream receive window in MiB (the connection window is 2.5×).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+        stream_window_mib: u32,
     },
 }
 
@@ -57,6 +67,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         relays,
         connect_wait,
         drain_timeout,
+        threads,
+        congestion,
+        stream_window_mib,
     } = cli.command;
     passage_shared::process::init_logging();
     let bundle = Bundle::load(&bundle)?;
@@ -64,7 +77,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.extra_relays = relays;
     config.connect_wait = Duration::from_secs(connect_wait);
     config.drain_timeout = Duration::from_secs(drain_timeout);
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    config.tunnel.transport.congestion = congestion;
+    config.tunnel.transport.stream_window = stream_window_mib << 20;
+    let runtime = passage_shared::process::runtime(usize::from(threads))
+        .context("starting the async runtime")?;
     runtime.block_on(async {
         let client = Client::bind(config)
             .await

@@ -20,7 +20,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use passage_shared::error_body::ApiError;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use crate::forward::{ResponseBody, forward};
 use crate::tunnel::{Tunnel, TunnelState};
@@ -102,9 +102,10 @@ async fn handle(
         }
         let started = Instant::now();
         let response = forward(&ctx.tunnel, ctx.connect_wait, id, request).await;
-        info!(
+        // The relay logs every request at info; here it is debug detail.
+        debug!(
             status = response.status().as_u16(),
-            head_ms = started.elapsed().as_millis() as u64,
+            head_us = started.elapsed().as_micros() as u64,
             "response head"
         );
         Ok(response)

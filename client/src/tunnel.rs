@@ -46,8 +46,8 @@ impl RelayTarget {
 /// Timing of the tunnel manager.
 #[derive(Debug, Clone, Copy)]
 pub struct TunnelSettings {
-    /// Keep-alive and idle timeout of the QUIC connection.
-    pub liveness: quic::Liveness,
+    /// QUIC transport settings (keep-alive, idle timeout, congestion, windows).
+    pub transport: quic::TransportTuning,
     /// Longest time one connection attempt (DNS + handshake) may take.
     pub connect_timeout: Duration,
     /// First reconnect delay; doubles on each failed round.
@@ -61,7 +61,7 @@ pub struct TunnelSettings {
 impl Default for TunnelSettings {
     fn default() -> Self {
         TunnelSettings {
-            liveness: quic::Liveness::default(),
+            transport: quic::TransportTuning::default(),
             connect_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),

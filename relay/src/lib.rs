@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use passage_shared::pki::{PkiDir, PkiError};
-use passage_shared::quic::{self, Liveness, QuicSetupError};
+use passage_shared::quic::{self, QuicSetupError, TransportTuning};
 use passage_shared::tls::{TlsError, relay_tls_config};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -43,8 +43,8 @@ pub struct RelayConfig {
     pub head_timeout: Duration,
     /// How long in-flight requests may run on after a shutdown signal.
     pub drain_timeout: Duration,
-    /// Keep-alive and idle timeout of client connections.
-    pub liveness: Liveness,
+    /// QUIC transport settings of client connections.
+    pub transport: TransportTuning,
 }
 
 impl RelayConfig {
@@ -59,7 +59,7 @@ impl RelayConfig {
             idle_read_timeout: Duration::from_secs(600),
             head_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
-            liveness: Liveness::default(),
+            transport: TransportTuning::default(),
         }
     }
 }
@@ -94,7 +94,7 @@ impl Relay {
     pub fn bind(config: RelayConfig) -> Result<Relay, RelayError> {
         let identity = PkiDir::new(&config.pki_dir).load_relay_identity()?;
         let tls = relay_tls_config(identity.ca, identity.chain, identity.key)?;
-        let server = quic::server_config(tls, config.liveness)?;
+        let server = quic::server_config(tls, config.transport)?;
         let endpoint = quic::endpoint(config.listen, Some(server))?;
         let upstream = UpstreamClient::new(
             config.upstream,

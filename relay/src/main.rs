@@ -75,6 +75,16 @@ enum Command {
         /// Seconds in-flight requests may run on after SIGTERM/SIGINT.
         #[arg(long, default_value_t = 30)]
         drain_timeout: u64,
+        /// Runtime threads: 1 runs everything on one thread (measured
+        /// fastest on small machines); more for a busy many-core host.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: u16,
+        /// Congestion controller for what this end sends: cubic, bbr or newreno.
+        #[arg(long, default_value = "cubic")]
+        congestion: passage_shared::quic::Congestion,
+        /// Per-stream receive window in MiB (the connection window is 2.5×).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+        stream_window_mib: u32,
     },
 }
 
@@ -107,6 +117,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             connect_timeout,
             idle_timeout,
             drain_timeout,
+            threads,
+            congestion,
+            stream_window_mib,
         } => {
             passage_shared::process::init_logging();
             let upstream = UpstreamBase::parse(&upstream)?;
@@ -115,7 +128,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.connect_timeout = Duration::from_secs(connect_timeout);
             config.idle_read_timeout = Duration::from_secs(idle_timeout);
             config.drain_timeout = Duration::from_secs(drain_timeout);
-            serve(config)
+            config.transport.congestion = congestion;
+            config.transport.stream_window = stream_window_mib << 20;
+            serve(config, usize::from(threads))
         }
     }
 }
@@ -131,8 +146,9 @@ fn read_api_key(var: &str) -> anyhow::Result<ApiKey> {
     Ok(ApiKey::new(key))
 }
 
-fn serve(config: RelayConfig) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+fn serve(config: RelayConfig, threads: usize) -> anyhow::Result<()> {
+    let runtime =
+        passage_shared::process::runtime(threads).context("starting the async runtime")?;
     runtime.block_on(async {
         let relay = Relay::bind(config.clone()).with_context(|| {
             format!(

@@ -3,7 +3,8 @@
 //! The path is straight: read the request head → build the upstream request
 //! (its body streams from the stream's remaining frames) → send it → write
 //! the response head → forward each upstream body chunk as one frame the
-//! moment it arrives → `End` (or `Failure` if the upstream broke off).
+//! moment it arrives → `End` (or `Failure` if the upstream broke off). A
+//! small response of known length goes out whole, head and body in one write.
 //!
 //! Cancellation is structural: the whole exchange runs in a `select!`
 //! against the stream's `stopped()` signal, so when the client stops reading
@@ -13,19 +14,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use http::header::{CONTENT_LENGTH, HeaderValue};
 use http_body_util::{BodyExt, Either, Empty};
-use passage_shared::body::FrameBody;
+use passage_shared::body::{FrameBody, encode_whole_body, is_inline};
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::{
     Frame, FrameCodec, FrameError, MAX_DATA_CHUNK, RequestHead, ResponseHead, StreamFailure,
-    reset_code,
+    encode_frame, reset_code,
 };
 use passage_shared::http_map::headers_to_wire;
 use passage_shared::transport::{BoxRecv, BoxSend};
+use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -215,7 +217,49 @@ async fn proxy(
         status,
         headers: headers_to_wire(&parts.headers),
     });
-    if responder.send(head).await.is_err() {
+    let mut batch = BytesMut::new();
+    if let Err(e) = encode_frame(&head, &mut batch) {
+        return Outcome::Refused(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "invalid_upstream_response",
+            format!("the upstream response head cannot be forwarded: {e}"),
+        ));
+    }
+    if is_inline(&body) {
+        // A small sized answer (a whole chat completion) is read first and
+        // sent with its head in one write: one packet instead of three.
+        let bytes = http_body::Body::size_hint(&body).exact().unwrap_or(0);
+        match tokio::time::timeout(
+            ctx.idle_read_timeout,
+            encode_whole_body(&mut body, &mut batch),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Outcome::Refused(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_failed",
+                    format!("the upstream response body failed: {}", error_chain(&e)),
+                ));
+            }
+            Err(_) => {
+                return Outcome::Refused(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!(
+                        "the upstream body stalled for {} s",
+                        ctx.idle_read_timeout.as_secs()
+                    ),
+                ));
+            }
+        }
+        return match responder.get_mut().write_all(&batch).await {
+            Ok(()) => Outcome::Complete { status, bytes },
+            Err(_) => Outcome::ClientGone { bytes: 0 },
+        };
+    }
+    if responder.get_mut().write_all(&batch).await.is_err() {
         return Outcome::ClientGone { bytes: 0 };
     }
 

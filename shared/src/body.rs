@@ -1,4 +1,5 @@
-//! An HTTP body read from a passage stream: the `Data` frames up to `End`.
+//! HTTP bodies on a passage stream: [`FrameBody`] reads the `Data` frames up
+//! to `End` as a body, and [`encode_whole_body`] writes a small body whole.
 //!
 //! The relay hands one to hyper as the upstream request body, the client as
 //! the app's response body, so neither side buffers a whole body: each
@@ -10,12 +11,12 @@
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::io::AsyncRead;
 use tokio_util::codec::FramedRead;
 
-use crate::frame::{Frame, FrameCodec, FrameError, StreamFailure};
+use crate::frame::{Frame, FrameCodec, FrameError, StreamFailure, encode_frame};
 
 /// Why a body read from a stream did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -85,11 +86,50 @@ impl<R: AsyncRead + Unpin> http_body::Body for FrameBody<R> {
     }
 }
 
+/// Bodies whose length is known and at most this many bytes travel whole,
+/// in the same write as their head (typically one QUIC packet), instead of
+/// frame by frame; streams and large or unsized bodies are never held back.
+pub const INLINE_BODY_LIMIT: u64 = 64 * 1024;
+
+/// Whether `body` is small and sized, so [`encode_whole_body`] may take it.
+pub fn is_inline<B: http_body::Body>(body: &B) -> bool {
+    body.size_hint()
+        .exact()
+        .is_some_and(|len| len <= INLINE_BODY_LIMIT)
+}
+
+/// Why a whole body could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum WholeBodyError<E> {
+    /// Reading the body failed.
+    #[error("reading the body: {0}")]
+    Body(E),
+    /// A frame could not be encoded.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+/// Reads all of `body` and appends it to `batch` as `Data` frames and `End`.
+/// Meant for bodies [`is_inline`] accepts: their size bounds the buffer.
+pub async fn encode_whole_body<B>(
+    body: &mut B,
+    batch: &mut BytesMut,
+) -> Result<(), WholeBodyError<B::Error>>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
+        if let Ok(data) = frame.map_err(WholeBodyError::Body)?.into_data() {
+            encode_frame(&Frame::Data(data), batch)?;
+        }
+    }
+    encode_frame(&Frame::End, batch)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::encode_frame;
-    use bytes::BytesMut;
     use http_body::Body;
 
     async fn collect(frames: &[Frame], eof_early: bool) -> (Vec<Bytes>, Option<BodyError>) {
@@ -133,6 +173,23 @@ mod tests {
             [Bytes::from_static(b"ab"), Bytes::from_static(b"c")]
         );
         assert!(error.is_none());
+    }
+
+    #[test]
+    fn a_whole_body_is_data_then_end() {
+        let mut body = http_body_util::Full::new(Bytes::from_static(b"hello"));
+        assert!(is_inline(&body));
+        let mut batch = BytesMut::new();
+        block_on(encode_whole_body(&mut body, &mut batch)).expect("encodes");
+        let mut codec = FrameCodec;
+        use tokio_util::codec::Decoder;
+        assert_eq!(
+            codec.decode(&mut batch).expect("frame"),
+            Some(Frame::Data(Bytes::from_static(b"hello")))
+        );
+        assert_eq!(codec.decode(&mut batch).expect("frame"), Some(Frame::End));
+        let big = http_body_util::Full::new(Bytes::from(vec![0u8; INLINE_BODY_LIMIT as usize + 1]));
+        assert!(!is_inline(&big));
     }
 
     #[test]

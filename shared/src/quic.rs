@@ -12,31 +12,73 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 
-/// Per-stream receive window: what one request may have in flight (8 MiB).
+/// Default per-stream receive window: what one request may have in flight (8 MiB).
 pub const STREAM_RECEIVE_WINDOW: u32 = 8 << 20;
-/// Per-connection receive window: bounds all streams together (20 MiB).
-pub const CONNECTION_RECEIVE_WINDOW: u32 = 20 << 20;
-/// Send buffer per connection, at least the peer's receive window.
-pub const SEND_WINDOW: u64 = 20 << 20;
-/// Streams a client may have open on one connection at once.
-pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Requests a client may have in flight on one connection at once; sized
+/// for thousands of held streaming responses (the connection window, not
+/// this count, bounds the memory they can pin).
+pub const MAX_CONCURRENT_STREAMS: u32 = 8192;
 /// UDP socket buffer size requested from the kernel (it may grant less).
 pub const UDP_BUFFER_BYTES: usize = 4 << 20;
 
-/// Liveness timing of a tunnel connection.
+/// Congestion controller of a tunnel connection (it governs what each end sends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), loss-based; quinn's default.
+    #[default]
+    Cubic,
+    /// BBR, model-based: keeps its rate through random loss.
+    Bbr,
+    /// NewReno, the classic loss-based controller.
+    NewReno,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "cubic" => Ok(Congestion::Cubic),
+            "bbr" => Ok(Congestion::Bbr),
+            "newreno" => Ok(Congestion::NewReno),
+            _ => Err(format!(
+                "unknown congestion controller {s:?} (cubic, bbr, newreno)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Congestion::Cubic => "cubic",
+            Congestion::Bbr => "bbr",
+            Congestion::NewReno => "newreno",
+        })
+    }
+}
+
+/// Transport settings of a tunnel connection; both ends have their own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Liveness {
+pub struct TransportTuning {
     /// Interval between keep-alive packets on an otherwise idle connection.
     pub keep_alive: Duration,
     /// Silence after which the connection counts as dead.
     pub idle_timeout: Duration,
+    /// Congestion controller for what this end sends.
+    pub congestion: Congestion,
+    /// Per-stream receive window in bytes; the connection window is 2.5×
+    /// this and the send window matches it.
+    pub stream_window: u32,
 }
 
-impl Default for Liveness {
+impl Default for TransportTuning {
     fn default() -> Self {
-        Liveness {
+        TransportTuning {
             keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(5),
+            congestion: Congestion::default(),
+            stream_window: STREAM_RECEIVE_WINDOW,
         }
     }
 }
@@ -62,23 +104,32 @@ pub enum QuicSetupError {
 
 /// `incoming_bidi`/`incoming_uni`: streams the peer may open towards us.
 fn transport(
-    liveness: Liveness,
+    tuning: TransportTuning,
     incoming_bidi: u32,
     incoming_uni: u32,
 ) -> Result<TransportConfig, QuicSetupError> {
     let mut transport = TransportConfig::default();
+    let connection_window = u64::from(tuning.stream_window) * 5 / 2;
     transport
-        .keep_alive_interval(Some(liveness.keep_alive))
+        .keep_alive_interval(Some(tuning.keep_alive))
         .max_idle_timeout(Some(
-            IdleTimeout::try_from(liveness.idle_timeout)
-                .map_err(|_| QuicSetupError::IdleTimeout(liveness.idle_timeout))?,
+            IdleTimeout::try_from(tuning.idle_timeout)
+                .map_err(|_| QuicSetupError::IdleTimeout(tuning.idle_timeout))?,
         ))
-        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
-        .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
-        .send_window(SEND_WINDOW)
+        .stream_receive_window(VarInt::from_u32(tuning.stream_window))
+        .receive_window(VarInt::from_u64(connection_window).unwrap_or(VarInt::MAX))
+        .send_window(connection_window)
         .max_concurrent_bidi_streams(VarInt::from_u32(incoming_bidi))
         .max_concurrent_uni_streams(VarInt::from_u32(incoming_uni))
         .initial_mtu(1200);
+    match tuning.congestion {
+        Congestion::Cubic => transport
+            .congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
+        Congestion::Bbr => transport
+            .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+        Congestion::NewReno => transport
+            .congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default())),
+    };
     Ok(transport)
 }
 
@@ -86,22 +137,22 @@ fn transport(
 /// request streams per connection.
 pub fn server_config(
     tls: rustls::ServerConfig,
-    liveness: Liveness,
+    tuning: TransportTuning,
 ) -> Result<quinn::ServerConfig, QuicSetupError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport(liveness, MAX_CONCURRENT_STREAMS, 0)?));
+    config.transport_config(Arc::new(transport(tuning, MAX_CONCURRENT_STREAMS, 0)?));
     Ok(config)
 }
 
 /// The client's QUIC config; the relay opens only the one welcome stream.
 pub fn client_config(
     tls: rustls::ClientConfig,
-    liveness: Liveness,
+    tuning: TransportTuning,
 ) -> Result<quinn::ClientConfig, QuicSetupError> {
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport(liveness, 0, 1)?));
+    config.transport_config(Arc::new(transport(tuning, 0, 1)?));
     Ok(config)
 }
 

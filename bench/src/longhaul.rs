@@ -1,0 +1,140 @@
+//! Scenario 5, long-haul links: the impairment forwarder between client and
+//! relay adds one-way delay and random loss; for each link and congestion
+//! controller, a fresh tunnel measures the time to first byte of a
+//! streaming request on the warm tunnel (in RTTs) and the throughput of a
+//! download.
+
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+
+use crate::http::{client, drain, get};
+use crate::impair::{Forwarder, Impairment};
+use crate::report::{Section, fixed};
+use crate::stack::{Tunnel, TunnelOptions, free_port};
+use crate::stats::median;
+use crate::{Bench, Settings};
+
+/// One link and controller's figures.
+struct LinkResult {
+    ttfb_rtts: f64,
+    download_mbs: f64,
+}
+
+async fn measure(
+    bench: &Bench,
+    settings: &Settings,
+    rtt_ms: u64,
+    loss: f64,
+    congestion: &str,
+) -> anyhow::Result<LinkResult> {
+    let relay_port = free_port(true)?;
+    let forwarder = Forwarder::start(
+        ([127, 0, 0, 1], relay_port).into(),
+        Impairment {
+            one_way_delay: Duration::from_millis(rtt_ms / 2),
+            loss,
+        },
+    )
+    .await?;
+    let args = vec!["--congestion".to_owned(), congestion.to_owned()];
+    let options = TunnelOptions {
+        relay_args: args.clone(),
+        client_args: args,
+        via: Some(forwarder.addr),
+        relay_port: Some(relay_port),
+    };
+    let tunnel = Tunnel::start(&bench.bin_dir, &bench.upstream.url, &options).await?;
+    let http = client();
+
+    // Time to first byte of a streaming request on the warm tunnel.
+    let url = format!("{}/v1/stamped?chunks=1&interval_ms=0", tunnel.url);
+    let mut ttfb = Vec::new();
+    for _ in 0..settings.longhaul_requests {
+        let started = Instant::now();
+        let response = get(&http, &url).await?;
+        anyhow::ensure!(response.status() == 200, "status {}", response.status());
+        let mut body = response.into_body();
+        body.frame().await.transpose()?;
+        ttfb.push(started.elapsed().as_secs_f64() * 1000.0 / rtt_ms as f64);
+        drain(body).await?;
+    }
+
+    let bytes = settings.longhaul_bytes;
+    let started = Instant::now();
+    let response = get(&http, &format!("{}/download?bytes={bytes}", tunnel.url)).await?;
+    let got = tokio::time::timeout(Duration::from_secs(120), drain(response.into_body())).await??;
+    anyhow::ensure!(got == bytes, "downloaded {got} of {bytes} bytes");
+    let download_mbs = bytes as f64 / started.elapsed().as_secs_f64() / 1e6;
+    drop(tunnel);
+    drop(forwarder);
+    Ok(LinkResult {
+        ttfb_rtts: median(&ttfb),
+        download_mbs,
+    })
+}
+
+/// Runs the scenario.
+pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> {
+    let mut section = Section {
+        title: "5. Long-haul links (delay and loss)".into(),
+        method: format!(
+            "A userspace UDP forwarder between client and relay delays each datagram by RTT/2 in \
+             each direction and drops each with the given probability, independently. For every \
+             link and congestion controller (set on both ends with `--congestion`), a fresh \
+             tunnel: time to first byte of {} streaming requests on the warm tunnel (median, in \
+             RTTs: one RTT is the floor), then one {} MiB download (MB/s). Everything else at \
+             defaults.",
+            settings.longhaul_requests,
+            settings.longhaul_bytes >> 20
+        ),
+        ..Section::default()
+    };
+    section.table.push(
+        [
+            "RTT",
+            "loss",
+            "controller",
+            "TTFB (RTTs)",
+            "download MB/s",
+            "vs 0% loss",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    for &rtt_ms in &settings.longhaul_rtts_ms {
+        for congestion in &settings.longhaul_controllers {
+            let mut lossless = None;
+            for &loss in &settings.longhaul_losses {
+                let result = measure(bench, settings, rtt_ms, loss, congestion).await?;
+                let baseline = *lossless.get_or_insert(result.download_mbs);
+                let ratio = result.download_mbs / baseline;
+                section.table.push(vec![
+                    format!("{rtt_ms} ms"),
+                    format!("{:.0}%", loss * 100.0),
+                    (*congestion).to_owned(),
+                    fixed(result.ttfb_rtts, 2),
+                    fixed(result.download_mbs, 2),
+                    fixed(ratio, 2),
+                ]);
+                if *congestion == settings.default_congestion && (loss - 0.01).abs() < 1e-9 {
+                    section.target(
+                        &format!("warm TTFB at {rtt_ms} ms RTT, 1% loss ({congestion})"),
+                        format!("{:.2} RTT", result.ttfb_rtts),
+                        "≤ 1.3 RTT",
+                        result.ttfb_rtts <= 1.3,
+                    );
+                    if rtt_ms == 300 {
+                        section.target(
+                            &format!("download at 300 ms RTT, 1% vs 0% loss ({congestion})"),
+                            format!("{ratio:.2}×"),
+                            "≥ 0.6×",
+                            ratio >= 0.6,
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(section)
+}
