@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use tokio::process::Command;
 
 use crate::report::{Section, fixed};
-use crate::stack::{Proc, find_program, free_port};
+use crate::stack::{Proc, TICKS_PER_SECOND, cpu_ticks, find_program, free_port, pids_named};
 use crate::stats::median;
 use crate::{Bench, Settings};
 
@@ -176,6 +176,22 @@ impl Nginx {
     }
 }
 
+/// The processes that stand between wrk and the upstream in variant `index`.
+fn proxy_pids(bench: &Bench, index: usize) -> Vec<u32> {
+    match index {
+        1 => pids_named("nginx"),
+        2 => [&bench.tunnel.client, &bench.tunnel.relay]
+            .iter()
+            .filter_map(|p| p.pid().ok())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn total_ticks(pids: &[u32]) -> u64 {
+    pids.iter().filter_map(|pid| cpu_ticks(*pid).ok()).sum()
+}
+
 /// Runs the scenario.
 pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> {
     let scratch = tempfile::tempdir()?;
@@ -193,10 +209,21 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         wrk(&script, url, 4, Duration::from_secs(1)).await?;
     }
     let mut runs: Vec<Vec<(u32, WrkRun)>> = vec![Vec::new(); variants.len()];
+    let mut cpu_us: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for _ in 0..settings.rounds {
         for connections in [1u32, 32] {
             for (index, (_, url)) in variants.iter().enumerate() {
-                runs[index].push((connections, wrk(&script, url, connections, duration).await?));
+                let proxies = proxy_pids(bench, index);
+                let ticks_before = total_ticks(&proxies);
+                let run = wrk(&script, url, connections, duration).await?;
+                if connections == 1 {
+                    // CPU the proxy hop(s) spent per request: at one
+                    // connection this is time on the request's path.
+                    let ticks = total_ticks(&proxies).saturating_sub(ticks_before) as f64;
+                    let requests = run.rps * duration.as_secs_f64();
+                    cpu_us[index].push(ticks / TICKS_PER_SECOND * 1e6 / requests.max(1.0));
+                }
+                runs[index].push((connections, run));
             }
         }
     }
@@ -216,7 +243,11 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
              at 1 connection and at 32 connections; figures are medians over rounds. The upstream \
              (passage-mock-upstream) answers a fixed chat completion at once. nginx: `worker_processes \
              auto`, `keepalive 64` to the upstream, `proxy_buffering off`, `proxy_request_buffering off`. \
-             passage: the binaries under test with default settings (log level info, to a file).",
+             passage: the binaries under test with default settings (log level info, to a file). \
+             Proxy CPU per request: user + system time of the proxy processes (nginx's master and \
+             workers; passage-client + passage-relay) during the 1-connection run, divided by the \
+             requests served; at one connection nothing else runs, so it bounds the added latency \
+             from below, with the wake-ups between processes on top.",
             duration.as_secs(),
             settings.rounds
         ),
@@ -240,6 +271,11 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
             (*name).to_owned(),
             fixed(med(index, 1, |r| r.p50_us), 0),
             fixed(med(index, 1, |r| r.p99_us), 0),
+            if index == 0 {
+                "–".to_owned()
+            } else {
+                fixed(median(&cpu_us[index]), 0)
+            },
             fixed(med(index, 1, |r| r.rps), 0),
             fixed(med(index, 32, |r| r.rps), 0),
             fixed(med(index, 32, |r| r.rps) / direct_rps, 2),

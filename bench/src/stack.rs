@@ -44,6 +44,11 @@ impl Proc {
         proc_status_kib(self.pid()?, "VmHWM")
     }
 
+    /// CPU time used so far (user + system), in clock ticks.
+    pub fn cpu_ticks(&self) -> anyhow::Result<u64> {
+        cpu_ticks(self.pid()?)
+    }
+
     /// Resets the peak-RSS mark (Linux `clear_refs` 5).
     pub fn reset_peak(&self) -> anyhow::Result<()> {
         let path = format!("/proc/{}/clear_refs", self.pid()?);
@@ -60,6 +65,39 @@ fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
         .and_then(|value| value.split_whitespace().next()?.parse().ok())
         .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
+
+/// CPU time (user + system) of process `pid` so far, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("malformed stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let field =
+        |i: usize| -> anyhow::Result<u64> { Ok(fields.get(i).context("short stat")?.parse()?) };
+    // utime and stime are fields 14 and 15 of stat; here 11 and 12.
+    Ok(field(11)? + field(12)?)
+}
+
+/// Process ids whose command name is `name`.
+pub fn pids_named(name: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == name)
+        })
+        .collect()
+}
+
+/// Clock ticks per second of `/proc/PID/stat` times (USER_HZ, 100 on Linux).
+pub const TICKS_PER_SECOND: f64 = 100.0;
 
 /// A free port on 127.0.0.1 (bound and released, so a small race remains).
 pub fn free_port(udp: bool) -> anyhow::Result<u16> {

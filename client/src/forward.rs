@@ -21,12 +21,13 @@ use hyper::body::Incoming;
 use passage_shared::body::{FrameBody, encode_whole_body, is_inline};
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::{
-    Frame, FrameCodec, MAX_DATA_CHUNK, RequestHead, encode_frame, reset_code,
+    Frame, FrameCodec, MAX_DATA_CHUNK, RequestHead, encode_frame, frame_reader, frame_writer,
+    reset_code,
 };
 use passage_shared::http_map::{extend_from_wire, headers_to_wire};
 use passage_shared::transport::{BoxRecv, BoxSend};
 use tokio::io::AsyncWriteExt;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedWrite;
 use tracing::{Instrument, debug};
 
 use crate::tunnel::{Tunnel, TunnelError};
@@ -105,12 +106,12 @@ async fn try_forward(
         )
     })?;
     if has_body && !inline {
-        tokio::spawn(pump_body(body, FramedWrite::new(send, FrameCodec)).in_current_span());
+        tokio::spawn(pump_body(body, frame_writer(send)).in_current_span());
     } else {
         send.finish();
     }
 
-    let mut frames = FramedRead::new(recv, FrameCodec);
+    let mut frames = frame_reader(recv);
     let head = match frames.next().await {
         Some(Ok(Frame::ResponseHead(head))) => head,
         other => {

@@ -16,10 +16,9 @@ use tracing::{info, warn};
 
 use futures_util::StreamExt;
 use passage_shared::bundle::relay_host;
-use passage_shared::frame::{Frame, FrameCodec};
+use passage_shared::frame::{Frame, frame_reader};
 use passage_shared::quic;
 use passage_shared::transport::{BoxRecv, BoxSend};
-use tokio_util::codec::FramedRead;
 
 /// A connection that lasted this long resets the reconnect backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
@@ -322,7 +321,7 @@ impl Manager {
             .accept_uni()
             .await
             .map_err(|e| format!("the relay refused the connection: {e}"))?;
-        match FramedRead::new(welcome, FrameCodec).next().await {
+        match frame_reader(welcome).next().await {
             Some(Ok(Frame::Welcome(_))) => Ok(connection),
             Some(Ok(frame)) => Err(format!(
                 "the relay sent a {} frame instead of a welcome",

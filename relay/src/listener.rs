@@ -10,10 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use passage_shared::frame::{Frame, FrameCodec, Welcome};
+use passage_shared::frame::{Frame, Welcome, frame_writer};
 use passage_shared::pki::certificate_common_name;
 use rustls::pki_types::CertificateDer;
-use tokio_util::codec::FramedWrite;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -124,7 +123,7 @@ async fn connection(
 /// Tells the client its certificate was accepted (see [`Frame::Welcome`]).
 async fn welcome(connection: &quinn::Connection, client: &str) -> Result<(), String> {
     let send = connection.open_uni().await.map_err(|e| e.to_string())?;
-    let mut writer = FramedWrite::new(send, FrameCodec);
+    let mut writer = frame_writer(send);
     writer
         .send(Frame::Welcome(Welcome {
             client: client.to_owned(),

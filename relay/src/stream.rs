@@ -23,7 +23,7 @@ use passage_shared::body::{FrameBody, encode_whole_body, is_inline};
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::{
     Frame, FrameCodec, FrameError, MAX_DATA_CHUNK, RequestHead, ResponseHead, StreamFailure,
-    encode_frame, reset_code,
+    encode_frame, frame_reader, frame_writer, reset_code,
 };
 use passage_shared::http_map::headers_to_wire;
 use passage_shared::transport::{BoxRecv, BoxSend};
@@ -66,8 +66,8 @@ enum Outcome {
 /// Serves one request stream from a client named `client`.
 pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, client: Arc<str>) {
     let stopped = send.stopped();
-    let mut responder = FramedWrite::new(send, FrameCodec);
-    let mut frames = FramedRead::new(recv, FrameCodec);
+    let mut responder = frame_writer(send);
+    let mut frames = frame_reader(recv);
 
     let head = match tokio::time::timeout(ctx.head_timeout, frames.next()).await {
         Ok(Some(Ok(Frame::RequestHead(head)))) => head,

@@ -22,7 +22,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
-use tokio_util::codec::{Decoder, Encoder};
+use tokio_util::codec::{Decoder, Encoder, FramedRead, FramedWrite};
 
 /// ALPN protocol name of this wire format; a new incompatible format gets a new name.
 pub const ALPN: &[u8] = b"passage/1";
@@ -45,6 +45,21 @@ pub mod reset_code {
     pub const PROTOCOL_ERROR: u32 = 2;
     /// The request body could not be delivered.
     pub const BODY_FAILED: u32 = 3;
+}
+
+/// Starting size of a stream's frame buffers: a head fits, and they grow
+/// for larger frames. Thousands of streams may be held open at once, so
+/// tokio-util's 8 KiB default per buffer would add up.
+pub const INITIAL_BUFFER: usize = 1024;
+
+/// Reads frames from one direction of a stream.
+pub fn frame_reader<R: tokio::io::AsyncRead>(inner: R) -> FramedRead<R, FrameCodec> {
+    FramedRead::with_capacity(inner, FrameCodec, INITIAL_BUFFER)
+}
+
+/// Writes frames to one direction of a stream.
+pub fn frame_writer<W: tokio::io::AsyncWrite>(inner: W) -> FramedWrite<W, FrameCodec> {
+    FramedWrite::with_capacity(inner, FrameCodec, INITIAL_BUFFER)
 }
 
 /// Bytes of the length prefix in front of every frame.

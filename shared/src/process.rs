@@ -25,7 +25,7 @@ pub fn init_logging() {
 /// programs) a single-threaded runtime, else a multi-threaded one.
 ///
 /// Measured on a 2-core machine (BENCHMARKS.md): one thread per program
-/// gave 1.4× the request throughput and ~40 µs less latency than tokio's
+/// gave about 1.3× the request throughput and ~40 µs less latency than tokio's
 /// default multi-threaded runtime, whose cross-thread wake-ups cost more
 /// than they bring when client, relay, app and upstream share few cores.
 pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
