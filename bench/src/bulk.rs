@@ -9,6 +9,7 @@ use http_body_util::BodyExt;
 
 use crate::http::{HttpClient, client, drain, get, repeat_body};
 use crate::report::{Section, fixed};
+use crate::stack::{Tunnel, TunnelOptions};
 use crate::{Bench, Settings};
 
 async fn download(client: &HttpClient, base: &str, bytes: u64) -> anyhow::Result<f64> {
@@ -49,7 +50,9 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
             "One {} MiB download (`/download`) and one {} MiB upload (`/sink`, which only counts) \
              per variant, read and written by the benchmark's hyper client; MB/s is 10^6 bytes per \
              second of wall time from request to last byte. Peak RSS is each program's VmHWM, reset \
-             (`/proc/PID/clear_refs`) before each passage transfer.",
+             (`/proc/PID/clear_refs`) before each passage transfer. `passage` is the default \
+             configuration (BBR); `passage --congestion cubic` is a second tunnel with CUBIC on \
+             both ends, the setting for LAN or loopback paths.",
             bytes >> 20,
             bytes >> 20
         ),
@@ -58,6 +61,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
     section.table.push(
         [
             "direction",
+            "variant",
             "direct MB/s",
             "passage MB/s",
             "passage / direct",
@@ -67,7 +71,17 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         .map(String::from)
         .to_vec(),
     );
-    let mut worst_rate = f64::MAX;
+    let cubic = Tunnel::start(
+        &bench.bin_dir,
+        &bench.upstream.url,
+        &TunnelOptions {
+            relay_args: vec!["--congestion".into(), "cubic".into()],
+            client_args: vec!["--congestion".into(), "cubic".into()],
+            ..TunnelOptions::default()
+        },
+    )
+    .await?;
+    let mut worst_rate = [f64::MAX; 2];
     let mut worst_rss = 0u64;
     for direction in ["download", "upload"] {
         let transfer = |base: String| {
@@ -81,27 +95,42 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
             }
         };
         let direct = transfer(bench.upstream.url.clone()).await?;
-        bench.tunnel.client.reset_peak()?;
-        bench.tunnel.relay.reset_peak()?;
-        let passage = transfer(bench.tunnel.url.clone()).await?;
-        let client_peak = bench.tunnel.client.peak_rss_kib()?;
-        let relay_peak = bench.tunnel.relay.peak_rss_kib()?;
-        worst_rate = worst_rate.min(passage);
-        worst_rss = worst_rss.max(client_peak).max(relay_peak);
-        section.table.push(vec![
-            direction.to_owned(),
-            fixed(direct, 0),
-            fixed(passage, 0),
-            fixed(passage / direct, 2),
-            fixed(mib(client_peak), 1),
-            fixed(mib(relay_peak), 1),
-        ]);
+        for (index, (name, tunnel)) in [
+            ("passage (bbr)", &bench.tunnel),
+            ("passage --congestion cubic", &cubic),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            tunnel.client.reset_peak()?;
+            tunnel.relay.reset_peak()?;
+            let passage = transfer(tunnel.url.clone()).await?;
+            let client_peak = tunnel.client.peak_rss_kib()?;
+            let relay_peak = tunnel.relay.peak_rss_kib()?;
+            worst_rate[index] = worst_rate[index].min(passage);
+            worst_rss = worst_rss.max(client_peak).max(relay_peak);
+            section.table.push(vec![
+                direction.to_owned(),
+                name.to_owned(),
+                fixed(direct, 0),
+                fixed(passage, 0),
+                fixed(passage / direct, 2),
+                fixed(mib(client_peak), 1),
+                fixed(mib(relay_peak), 1),
+            ]);
+        }
     }
     section.target(
-        "bulk throughput, slower direction",
-        format!("{worst_rate:.0} MB/s"),
+        "bulk throughput, slower direction (default, bbr)",
+        format!("{:.0} MB/s", worst_rate[0]),
         "≥ 250 MB/s",
-        worst_rate >= 250.0,
+        worst_rate[0] >= 250.0,
+    );
+    section.target(
+        "bulk throughput, slower direction (--congestion cubic)",
+        format!("{:.0} MB/s", worst_rate[1]),
+        "≥ 250 MB/s",
+        worst_rate[1] >= 250.0,
     );
     section.target(
         "bulk peak RSS, largest program",
@@ -109,5 +138,15 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         "< 64 MiB",
         mib(worst_rss) < 64.0,
     );
+    if worst_rate[0] < 250.0 {
+        section.notes.push(
+            "With BBR on loopback the tunnel is window-bound: quinn's BBR sizes its window from \
+             the minimum RTT (tens of µs here) while scheduling delays on this 2-core machine keep \
+             far more time in flight, so it sends less than the path takes. On real links (the \
+             long-haul section) BBR matches CUBIC without loss and keeps its rate through loss, \
+             which is why it is the default; use `--congestion cubic` on LAN or loopback paths."
+                .into(),
+        );
+    }
     Ok(section)
 }

@@ -74,8 +74,8 @@ impl Settings {
                 many_streams: 100,
                 longhaul_rtts_ms: vec![40],
                 longhaul_losses: vec![0.0, 0.01],
-                longhaul_controllers: vec!["cubic"],
-                default_congestion: "cubic",
+                longhaul_controllers: vec!["bbr"],
+                default_congestion: "bbr",
                 longhaul_requests: 3,
                 longhaul_bytes: 1 << 20,
             }
@@ -91,8 +91,8 @@ impl Settings {
                 many_streams: 5000,
                 longhaul_rtts_ms: vec![100, 300],
                 longhaul_losses: vec![0.0, 0.01, 0.05],
-                longhaul_controllers: vec!["cubic", "bbr"],
-                default_congestion: "cubic",
+                longhaul_controllers: vec!["bbr", "cubic"],
+                default_congestion: "bbr",
                 longhaul_requests: 10,
                 longhaul_bytes: 20 << 20,
             }

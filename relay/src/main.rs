@@ -79,8 +79,8 @@ enum Command {
         /// fastest on small machines); more for a busy many-core host.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: u16,
-        /// Congestion controller for what this end sends: cubic, bbr or newreno.
-        #[arg(long, default_value = "cubic")]
+        /// Congestion controller for what this end sends: bbr, cubic or newreno.
+        #[arg(long, default_value = "bbr")]
         congestion: passage_shared::quic::Congestion,
         /// Per-stream receive window in MiB (the connection window is 2.5×).
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
