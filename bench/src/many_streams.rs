@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 
 use crate::http::{Body, empty};
 use crate::report::{Section, fixed};
+use crate::stack::{Tunnel, TunnelOptions};
 use crate::{Bench, Settings};
 
 /// One open streaming request: its body and the connection task driving it.
@@ -53,20 +54,24 @@ async fn open(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<OpenStre
     })
 }
 
-/// Runs the scenario.
-pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> {
-    let n = settings.many_streams;
+/// RSS (KiB) of client and relay before, during and after holding `n` streams.
+struct Held {
+    client: [u64; 3],
+    relay: [u64; 3],
+}
+
+async fn hold(tunnel: &Tunnel, n: usize) -> anyhow::Result<Held> {
     let path = "/v1/endless?interval_ms=10000";
     // Warm the tunnel and both processes' allocators with one stream.
-    drop(open(bench.tunnel.addr, path).await?);
+    drop(open(tunnel.addr, path).await?);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (client_before, relay_before) = bench.tunnel.rss_kib()?;
+    let (client_before, relay_before) = tunnel.rss_kib()?;
 
     let gate = Arc::new(Semaphore::new(256));
     let mut tasks = Vec::with_capacity(n);
     for _ in 0..n {
         let gate = gate.clone();
-        let addr = bench.tunnel.addr;
+        let addr = tunnel.addr;
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
             open(addr, path).await
@@ -85,25 +90,35 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         Err(_) => anyhow::bail!("only {} of {n} streams opened within 120 s", streams.len()),
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (client_during, relay_during) = bench.tunnel.rss_kib()?;
+    let (client_during, relay_during) = tunnel.rss_kib()?;
     drop(streams);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (client_after, relay_after) = bench.tunnel.rss_kib()?;
+    let (client_after, relay_after) = tunnel.rss_kib()?;
+    Ok(Held {
+        client: [client_before, client_during, client_after],
+        relay: [relay_before, relay_during, relay_after],
+    })
+}
 
-    let mib = |kib: u64| kib as f64 / 1024.0;
-    let growth_kib = (client_during + relay_during).saturating_sub(client_before + relay_before);
+/// Runs the scenario.
+pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> {
+    let n = settings.many_streams;
     let mut section = Section {
         title: "4. Many concurrent streams".into(),
         method: format!(
             "{n} streaming requests (`/v1/endless`, one event per 10 s) opened through one tunnel, \
              256 at a time, each on its own app connection, each confirmed by its first event, then \
              held together. RSS (VmRSS) of each program before (one warm stream, closed), during \
-             (all open) and 2 s after all are closed."
+             (all open) and 2 s after all are closed. Two upstream setups: the default, where the \
+             relay reaches this plain-http mock over HTTP/1.1 and so holds one upstream connection \
+             per stream; and `--upstream-http2` (h2c to the same mock), where one connection \
+             carries all streams, as with api.openai.com, which negotiates HTTP/2 over TLS."
         ),
         ..Section::default()
     };
     section.table.push(
         [
+            "upstream",
             "program",
             "before (MiB)",
             "during (MiB)",
@@ -113,23 +128,42 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         .map(String::from)
         .to_vec(),
     );
-    for (name, before, during, after) in [
-        ("passage-client", client_before, client_during, client_after),
-        ("passage-relay", relay_before, relay_during, relay_after),
+    let h2 = Tunnel::start(
+        &bench.bin_dir,
+        &bench.upstream.url,
+        &TunnelOptions {
+            relay_args: vec!["--upstream-http2".into()],
+            ..TunnelOptions::default()
+        },
+    )
+    .await?;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    for (upstream, tunnel) in [
+        ("HTTP/1.1 (default)", &bench.tunnel),
+        ("HTTP/2 (--upstream-http2)", &h2),
     ] {
-        section.table.push(vec![
-            name.to_owned(),
-            fixed(mib(before), 1),
-            fixed(mib(during), 1),
-            fixed(mib(after), 1),
-            fixed(during.saturating_sub(before) as f64 / n as f64, 1),
-        ]);
+        let held = hold(tunnel, n).await?;
+        for (name, rss) in [
+            ("passage-client", held.client),
+            ("passage-relay", held.relay),
+        ] {
+            section.table.push(vec![
+                upstream.to_owned(),
+                name.to_owned(),
+                fixed(mib(rss[0]), 1),
+                fixed(mib(rss[1]), 1),
+                fixed(mib(rss[2]), 1),
+                fixed(rss[1].saturating_sub(rss[0]) as f64 / n as f64, 1),
+            ]);
+        }
+        let growth =
+            (held.client[1] + held.relay[1]).saturating_sub(held.client[0] + held.relay[0]);
+        section.target(
+            &format!("{n} streams, upstream {upstream}: client + relay growth"),
+            format!("{:.1} MiB", mib(growth)),
+            "< 150 MiB (at 5,000 streams)",
+            mib(growth) < 150.0,
+        );
     }
-    section.target(
-        &format!("{n} streams: client + relay growth"),
-        format!("{:.1} MiB", mib(growth_kib)),
-        "< 150 MiB (at 5,000 streams)",
-        mib(growth_kib) < 150.0,
-    );
     Ok(section)
 }

@@ -258,6 +258,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
             "variant",
             "p50 @1 conn (µs)",
             "p99 @1 conn (µs)",
+            "proxy CPU per request @1 conn (µs)",
             "req/s @1 conn",
             "req/s @32 conns",
             "@32 vs direct",

@@ -37,6 +37,8 @@ pub struct RelayConfig {
     pub api_key: Option<ApiKey>,
     /// Longest time to open a TCP connection to the upstream.
     pub connect_timeout: Duration,
+    /// Speak only HTTP/2 to the upstream (h2 prior knowledge on http://).
+    pub upstream_http2: bool,
     /// Longest upstream silence before the response head or between chunks.
     pub idle_read_timeout: Duration,
     /// Longest wait for a request head on a new stream.
@@ -56,6 +58,7 @@ impl RelayConfig {
             upstream,
             api_key: None,
             connect_timeout: Duration::from_secs(10),
+            upstream_http2: false,
             idle_read_timeout: Duration::from_secs(600),
             head_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
@@ -100,6 +103,7 @@ impl Relay {
             config.upstream,
             config.api_key.as_ref(),
             config.connect_timeout,
+            config.upstream_http2,
         )?;
         Ok(Relay {
             endpoint,

@@ -65,6 +65,11 @@ enum Command {
         /// replaces the app's Authorization header.
         #[arg(long)]
         api_key_env: Option<String>,
+        /// Speak only HTTP/2 to the upstream: prior knowledge (h2c) for an
+        /// http:// upstream such as a local gateway; an https upstream must
+        /// offer h2. One connection then carries every stream.
+        #[arg(long)]
+        upstream_http2: bool,
         /// Seconds to wait for a TCP connection to the upstream.
         #[arg(long, default_value_t = 10)]
         connect_timeout: u64,
@@ -118,6 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             idle_timeout,
             drain_timeout,
             threads,
+            upstream_http2,
             congestion,
             stream_window_mib,
         } => {
@@ -126,6 +132,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config = RelayConfig::new(listen, pki, upstream);
             config.api_key = api_key_env.map(|var| read_api_key(&var)).transpose()?;
             config.connect_timeout = Duration::from_secs(connect_timeout);
+            config.upstream_http2 = upstream_http2;
             config.idle_read_timeout = Duration::from_secs(idle_timeout);
             config.drain_timeout = Duration::from_secs(drain_timeout);
             config.transport.congestion = congestion;

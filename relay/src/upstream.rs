@@ -191,11 +191,14 @@ pub struct UpstreamClient {
 
 impl UpstreamClient {
     /// Makes the client: webpki roots for https, plain http allowed for
-    /// local testing, a bounded connect time.
+    /// local testing, a bounded connect time. `http2_only` speaks HTTP/2
+    /// only (prior knowledge on http://), so all streams share one
+    /// upstream connection; otherwise https negotiates h2 or HTTP/1.1.
     pub fn new(
         base: UpstreamBase,
         api_key: Option<&ApiKey>,
         connect_timeout: Duration,
+        http2_only: bool,
     ) -> Result<UpstreamClient, UpstreamConfigError> {
         let authorization = api_key
             .map(|key| {
@@ -223,6 +226,7 @@ impl UpstreamClient {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
+            .http2_only(http2_only)
             .build(https);
         Ok(UpstreamClient {
             base,

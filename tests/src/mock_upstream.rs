@@ -94,7 +94,11 @@ impl MockUpstream {
                 tokio::spawn(async move {
                     let service =
                         hyper::service::service_fn(move |request| route(request, record.clone()));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    let mut builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    // Room for the benchmark's thousands of held streams over h2c.
+                    builder.http2().max_concurrent_streams(10_000);
+                    let _ = builder
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });

@@ -33,6 +33,8 @@ pub struct StackOptions {
     pub bundle_override: Option<fn(&Bundle, &TempDir) -> Bundle>,
     /// How long a request waits for the tunnel (default 5 s).
     pub connect_wait: Option<Duration>,
+    /// Whether the relay speaks HTTP/2 (h2c) to the upstream.
+    pub upstream_http2: bool,
 }
 
 /// A relay and a client wired to a mock upstream; everything stops on drop.
@@ -98,6 +100,7 @@ impl TestStack {
             UpstreamBase::parse(&upstream_url).expect("upstream URL"),
         );
         relay_config.api_key = options.api_key.clone().map(ApiKey::new);
+        relay_config.upstream_http2 = options.upstream_http2;
         let relay = Relay::bind(relay_config).expect("relay binds");
         let relay_addr = relay.local_addr().expect("relay address");
         tokio::spawn(relay.run(shutdown.clone()));

@@ -138,3 +138,31 @@ async fn connect_requests_are_refused_locally() {
     assert!(String::from_utf8_lossy(&body).contains("invalid_request_target"));
     assert_eq!(stack.upstream.request_count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_carries_streams_and_bodies() {
+    let stack = TestStack::start_with(StackOptions {
+        upstream_http2: true,
+        ..StackOptions::default()
+    })
+    .await;
+    let request = Request::post(stack.url("/v1/echo?q=1"))
+        .header("x-custom", "h2")
+        .body(Full::new(Bytes::from_static(b"over h2")))
+        .expect("request");
+    let echo = body_json(stack.send(request).await.expect("answers")).await;
+    assert_eq!(echo["version"], "HTTP/2.0");
+    assert_eq!(echo["query"], "q=1");
+    assert_eq!(echo["body_len"], 7);
+    assert_eq!(header_values(&echo, "x-custom"), ["h2"]);
+
+    let response = stack
+        .post_json(
+            "/v1/chat/completions",
+            serde_json::json!({"model": "m", "stream": true, "messages": []}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let text = String::from_utf8(body_bytes(response).await.to_vec()).expect("utf-8");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+}
