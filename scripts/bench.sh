@@ -23,4 +23,4 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo build --release --workspace --bins
 out=BENCHMARKS.md
 for arg in "$@"; do [ "$arg" = --quick ] && out=target/BENCHMARKS.quick.md; done
-target/release/passage-bench --bin-dir target/release --out "$out" --command "scripts/bench.sh $*" "$@"
+target/release/passage-bench --bin-dir target/release --out "$out" --command "scripts/bench.sh${*:+ $*}" "$@"
