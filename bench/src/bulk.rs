@@ -52,7 +52,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
              second of wall time from request to last byte. Peak RSS is each program's VmHWM, reset \
              (`/proc/PID/clear_refs`) before each passage transfer. `passage` is the default \
              configuration (BBR); `passage --congestion cubic` is a second tunnel with CUBIC on \
-             both ends, the setting for LAN or loopback paths.",
+             both ends, for comparison.",
             bytes >> 20,
             bytes >> 20
         ),

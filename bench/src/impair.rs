@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
@@ -24,7 +25,16 @@ pub struct Impairment {
 pub struct Forwarder {
     /// The address the client should dial instead of the relay.
     pub addr: SocketAddr,
+    overflow: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Forwarder {
+    /// Datagrams dropped because a delay queue was full (beyond the
+    /// emulated loss; the figures are only clean when this is 0).
+    pub fn overflow_drops(&self) -> u64 {
+        self.overflow.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for Forwarder {
@@ -51,6 +61,8 @@ impl Forwarder {
         let (up_tx, up_rx) = mpsc::channel::<(Instant, Vec<u8>)>(QUEUE);
         let (down_tx, down_rx) = mpsc::channel::<(Instant, Vec<u8>)>(QUEUE);
         let mut tasks = Vec::new();
+        let overflow = Arc::new(AtomicU64::new(0));
+        let (up_overflow, down_overflow) = (overflow.clone(), overflow.clone());
 
         // client → forwarder: remember the client, delay or drop.
         let front_rx = front.clone();
@@ -60,9 +72,11 @@ impl Forwarder {
                 if client_tx.borrow().as_ref() != Some(&from) {
                     client_tx.send_replace(Some(from));
                 }
-                if fastrand::f64() >= impairment.loss {
-                    let _ = up_tx
-                        .try_send((Instant::now() + impairment.one_way_delay, buf[..n].to_vec()));
+                let deadline = Instant::now() + impairment.one_way_delay;
+                if fastrand::f64() >= impairment.loss
+                    && up_tx.try_send((deadline, buf[..n].to_vec())).is_err()
+                {
+                    up_overflow.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }));
@@ -71,9 +85,11 @@ impl Forwarder {
         tasks.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
             while let Ok(n) = back_rx.recv(&mut buf).await {
-                if fastrand::f64() >= impairment.loss {
-                    let _ = down_tx
-                        .try_send((Instant::now() + impairment.one_way_delay, buf[..n].to_vec()));
+                let deadline = Instant::now() + impairment.one_way_delay;
+                if fastrand::f64() >= impairment.loss
+                    && down_tx.try_send((deadline, buf[..n].to_vec())).is_err()
+                {
+                    down_overflow.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }));
@@ -93,7 +109,11 @@ impl Forwarder {
                 }
             }
         })));
-        Ok(Forwarder { addr, tasks })
+        Ok(Forwarder {
+            addr,
+            overflow,
+            tasks,
+        })
     }
 }
 

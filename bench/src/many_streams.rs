@@ -111,8 +111,10 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
              held together. RSS (VmRSS) of each program before (one warm stream, closed), during \
              (all open) and 2 s after all are closed. Two upstream setups: the default, where the \
              relay reaches this plain-http mock over HTTP/1.1 and so holds one upstream connection \
-             per stream; and `--upstream-http2` (h2c to the same mock), where one connection \
-             carries all streams, as with api.openai.com, which negotiates HTTP/2 over TLS."
+             per stream; and `--upstream-http2` (h2c to the same mock, whose HTTP/2 stream limit is \
+             raised to 10,000), where one connection carries all streams. A real HTTP/2 upstream \
+             caps the streams of one connection (SETTINGS_MAX_CONCURRENT_STREAMS, often 100-256); \
+             beyond it the relay queues requests. A fresh tunnel for each setup."
         ),
         ..Section::default()
     };
@@ -128,6 +130,13 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         .map(String::from)
         .to_vec(),
     );
+    // A fresh tunnel for each, so both start from the same state.
+    let h1 = Tunnel::start(
+        &bench.bin_dir,
+        &bench.upstream.url,
+        &TunnelOptions::default(),
+    )
+    .await?;
     let h2 = Tunnel::start(
         &bench.bin_dir,
         &bench.upstream.url,
@@ -139,7 +148,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
     .await?;
     let mib = |kib: u64| kib as f64 / 1024.0;
     for (upstream, tunnel) in [
-        ("HTTP/1.1 (default)", &bench.tunnel),
+        ("HTTP/1.1 (default)", &h1),
         ("HTTP/2 (--upstream-http2)", &h2),
     ] {
         let held = hold(tunnel, n).await?;

@@ -27,7 +27,9 @@ async fn collect(client: &HttpClient, url: &str, out: &mut Vec<f64>) -> anyhow::
             let text = String::from_utf8_lossy(&event);
             let json = text.trim().trim_start_matches("data:").trim();
             let value: serde_json::Value = serde_json::from_str(json)?;
-            let sent = value["sent_ns"].as_u64().unwrap_or(arrived);
+            let sent = value["sent_ns"]
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("event without a send stamp: {json}"))?;
             out.push(arrived.saturating_sub(sent) as f64 / 1000.0);
         }
     }

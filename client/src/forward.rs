@@ -18,7 +18,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use passage_shared::body::{FrameBody, encode_whole_body, is_inline};
+use passage_shared::body::{FrameBody, INLINE_WAIT, encode_whole_body, is_inline};
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::{
     Frame, FrameCodec, MAX_DATA_CHUNK, RequestHead, encode_frame, frame_reader, frame_writer,
@@ -84,12 +84,18 @@ async fn try_forward(
     let mut batch = BytesMut::new();
     encode_frame(&Frame::RequestHead(head), &mut batch).map_err(invalid_request)?;
     let mut body = body;
+    // A small request that is already here (the usual case) leaves whole
+    // with its head in one write (one datagram when it fits); one that
+    // trickles in is not waited for: what came goes now, the pump sends
+    // the rest.
+    let mut pump = has_body;
     if inline {
-        // A small request (most API calls) is read first, then leaves with
-        // its head in one write, usually one packet.
-        encode_whole_body(&mut body, &mut batch)
-            .await
-            .map_err(invalid_request)?;
+        let whole =
+            tokio::time::timeout(INLINE_WAIT, encode_whole_body(&mut body, &mut batch)).await;
+        if let Ok(result) = whole {
+            result.map_err(invalid_request)?;
+            pump = false;
+        }
     } else if !has_body {
         encode_frame(&Frame::End, &mut batch).map_err(invalid_request)?;
     }
@@ -105,7 +111,7 @@ async fn try_forward(
             format!("could not send the request to the relay: {e}"),
         )
     })?;
-    if has_body && !inline {
+    if pump {
         tokio::spawn(pump_body(body, frame_writer(send)).in_current_span());
     } else {
         send.finish();

@@ -19,7 +19,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use http::header::{CONTENT_LENGTH, HeaderValue};
 use http_body_util::{BodyExt, Either, Empty};
-use passage_shared::body::{FrameBody, encode_whole_body, is_inline};
+use passage_shared::body::{FrameBody, INLINE_WAIT, encode_whole_body, is_inline};
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::{
     Frame, FrameCodec, FrameError, MAX_DATA_CHUNK, RequestHead, ResponseHead, StreamFailure,
@@ -226,38 +226,35 @@ async fn proxy(
         ));
     }
     if is_inline(&body) {
-        // A small sized answer (a whole chat completion) is read first and
-        // sent with its head in one write: one packet instead of three.
+        // A small sized answer (a whole chat completion) that is already
+        // arriving goes out whole with its head, in one write (one datagram
+        // when it fits). One that takes longer is not held back: what came
+        // so far leaves now and the rest streams below.
         let bytes = http_body::Body::size_hint(&body).exact().unwrap_or(0);
-        match tokio::time::timeout(
-            ctx.idle_read_timeout,
-            encode_whole_body(&mut body, &mut batch),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
+        match tokio::time::timeout(INLINE_WAIT, encode_whole_body(&mut body, &mut batch)).await {
+            Ok(Ok(())) => {
+                return match responder.get_mut().write_all(&batch).await {
+                    Ok(()) => Outcome::Complete { status, bytes },
+                    Err(_) => Outcome::ClientGone { bytes: 0 },
+                };
+            }
             Ok(Err(e)) => {
-                return Outcome::Refused(ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_failed",
-                    format!("the upstream response body failed: {}", error_chain(&e)),
-                ));
+                // As on the streaming path: the upstream's head and what
+                // arrived, then a response cut short.
+                if responder.get_mut().write_all(&batch).await.is_err() {
+                    return Outcome::ClientGone { bytes: 0 };
+                }
+                return fail(
+                    responder,
+                    status,
+                    0,
+                    "upstream_body_failed",
+                    error_chain(&e),
+                )
+                .await;
             }
-            Err(_) => {
-                return Outcome::Refused(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    format!(
-                        "the upstream body stalled for {} s",
-                        ctx.idle_read_timeout.as_secs()
-                    ),
-                ));
-            }
+            Err(_) => {}
         }
-        return match responder.get_mut().write_all(&batch).await {
-            Ok(()) => Outcome::Complete { status, bytes },
-            Err(_) => Outcome::ClientGone { bytes: 0 },
-        };
     }
     if responder.get_mut().write_all(&batch).await.is_err() {
         return Outcome::ClientGone { bytes: 0 };

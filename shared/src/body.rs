@@ -91,6 +91,11 @@ impl<R: AsyncRead + Unpin> http_body::Body for FrameBody<R> {
 /// frame by frame; streams and large or unsized bodies are never held back.
 pub const INLINE_BODY_LIMIT: u64 = 64 * 1024;
 
+/// How long a sender waits for a small body to complete before it sends
+/// what it has and streams the rest: enough for data already in flight on
+/// loopback, too short to hold back a response anyone would notice.
+pub const INLINE_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Whether `body` is small and sized, so [`encode_whole_body`] may take it.
 pub fn is_inline<B: http_body::Body>(body: &B) -> bool {
     body.size_hint()

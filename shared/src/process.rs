@@ -24,7 +24,7 @@ pub fn init_logging() {
 /// The async runtime of a binary: with `threads` = 1 (the default of both
 /// programs) a single-threaded runtime, else a multi-threaded one.
 ///
-/// Measured on a 2-core machine (BENCHMARKS.md): one thread per program
+/// Measured by hand with passage-bench on a 2-core machine: one thread per program
 /// gave about 1.3× the request throughput and ~40 µs less latency than tokio's
 /// default multi-threaded runtime, whose cross-thread wake-ups cost more
 /// than they bring when client, relay, app and upstream share few cores.

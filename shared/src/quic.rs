@@ -27,8 +27,9 @@ pub enum Congestion {
     /// CUBIC (RFC 9438), loss-based; quinn's default.
     Cubic,
     /// BBR, model-based: keeps its rate through random loss. passage's
-    /// default: on an emulated 300 ms link with 1% loss it kept 0.86× its
-    /// lossless throughput where CUBIC fell to 0.02× (BENCHMARKS.md).
+    /// default: on an emulated 300 ms link with 1% loss it kept about three
+    /// quarters of its lossless throughput where CUBIC fell to 0.02×
+    /// (BENCHMARKS.md, one run per cell).
     #[default]
     Bbr,
     /// NewReno, the classic loss-based controller.

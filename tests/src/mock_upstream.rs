@@ -14,6 +14,7 @@
 //! - `GET /v1/slow-head`: answers only after 30 s, recording a cancellation
 //!   if the caller gives up first (a long non-streaming generation);
 //! - `GET /v1/broken`: starts an SSE stream, then fails mid-way;
+//! - `GET /v1/broken-sized`: announces a small sized body, then fails;
 //! - `GET /download?bytes=N`: N bytes of [`pattern_bytes`];
 //! - `POST /sink`: counts the body's bytes (no digest: cheap enough not to
 //!   be the bottleneck of an upload benchmark);
@@ -152,6 +153,7 @@ async fn route(
         ("GET", "/v1/stamped") => stamped(&request),
         ("GET", "/v1/slow-head") => slow_head(record).await,
         ("GET", "/v1/broken") => broken(),
+        ("GET", "/v1/broken-sized") => broken_sized(),
         ("GET", "/download") => download(&request),
         ("POST", "/sink") => sink(request).await,
         (_, p) if p.starts_with("/status/") || p.starts_with("/v1/status/") => status(p),
@@ -420,6 +422,27 @@ fn stamped(request: &Request<Incoming>) -> Response<MockBody> {
         ))
     });
     sse(BodyExt::boxed(StreamBody::new(stream)))
+}
+
+/// A small response that announces 1000 bytes and dies after 10.
+fn broken_sized() -> Response<MockBody> {
+    let stream = futures_util::stream::iter(0..2).then(|index| async move {
+        if index == 0 {
+            Ok(Frame::data(Bytes::from_static(b"{\"partial\"")))
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(std::io::Error::other("mock upstream died"))
+        }
+    });
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    response.headers_mut().insert(
+        header::CONTENT_LENGTH,
+        header::HeaderValue::from_static("1000"),
+    );
+    response
+        .headers_mut()
+        .insert("x-upstream", header::HeaderValue::from_static("kept"));
+    response
 }
 
 fn broken() -> Response<MockBody> {

@@ -109,3 +109,19 @@ async fn upstream_dying_mid_stream_ends_the_app_stream_with_an_error() {
     let next = stack.get("/v1/models").await.expect("next request");
     assert_eq!(next.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_sized_body_that_breaks_keeps_the_upstream_head_and_is_cut() {
+    let stack = TestStack::start().await;
+    let response = stack.get("/v1/broken-sized").await.expect("head arrives");
+    assert_eq!(
+        response.status(),
+        200,
+        "the upstream's status, not a passage error"
+    );
+    assert_eq!(response.headers()["x-upstream"], "kept");
+    let outcome = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
+        .await
+        .expect("no hang");
+    assert!(outcome.is_err(), "a cut body must not end cleanly");
+}
