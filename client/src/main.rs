@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use passage_client::{Client, ClientConfig, DEFAULT_LISTEN};
 use passage_shared::bundle::Bundle;
+use passage_shared::process::CommonArgs;
 
 /// The local end of passage: an OpenAI-compatible endpoint on 127.0.0.1
 /// whose requests travel through a QUIC tunnel to passage-relay.
@@ -34,19 +35,8 @@ enum Command {
         /// Seconds a request waits for the tunnel before failing with 503.
         #[arg(long, default_value_t = 5)]
         connect_wait: u64,
-        /// Seconds in-flight responses may run on after SIGTERM/SIGINT.
-        #[arg(long, default_value_t = 30)]
-        drain_timeout: u64,
-        /// Runtime threads: 1 runs everything on one thread (measured
-        /// fastest on small machines); more for a busy many-core host.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
-        threads: u16,
-        /// Congestion controller for what this end sends: bbr, cubic or newreno.
-        #[arg(long, default_value = "bbr")]
-        congestion: passage_shared::quic::Congestion,
-        /// Per-stream receive window in MiB (the connection window is 2.5×).
-        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
-        stream_window_mib: u32,
+        #[command(flatten)]
+        common: CommonArgs,
     },
 }
 
@@ -66,21 +56,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         listen,
         relays,
         connect_wait,
-        drain_timeout,
-        threads,
-        congestion,
-        stream_window_mib,
+        common,
     } = cli.command;
     passage_shared::process::init_logging();
     let bundle = Bundle::load(&bundle)?;
     let mut config = ClientConfig::new(bundle, listen);
     config.extra_relays = relays;
     config.connect_wait = Duration::from_secs(connect_wait);
-    config.drain_timeout = Duration::from_secs(drain_timeout);
-    config.tunnel.transport.congestion = congestion;
-    config.tunnel.transport.stream_window = stream_window_mib << 20;
-    let runtime = passage_shared::process::runtime(usize::from(threads))
-        .context("starting the async runtime")?;
+    config.drain_timeout = common.drain_timeout();
+    common.apply(&mut config.tunnel.transport);
+    let runtime = common.runtime().context("starting the async runtime")?;
     runtime.block_on(async {
         let client = Client::bind(config)
             .await

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use passage_relay::upstream::{ApiKey, UpstreamBase};
 use passage_relay::{Relay, RelayConfig, pki_cmd};
+use passage_shared::process::CommonArgs;
 
 /// The relay end of passage: holds the API key and calls the upstream API.
 #[derive(Debug, Parser)]
@@ -77,19 +78,8 @@ enum Command {
         /// after which the request fails with 504.
         #[arg(long, default_value_t = 600)]
         idle_timeout: u64,
-        /// Seconds in-flight requests may run on after SIGTERM/SIGINT.
-        #[arg(long, default_value_t = 30)]
-        drain_timeout: u64,
-        /// Runtime threads: 1 runs everything on one thread (measured
-        /// fastest on small machines); more for a busy many-core host.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
-        threads: u16,
-        /// Congestion controller for what this end sends: bbr, cubic or newreno.
-        #[arg(long, default_value = "bbr")]
-        congestion: passage_shared::quic::Congestion,
-        /// Per-stream receive window in MiB (the connection window is 2.5×).
-        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
-        stream_window_mib: u32,
+        #[command(flatten)]
+        common: CommonArgs,
     },
 }
 
@@ -121,11 +111,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             api_key_env,
             connect_timeout,
             idle_timeout,
-            drain_timeout,
-            threads,
             upstream_http2,
-            congestion,
-            stream_window_mib,
+            common,
         } => {
             passage_shared::process::init_logging();
             let upstream = UpstreamBase::parse(&upstream)?;
@@ -134,10 +121,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.connect_timeout = Duration::from_secs(connect_timeout);
             config.upstream_http2 = upstream_http2;
             config.idle_read_timeout = Duration::from_secs(idle_timeout);
-            config.drain_timeout = Duration::from_secs(drain_timeout);
-            config.transport.congestion = congestion;
-            config.transport.stream_window = stream_window_mib << 20;
-            serve(config, usize::from(threads))
+            config.drain_timeout = common.drain_timeout();
+            common.apply(&mut config.transport);
+            serve(config, &common)
         }
     }
 }
@@ -153,9 +139,8 @@ fn read_api_key(var: &str) -> anyhow::Result<ApiKey> {
     Ok(ApiKey::new(key))
 }
 
-fn serve(config: RelayConfig, threads: usize) -> anyhow::Result<()> {
-    let runtime =
-        passage_shared::process::runtime(threads).context("starting the async runtime")?;
+fn serve(config: RelayConfig, common: &CommonArgs) -> anyhow::Result<()> {
+    let runtime = common.runtime().context("starting the async runtime")?;
     runtime.block_on(async {
         let relay = Relay::bind(config.clone()).with_context(|| {
             format!(

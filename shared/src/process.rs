@@ -3,7 +3,47 @@
 
 use std::io::IsTerminal;
 
+use std::time::Duration;
+
 use tokio_util::sync::CancellationToken;
+
+use crate::quic::{Congestion, TransportTuning};
+
+/// Command-line options both programs take: shutdown, runtime and QUIC tuning.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Seconds in-flight responses may run on after SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
+    /// Runtime threads: 1 runs everything on one thread (measured fastest
+    /// on small machines); more for a busy many-core host.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+    /// Congestion controller for what this end sends: bbr, cubic or newreno.
+    #[arg(long, default_value = "bbr")]
+    congestion: Congestion,
+    /// Per-stream receive window in MiB (the connection window is 2.5×).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    stream_window_mib: u32,
+}
+
+impl CommonArgs {
+    /// The drain timeout.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout)
+    }
+
+    /// Writes the QUIC options into `tuning`.
+    pub fn apply(&self, tuning: &mut TransportTuning) {
+        tuning.congestion = self.congestion;
+        tuning.stream_window = self.stream_window_mib << 20;
+    }
+
+    /// The runtime with the chosen number of threads.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        runtime(usize::from(self.threads))
+    }
+}
 
 /// Logs to stderr at the level `RUST_LOG` sets (default `info`), with
 /// colours only when stderr is a terminal.

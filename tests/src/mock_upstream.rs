@@ -172,6 +172,14 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<MockBody> {
     response
 }
 
+/// A 400 naming what went wrong reading the request.
+fn bad_request(error: &dyn std::fmt::Display) -> Response<MockBody> {
+    json(
+        StatusCode::BAD_REQUEST,
+        serde_json::json!({"error": error.to_string()}),
+    )
+}
+
 fn full(bytes: Bytes) -> MockBody {
     http_body_util::Full::new(bytes)
         .map_err(|never| match never {})
@@ -289,20 +297,14 @@ async fn upload(request: Request<Incoming>) -> Response<MockBody> {
                 }
             },
             Err(e) => {
-                return json(
-                    StatusCode::BAD_REQUEST,
-                    serde_json::json!({"error": e.to_string()}),
-                );
+                return bad_request(&e);
             }
         },
         // A raw upload: digest it as it streams, never holding it.
         None => match digest_body(request.into_body()).await {
             Ok((len, sha256, _)) => (len, sha256, "upload".to_owned()),
             Err(e) => {
-                return json(
-                    StatusCode::BAD_REQUEST,
-                    serde_json::json!({"error": e.to_string()}),
-                );
+                return bad_request(&e);
             }
         },
     };
@@ -505,10 +507,7 @@ async fn sink(request: Request<Incoming>) -> Response<MockBody> {
         match frame {
             Ok(frame) => len += frame.data_ref().map_or(0, |d| d.len() as u64),
             Err(e) => {
-                return json(
-                    StatusCode::BAD_REQUEST,
-                    serde_json::json!({"error": e.to_string()}),
-                );
+                return bad_request(&e);
             }
         }
     }
@@ -552,10 +551,7 @@ async fn echo(request: Request<Incoming>) -> Response<MockBody> {
     let (len, sha256) = match digest_body(body).await {
         Ok((len, sha256, _)) => (len, sha256),
         Err(e) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": e.to_string()}),
-            );
+            return bad_request(&e);
         }
     };
     json(
