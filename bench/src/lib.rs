@@ -53,6 +53,10 @@ pub struct Settings {
     pub longhaul_controllers: Vec<&'static str>,
     /// The controller passage uses by default (its rows are judged).
     pub default_congestion: &'static str,
+    /// Long-haul: stream windows (MiB) compared with the default controller.
+    pub longhaul_windows_mib: Vec<u32>,
+    /// Long-haul: the RTT at which windows are compared, ms.
+    pub longhaul_window_rtt_ms: u64,
     /// Long-haul: streaming requests for the time to first byte.
     pub longhaul_requests: usize,
     /// Long-haul: bytes of the download.
@@ -76,6 +80,8 @@ impl Settings {
                 longhaul_losses: vec![0.0, 0.01],
                 longhaul_controllers: vec!["bbr"],
                 default_congestion: "bbr",
+                longhaul_windows_mib: vec![2],
+                longhaul_window_rtt_ms: 40,
                 longhaul_requests: 3,
                 longhaul_bytes: 1 << 20,
             }
@@ -93,6 +99,8 @@ impl Settings {
                 longhaul_losses: vec![0.0, 0.01, 0.05],
                 longhaul_controllers: vec!["bbr", "cubic"],
                 default_congestion: "bbr",
+                longhaul_windows_mib: vec![2, 32],
+                longhaul_window_rtt_ms: 300,
                 longhaul_requests: 10,
                 longhaul_bytes: 20 << 20,
             }
