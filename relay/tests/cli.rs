@@ -44,37 +44,25 @@ fn issue_without_a_pki_fails_clearly() {
     assert!(error.contains("relay certificate"), "{error}");
 }
 
-#[test]
-fn serve_with_a_bad_upstream_fails_with_one_line() {
+/// Runs `serve` on a fresh PKI with `extra` arguments; returns its one-line error.
+fn serve_error(extra: &[&str]) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = dir.path().to_str().expect("utf-8 path");
     assert!(relay(&["init", "--dir", pki]).status.success());
-    let error = one_line_error(&relay(&[
-        "serve",
-        "--pki",
-        pki,
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        "ftp://example",
-    ]));
+    let mut args = vec!["serve", "--pki", pki, "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    one_line_error(&relay(&args))
+}
+
+#[test]
+fn serve_with_a_bad_upstream_fails_with_one_line() {
+    let error = serve_error(&["--upstream", "ftp://example"]);
     assert!(error.contains("http or https"), "{error}");
 }
 
 #[test]
 fn serve_with_an_unset_key_variable_fails_with_one_line() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki = dir.path().to_str().expect("utf-8 path");
-    assert!(relay(&["init", "--dir", pki]).status.success());
-    let error = one_line_error(&relay(&[
-        "serve",
-        "--pki",
-        pki,
-        "--listen",
-        "127.0.0.1:0",
-        "--api-key-env",
-        "PASSAGE_TEST_SURELY_UNSET_VARIABLE",
-    ]));
+    let error = serve_error(&["--api-key-env", "PASSAGE_TEST_SURELY_UNSET_VARIABLE"]);
     assert!(
         error.contains("PASSAGE_TEST_SURELY_UNSET_VARIABLE"),
         "{error}"
