@@ -18,11 +18,10 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use passage_shared::body::{FrameBody, INLINE_WAIT, encode_whole_body, is_inline};
+use passage_shared::body::{FrameBody, INLINE_WAIT, encode_whole_body, is_inline, send_data};
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::{
-    Frame, FrameCodec, MAX_DATA_CHUNK, RequestHead, encode_frame, frame_reader, frame_writer,
-    reset_code,
+    Frame, FrameCodec, RequestHead, encode_frame, frame_reader, frame_writer, reset_code,
 };
 use passage_shared::http_map::{extend_from_wire, headers_to_wire};
 use passage_shared::transport::{BoxRecv, BoxSend};
@@ -57,7 +56,7 @@ async fn try_forward(
     id: String,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let (parts, body) = request.into_parts();
+    let (parts, mut body) = request.into_parts();
     // Only the path and query travel: an absolute-form target never chooses
     // a destination, and authority-form (CONNECT) has nothing to forward.
     let path_and_query = match parts.uri.path_and_query() {
@@ -83,7 +82,6 @@ async fn try_forward(
     };
     let mut batch = BytesMut::new();
     encode_frame(&Frame::RequestHead(head), &mut batch).map_err(invalid_request)?;
-    let mut body = body;
     // A small request that is already here (the usual case) leaves whole
     // with its head in one write (one datagram when it fits); one that
     // trickles in is not waited for: what came goes now, the pump sends
@@ -164,16 +162,13 @@ async fn pump_body(mut body: Incoming, mut sender: Sender) {
     loop {
         match body.frame().await {
             Some(Ok(frame)) => {
-                let Ok(mut data) = frame.into_data() else {
+                let Ok(data) = frame.into_data() else {
                     continue;
                 };
-                while !data.is_empty() {
-                    let chunk = data.split_to(data.len().min(MAX_DATA_CHUNK));
-                    if let Err(e) = sender.send(Frame::Data(chunk)).await {
-                        // The relay stopped reading: it answered early or the request was cancelled.
-                        debug!(error = %e, "request body no longer wanted");
-                        return;
-                    }
+                if let Err(e) = send_data(&mut sender, data).await {
+                    // The relay stopped reading: it answered early or the request was cancelled.
+                    debug!(error = %e, "request body no longer wanted");
+                    return;
                 }
             }
             Some(Err(e)) => {

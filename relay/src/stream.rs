@@ -19,11 +19,11 @@ use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use http::header::{CONTENT_LENGTH, HeaderValue};
 use http_body_util::{BodyExt, Either, Empty};
-use passage_shared::body::{FrameBody, INLINE_WAIT, encode_whole_body, is_inline};
+use passage_shared::body::{FrameBody, INLINE_WAIT, encode_whole_body, is_inline, send_data};
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::{
-    Frame, FrameCodec, FrameError, MAX_DATA_CHUNK, RequestHead, ResponseHead, StreamFailure,
-    encode_frame, frame_reader, frame_writer, reset_code,
+    Frame, FrameCodec, FrameError, RequestHead, ResponseHead, StreamFailure, encode_frame,
+    frame_reader, frame_writer, reset_code,
 };
 use passage_shared::http_map::headers_to_wire;
 use passage_shared::transport::{BoxRecv, BoxSend};
@@ -315,15 +315,6 @@ async fn fail(
         bytes,
         reason,
     }
-}
-
-/// Sends one upstream chunk, split so no frame exceeds [`MAX_DATA_CHUNK`].
-async fn send_data(responder: &mut Responder, mut data: Bytes) -> Result<(), FrameError> {
-    while data.len() > MAX_DATA_CHUNK {
-        let chunk = data.split_to(MAX_DATA_CHUNK);
-        responder.send(Frame::Data(chunk)).await?;
-    }
-    responder.send(Frame::Data(data)).await
 }
 
 /// Sends a passage error as a complete response on the stream.

@@ -12,11 +12,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
-use tokio::io::AsyncRead;
-use tokio_util::codec::FramedRead;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{FramedRead, FramedWrite};
 
-use crate::frame::{Frame, FrameCodec, FrameError, StreamFailure, encode_frame};
+use crate::frame::{Frame, FrameCodec, FrameError, MAX_DATA_CHUNK, StreamFailure, encode_frame};
 
 /// Why a body read from a stream did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +84,19 @@ impl<R: AsyncRead + Unpin> http_body::Body for FrameBody<R> {
     fn is_end_stream(&self) -> bool {
         self.done
     }
+}
+
+/// Sends one body chunk as `Data` frames, split so none exceeds
+/// [`MAX_DATA_CHUNK`]; both directions' body pumps use it.
+pub async fn send_data<W: AsyncWrite + Unpin>(
+    writer: &mut FramedWrite<W, FrameCodec>,
+    mut data: Bytes,
+) -> Result<(), FrameError> {
+    while data.len() > MAX_DATA_CHUNK {
+        let chunk = data.split_to(MAX_DATA_CHUNK);
+        writer.send(Frame::Data(chunk)).await?;
+    }
+    writer.send(Frame::Data(data)).await
 }
 
 /// Bodies whose length is known and at most this many bytes travel whole,

@@ -84,15 +84,15 @@ pub fn extend_from_wire(headers: &mut HeaderMap, wire: Vec<Header>) -> Result<()
         });
     }
     headers.reserve(wire.len());
-    for header in wire {
-        if is_hop_by_hop(&header.name) {
+    for Header { name, value } in wire {
+        if is_hop_by_hop(&name) {
             continue;
         }
         let invalid = || HeaderError::Invalid {
-            name: header.name.chars().take(64).collect(),
+            name: name.chars().take(64).collect(),
         };
-        let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| invalid())?;
-        let value = HeaderValue::from_maybe_shared(header.value.clone()).map_err(|_| invalid())?;
+        let value = HeaderValue::from_maybe_shared(value).map_err(|_| invalid())?;
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid())?;
         headers.append(name, value);
     }
     Ok(())
