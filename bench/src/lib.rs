@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::report::Section;
-use crate::stack::{Tunnel, TunnelOptions, Upstream};
+use crate::stack::{HopChain, Tunnel, TunnelOptions, Upstream};
 
 /// Scenario names, in run order.
 pub const SCENARIOS: [&str; 5] = ["overhead", "streaming", "bulk", "many", "longhaul"];
@@ -116,6 +116,8 @@ pub struct Bench {
     pub upstream: Upstream,
     /// passage-relay and passage-client with default settings.
     pub tunnel: Tunnel,
+    /// Two minimal forwarders in front of the upstream: the two-hop floor.
+    pub hops: HopChain,
 }
 
 /// Starts the processes and runs `scenarios`; returns their sections.
@@ -126,10 +128,12 @@ pub async fn run(
 ) -> anyhow::Result<Vec<Section>> {
     let upstream = Upstream::start(&bin_dir).await?;
     let tunnel = Tunnel::start(&bin_dir, &upstream.url, &TunnelOptions::default()).await?;
+    let hops = HopChain::start(&bin_dir, upstream.addr).await?;
     let bench = Bench {
         bin_dir,
         upstream,
         tunnel,
+        hops,
     };
     let mut sections = Vec::new();
     for scenario in scenarios {

@@ -180,7 +180,11 @@ impl Nginx {
 fn proxy_pids(bench: &Bench, nginx: &Nginx, index: usize) -> Vec<u32> {
     match index {
         1 => nginx.proc.pid().map(process_tree).unwrap_or_default(),
-        2 => [&bench.tunnel.client, &bench.tunnel.relay]
+        2 => [&bench.hops.near, &bench.hops.far]
+            .iter()
+            .filter_map(|p| p.pid().ok())
+            .collect(),
+        3 => [&bench.tunnel.client, &bench.tunnel.relay]
             .iter()
             .filter_map(|p| p.pid().ok())
             .collect(),
@@ -201,6 +205,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
     let variants = [
         ("direct", format!("{}{path}", bench.upstream.url)),
         ("nginx", format!("{}{path}", nginx.url)),
+        ("two hops (floor)", format!("{}{path}", bench.hops.url)),
         ("passage", format!("{}{path}", bench.tunnel.url)),
     ];
     let duration = settings.wrk_duration;
@@ -239,13 +244,15 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
     let mut section = Section {
         title: "1. Request overhead (wrk, POST chat completion)".into(),
         method: format!(
-            "wrk 1 thread, {}s per run, {} rounds; in each round the three variants run back to back \
+            "wrk 1 thread, {}s per run, {} rounds; in each round the four variants run back to back \
              at 1 connection and at 32 connections; figures are medians over rounds. The upstream \
              (passage-mock-upstream) answers a fixed chat completion at once. nginx: `worker_processes \
              auto`, `keepalive 64` to the upstream, `proxy_buffering off`, `proxy_request_buffering off`. \
-             passage: the binaries under test with default settings (log level info, to a file). \
+             two hops (floor): two `passage-hop` processes in a chain (accept, connect, copy bytes \
+             both ways; no TLS, HTTP or framing), the least that passage's two processes on the \
+             path can cost here. passage: the binaries under test with default settings (log level info, to a file). \
              Proxy CPU per request: user + system time of the proxy processes (this nginx's master \
-             and workers; passage-client + passage-relay) during the 1-connection run, divided by \
+             and workers; the two hops; passage-client + passage-relay) during the 1-connection run, divided by \
              the requests served: a guide to the work each hop adds per request, including work \
              off the request's critical path (acknowledgements, logging).",
             duration.as_secs(),
@@ -282,12 +289,15 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
             fixed(med(index, 32, |r| r.rps) / direct_rps, 2),
         ]);
     }
-    let added_p50 = med(2, 1, |r| r.p50_us) - med(0, 1, |r| r.p50_us);
-    let vs_nginx = med(2, 32, |r| r.rps) / med(1, 32, |r| r.rps);
+    let added = |index: usize| med(index, 1, |r| r.p50_us) - med(0, 1, |r| r.p50_us);
+    let added_p50 = added(3);
+    let vs_nginx = med(3, 32, |r| r.rps) / med(1, 32, |r| r.rps);
     section.notes.push(format!(
         "passage adds {added_p50:.0} µs at the median over direct at 1 connection \
-         (nginx adds {:.0} µs); at 32 connections passage reaches {vs_nginx:.3}× nginx's throughput.",
-        med(1, 1, |r| r.p50_us) - med(0, 1, |r| r.p50_us)
+         (nginx adds {:.0} µs, the two-hop floor {:.0} µs); at 32 connections passage reaches \
+         {vs_nginx:.3}× nginx's throughput.",
+        added(1),
+        added(2)
     ));
     section.target(
         "throughput @32 conns vs nginx",
@@ -297,7 +307,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
     );
     section.target(
         "added p50 latency @1 conn vs direct",
-        format!("{added_p50:.0} µs"),
+        format!("{added_p50:.0} µs (two-hop floor {:.0} µs)", added(2)),
         "≤ 200 µs",
         added_p50 <= 200.0,
     );

@@ -127,18 +127,65 @@ impl Upstream {
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let mut proc = Proc::spawn("the mock upstream", &mut command)?;
-        let stdout = proc.child.stdout.take().context("mock upstream stdout")?;
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let url = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-            .await
-            .context("the mock upstream did not report its address")??
-            .context("the mock upstream exited")?;
+        let url = first_line(&mut proc, "the mock upstream").await?;
         let addr = url
             .trim_start_matches("http://")
             .parse()
             .with_context(|| format!("mock upstream address {url:?}"))?;
         Ok(Upstream { proc, url, addr })
     }
+}
+
+/// Two `passage-hop` processes in a chain in front of the upstream: the
+/// floor for passage's two extra processes (see `src/bin/passage-hop.rs`).
+pub struct HopChain {
+    /// The hop the load connects to.
+    pub near: Proc,
+    /// The hop that connects to the upstream.
+    pub far: Proc,
+    /// The chain's base URL, `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl HopChain {
+    /// Starts the far hop (forwarding to `upstream`) and the near hop (forwarding to the far one).
+    pub async fn start(bin_dir: &Path, upstream: SocketAddr) -> anyhow::Result<HopChain> {
+        let (far, far_addr) = start_hop(bin_dir, upstream).await?;
+        let (near, near_addr) = start_hop(bin_dir, far_addr).await?;
+        Ok(HopChain {
+            near,
+            far,
+            url: format!("http://{near_addr}"),
+        })
+    }
+}
+
+async fn start_hop(bin_dir: &Path, to: SocketAddr) -> anyhow::Result<(Proc, SocketAddr)> {
+    let mut command = Command::new(bin_dir.join("passage-hop"));
+    command
+        .args(["--listen", "127.0.0.1:0", "--to", &to.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut proc = Proc::spawn("passage-hop", &mut command)?;
+    let addr = first_line(&mut proc, "passage-hop").await?;
+    let addr = addr
+        .parse()
+        .with_context(|| format!("passage-hop address {addr:?}"))?;
+    Ok((proc, addr))
+}
+
+/// The first line `proc` prints on its piped stdout (its address).
+async fn first_line(proc: &mut Proc, name: &str) -> anyhow::Result<String> {
+    let stdout = proc
+        .child
+        .stdout
+        .take()
+        .with_context(|| format!("{name} stdout"))?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .with_context(|| format!("{name} did not report its address"))??
+        .with_context(|| format!("{name} exited"))
 }
 
 /// How to start the tunnel.

@@ -9,7 +9,12 @@ use std::process::Command;
 fn every_scenario_runs_in_its_smoke_version() {
     let bench = PathBuf::from(env!("CARGO_BIN_EXE_passage-bench"));
     let bin_dir = bench.parent().expect("target directory").to_owned();
-    for program in ["passage-relay", "passage-client", "passage-mock-upstream"] {
+    for program in [
+        "passage-relay",
+        "passage-client",
+        "passage-mock-upstream",
+        "passage-hop",
+    ] {
         assert!(
             bin_dir.join(program).is_file(),
             "{program} is not built in {}: run `cargo test --workspace` (or `cargo build --workspace --bins`) first",
