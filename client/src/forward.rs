@@ -21,15 +21,16 @@ use hyper::body::Incoming;
 use passage_shared::body::{FrameBody, INLINE_WAIT, encode_whole_body, is_inline, send_data};
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::{
-    Frame, FrameCodec, RequestHead, encode_frame, frame_reader, frame_writer, reset_code,
+    Frame, FrameCodec, FrameError, RequestHead, ResponseHead, encode_frame, frame_reader,
+    frame_writer, reset_code,
 };
 use passage_shared::http_map::{extend_from_wire, headers_to_wire};
-use passage_shared::transport::{BoxRecv, BoxSend};
+use passage_shared::transport::{BoxRecv, BoxSend, StreamEnd, StreamFault, stream_fault};
 use tokio::io::AsyncWriteExt;
-use tokio_util::codec::FramedWrite;
+use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug};
 
-use crate::tunnel::{Tunnel, TunnelError};
+use crate::tunnel::{OpenedStream, Tunnel, TunnelError};
 
 /// The body of a response given to the app: a local error, or the stream's frames.
 pub type ResponseBody = Either<Full<Bytes>, FrameBody<BoxRecv>>;
@@ -98,40 +99,30 @@ async fn try_forward(
         encode_frame(&Frame::End, &mut batch).map_err(invalid_request)?;
     }
 
-    let (mut send, recv) = tunnel
-        .open_stream(connect_wait)
-        .await
-        .map_err(tunnel_error)?;
-    send.write_all(&batch).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "tunnel_stream_failed",
-            format!("could not send the request to the relay: {e}"),
-        )
-    })?;
-    if pump {
-        tokio::spawn(pump_body(body, frame_writer(send)).in_current_span());
-    } else {
-        send.finish();
-    }
-
-    let mut frames = frame_reader(recv);
-    let head = match frames.next().await {
-        Some(Ok(Frame::ResponseHead(head))) => head,
-        other => {
-            let why = match other {
-                Some(Ok(frame)) => format!(
-                    "the relay sent a {} frame before the response head",
-                    frame.kind()
-                ),
-                Some(Err(e)) => format!("the tunnel stream failed before the response head: {e}"),
-                None => "the relay closed the stream without a response".to_owned(),
-            };
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "tunnel_stream_failed",
-                why,
-            ));
+    // A request held whole here can be sent again if the relay provably
+    // never had it; one whose body streams from the app cannot.
+    let mut body = pump.then_some(body);
+    let mut avoid = None;
+    let (head, frames) = loop {
+        let opened = tunnel
+            .open_stream(connect_wait, avoid)
+            .await
+            .map_err(tunnel_error)?;
+        let connection_id = opened.connection_id;
+        match exchange(opened, &batch, body.take()).await {
+            Exchange::Answered(head, frames) => break (head, frames),
+            Exchange::Failed(error) => return Err(error),
+            Exchange::Unsent(why) if avoid.is_none() => {
+                debug!(%why, "the relay never had the request; sending it on another connection");
+                avoid = Some(connection_id);
+            }
+            Exchange::Unsent(why) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "tunnel_stream_failed",
+                    format!("the request could not be delivered to a relay: {why}"),
+                ));
+            }
         }
     };
     let status = StatusCode::from_u16(head.status).map_err(|_| {
@@ -154,6 +145,92 @@ async fn try_forward(
         )
     })?;
     Ok(response)
+}
+
+/// How one attempt to send a request over a stream went.
+enum Exchange {
+    /// The response head arrived; the frames carry the body.
+    Answered(ResponseHead, FrameStream),
+    /// The relay never had the request (the stream was refused unread, or
+    /// the connection failed before the relay acknowledged it): safe to
+    /// send again.
+    Unsent(String),
+    /// Anything else; the request may have reached the upstream.
+    Failed(ApiError),
+}
+
+/// The response frames of one stream.
+type FrameStream = FramedRead<BoxRecv, FrameCodec>;
+
+/// Sends the encoded request `batch` (then `body`, if it streams from the
+/// app) on `opened` and waits for the response head.
+async fn exchange(opened: OpenedStream, batch: &[u8], body: Option<Incoming>) -> Exchange {
+    let OpenedStream { mut send, recv, .. } = opened;
+    let replayable = body.is_none();
+    if let Err(e) = send.write_all(batch).await {
+        return match stream_fault(&e) {
+            StreamFault::ConnectionLost | StreamFault::Reset(reset_code::REFUSED) if replayable => {
+                Exchange::Unsent(e.to_string())
+            }
+            _ => Exchange::Failed(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "tunnel_stream_failed",
+                format!("could not send the request to the relay: {e}"),
+            )),
+        };
+    }
+    let mut frames = frame_reader(recv);
+    let mut acknowledged = false;
+    let first = match body {
+        Some(body) => {
+            tokio::spawn(pump_body(body, frame_writer(send)).in_current_span());
+            frames.next().await
+        }
+        None => {
+            send.finish();
+            // Watch for the relay's acknowledgement of the whole request
+            // while waiting for the answer: without it, a lost connection
+            // means the relay never had the request.
+            let mut stopped = send.stopped();
+            let mut watching = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    end = &mut stopped, if watching => {
+                        watching = false;
+                        acknowledged = end == StreamEnd::Acknowledged;
+                        debug!(?end, "request stream end");
+                    }
+                    frame = frames.next() => break frame,
+                }
+            }
+        }
+    };
+    let why = match first {
+        Some(Ok(Frame::ResponseHead(head))) => return Exchange::Answered(head, frames),
+        Some(Ok(frame)) => format!(
+            "the relay sent a {} frame before the response head",
+            frame.kind()
+        ),
+        Some(Err(FrameError::Io(e))) => {
+            let unsent = match stream_fault(&e) {
+                StreamFault::Reset(reset_code::REFUSED) => true,
+                StreamFault::ConnectionLost => !acknowledged,
+                _ => false,
+            };
+            if unsent && replayable {
+                return Exchange::Unsent(e.to_string());
+            }
+            format!("the tunnel stream failed before the response head: {e}")
+        }
+        Some(Err(e)) => format!("the tunnel stream failed before the response head: {e}"),
+        None => "the relay closed the stream without a response".to_owned(),
+    };
+    Exchange::Failed(ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "tunnel_stream_failed",
+        why,
+    ))
 }
 
 /// Streams the app's body up as frames; resets the stream if the app's

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::forward::{ResponseBody, forward};
-use crate::tunnel::{Tunnel, TunnelState};
+use crate::tunnel::{LinkState, RelayLink, Tunnel};
 
 /// What each request handler needs.
 #[derive(Debug)]
@@ -114,39 +114,90 @@ async fn handle(
     .await
 }
 
-/// `GET /healthz`: 200 while the tunnel is up, 503 with the reason otherwise.
+/// `GET /healthz`: 200 while a relay is up, 503 (OpenAI-shaped, with the
+/// reason) otherwise. Both carry the detail: each relay's link, the
+/// request streams open and the live tasks of this process.
 fn health(tunnel: &Tunnel) -> Response<ResponseBody> {
-    match tunnel.state() {
-        TunnelState::Up { connection, relay } => {
-            let body = serde_json::json!({
+    let links = tunnel.links();
+    let relays: Vec<serde_json::Value> = links.iter().map(link_detail).collect();
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    let up = links.iter().find_map(|link| match &link.state {
+        LinkState::Up { connection } => Some((link, connection)),
+        _ => None,
+    });
+    let (status, mut body) = match up {
+        Some((link, connection)) => (
+            StatusCode::OK,
+            serde_json::json!({
                 "status": "ok",
-                "relay": relay,
+                "relay": link.address,
                 "rtt_ms": connection.rtt().as_secs_f64() * 1000.0,
-            });
-            let mut response =
-                Response::new(Either::Left(Full::new(Bytes::from(body.to_string()))));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            response
+            }),
+        ),
+        None => {
+            let stopped = links
+                .iter()
+                .all(|link| matches!(link.state, LinkState::Stopped));
+            let error = if stopped {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "client_shutting_down",
+                    "passage-client is shutting down",
+                )
+            } else {
+                let errors: Vec<String> = links
+                    .iter()
+                    .filter_map(|link| match &link.state {
+                        LinkState::Connecting {
+                            last_error: Some(e),
+                        } => Some(format!("{}: {e}", link.address)),
+                        _ => None,
+                    })
+                    .collect();
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "tunnel_unavailable",
+                    if errors.is_empty() {
+                        "the tunnel to the relay is not up yet".to_owned()
+                    } else {
+                        format!("the tunnel to the relay is down: {}", errors.join("; "))
+                    },
+                )
+            };
+            let body = serde_json::from_slice(&error.body()).unwrap_or_default();
+            (error.status, body)
         }
-        TunnelState::Connecting { last_error } => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "tunnel_unavailable",
-            match last_error {
-                Some(e) => format!("the tunnel to the relay is down: {e}"),
-                None => "the tunnel to the relay is not up yet".to_owned(),
-            },
-        )
-        .into_response::<Full<Bytes>>()
-        .map(Either::Left),
-        TunnelState::Stopped => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "client_shutting_down",
-            "passage-client is shutting down",
-        )
-        .into_response::<Full<Bytes>>()
-        .map(Either::Left),
+    };
+    body["relays"] = relays.into();
+    body["open_streams"] = tunnel.open_streams().into();
+    body["tasks"] = tasks.into();
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(body.to_string()))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// One relay's entry in the health detail.
+fn link_detail(link: &RelayLink) -> serde_json::Value {
+    match &link.state {
+        LinkState::Up { connection } => serde_json::json!({
+            "address": link.address,
+            "state": "up",
+            "rtt_ms": connection.rtt().as_secs_f64() * 1000.0,
+        }),
+        LinkState::Connecting { last_error } => serde_json::json!({
+            "address": link.address,
+            "state": "connecting",
+            "last_error": last_error,
+        }),
+        LinkState::Stopped => serde_json::json!({
+            "address": link.address,
+            "state": "stopped",
+        }),
     }
 }

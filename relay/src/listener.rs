@@ -2,15 +2,21 @@
 //! certificates chain to the CA, names each by its certificate, and hands
 //! every stream to [`crate::stream::handle`].
 //!
-//! Shutdown: when the token fires, no new connection or stream is accepted;
-//! in-flight streams get up to the drain timeout to finish, then the
-//! endpoint closes.
+//! Shutdown: when the token fires, no new connection is accepted, every
+//! client gets a `GoAway` (it sends new requests elsewhere), streams that
+//! still arrive are refused unread ([`reset_code::REFUSED`]: the client may
+//! resend them), and in-flight streams get up to the drain timeout to
+//! finish; then the endpoint closes.
+//!
+//! While it runs, the listener logs a status line (connections, open
+//! streams, live tasks) whenever those figures changed in the last
+//! [`STATUS_INTERVAL`], so an operator can see them return to zero.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use passage_shared::frame::{Frame, Welcome, frame_writer};
+use passage_shared::frame::{Frame, Welcome, frame_writer, reset_code};
 use passage_shared::pki::certificate_common_name;
 use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +28,9 @@ use crate::stream::{self, StreamContext};
 /// Longest a TLS handshake may take before the attempt is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often the status line may be logged (only when its figures changed).
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Accepts connections until `shutdown` fires, then drains in-flight streams.
 pub async fn serve(
     endpoint: quinn::Endpoint,
@@ -29,41 +38,79 @@ pub async fn serve(
     drain_timeout: Duration,
     shutdown: CancellationToken,
 ) {
-    let tracker = TaskTracker::new();
+    let streams = TaskTracker::new();
+    let connections = TaskTracker::new();
+    let mut status = tokio::time::interval(STATUS_INTERVAL);
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_status = None;
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = status.tick() => {
+                log_status(&connections, &streams, &mut last_status);
+                continue;
+            }
             incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { break };
-        tracker.spawn(connection(
+        connections.spawn(connection(
             incoming,
             ctx.clone(),
-            tracker.clone(),
+            streams.clone(),
             shutdown.clone(),
         ));
     }
     // Refuse new connections while the old ones drain.
     endpoint.set_server_config(None);
-    tracker.close();
-    if tokio::time::timeout(drain_timeout, tracker.wait())
+    streams.close();
+    info!(
+        open_streams = streams.len(),
+        drain_timeout_s = drain_timeout.as_secs(),
+        "shutting down: draining in-flight streams"
+    );
+    if tokio::time::timeout(drain_timeout, streams.wait())
         .await
         .is_err()
     {
         warn!(
+            open_streams = streams.len(),
             drain_timeout_s = drain_timeout.as_secs(),
             "drain timeout reached; closing the remaining streams"
         );
     }
     endpoint.close(0u32.into(), b"relay shutting down");
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(1), connections.wait()).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+/// Logs connections, open streams and live tasks if they changed since the last line.
+fn log_status(
+    connections: &TaskTracker,
+    streams: &TaskTracker,
+    last: &mut Option<(usize, usize, usize)>,
+) {
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    let now = (connections.len(), streams.len(), tasks);
+    if last.is_some_and(|last| last == now) {
+        return;
+    }
+    *last = Some(now);
+    info!(
+        connections = now.0,
+        open_streams = now.1,
+        tasks = now.2,
+        "status"
+    );
 }
 
 /// Completes one handshake and serves the connection's streams.
 async fn connection(
     incoming: quinn::Incoming,
     ctx: Arc<StreamContext>,
-    tracker: TaskTracker,
+    streams: TaskTracker,
     shutdown: CancellationToken,
 ) {
     let remote = incoming.remote_address();
@@ -93,20 +140,33 @@ async fn connection(
             return;
         }
         info!("client connected");
+        let mut draining = false;
         loop {
             let accepted = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    // Stop granting stream credit; open streams carry on.
+                _ = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    // No more stream credit, and a go-away so the client
+                    // stops opening streams here; open streams carry on.
                     connection.set_max_concurrent_bi_streams(0u32.into());
-                    break;
+                    if let Err(e) = go_away(&connection).await {
+                        debug!(reason = %e, "could not send the go-away");
+                    }
+                    continue;
                 }
                 accepted = connection.accept_bi() => accepted,
             };
             match accepted {
+                Ok((mut send, mut recv)) if draining => {
+                    // Crossed the go-away: refuse it unread, so the client
+                    // knows it can send the request elsewhere.
+                    debug!("refusing a stream opened after the go-away");
+                    let _ = recv.stop(reset_code::REFUSED.into());
+                    let _ = send.reset(reset_code::REFUSED.into());
+                }
                 Ok((send, recv)) => {
                     let handler =
                         stream::handle(Box::new(send), Box::new(recv), ctx.clone(), client.clone());
-                    tracker.spawn(handler.in_current_span());
+                    streams.spawn(handler.in_current_span());
                 }
                 Err(e) => {
                     info!(reason = %e, "client disconnected");
@@ -114,10 +174,20 @@ async fn connection(
                 }
             }
         }
-        debug!("no longer accepting streams");
     }
     .instrument(span)
     .await
+}
+
+/// Tells the client the relay is shutting down (see [`Frame::GoAway`]).
+async fn go_away(connection: &quinn::Connection) -> Result<(), String> {
+    let send = connection.open_uni().await.map_err(|e| e.to_string())?;
+    let mut writer = frame_writer(send);
+    writer
+        .send(Frame::GoAway)
+        .await
+        .map_err(|e| e.to_string())?;
+    writer.get_mut().finish().map_err(|e| e.to_string())
 }
 
 /// Tells the client its certificate was accepted (see [`Frame::Welcome`]).

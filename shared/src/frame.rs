@@ -11,6 +11,10 @@
 //! unidirectional stream carrying one `Welcome` frame. In TLS 1.3 the client
 //! finishes its handshake before the relay has checked the client
 //! certificate, so the welcome is what tells the client it was accepted.
+//! When the relay shuts down it opens one more, carrying `GoAway`: the
+//! client sends new requests elsewhere while those in flight finish, and
+//! any stream that crossed the go-away is reset with
+//! [`reset_code::REFUSED`] unread, so the client may safely send it again.
 //!
 //! On the wire a frame is a 4-byte big-endian payload length followed by the
 //! bincode encoding of [`Frame`]. The length is checked against
@@ -45,6 +49,9 @@ pub mod reset_code {
     pub const PROTOCOL_ERROR: u32 = 2;
     /// The request body could not be delivered.
     pub const BODY_FAILED: u32 = 3;
+    /// The relay refused the stream unread (it is shutting down): nothing
+    /// of the request went upstream, so the client may send it elsewhere.
+    pub const REFUSED: u32 = 4;
 }
 
 /// Starting size of a stream's frame buffers: a head fits, and they grow
@@ -122,6 +129,9 @@ pub enum Frame {
     Failure(StreamFailure),
     /// Relay → client, once per connection: the client certificate was accepted.
     Welcome(Welcome),
+    /// Relay → client, on its own stream: the relay is shutting down. Open
+    /// no new streams on this connection; those in flight will finish.
+    GoAway,
 }
 
 /// The relay's greeting on a new connection.
@@ -141,6 +151,7 @@ impl Frame {
             Frame::End => "end",
             Frame::Failure(_) => "failure",
             Frame::Welcome(_) => "welcome",
+            Frame::GoAway => "go-away",
         }
     }
 }
@@ -311,6 +322,7 @@ mod tests {
             Frame::Welcome(Welcome {
                 client: "alice".into(),
             }),
+            Frame::GoAway,
         ]
     }
 

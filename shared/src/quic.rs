@@ -155,7 +155,16 @@ pub fn client_config(
 ) -> Result<quinn::ClientConfig, QuicSetupError> {
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport(tuning, 0, 1)?));
+    let mut transport = transport(tuning, 0, 1)?;
+    // Ask the relay to acknowledge every packet at once. The relay's QUIC
+    // driver then sends the ACK for a request before its stream task even
+    // sees the request, so "not acknowledged when the connection died"
+    // proves the upstream never saw it, and the client may send it again
+    // (see the client's forward module).
+    let mut ack_frequency = quinn::AckFrequencyConfig::default();
+    ack_frequency.ack_eliciting_threshold(0u32.into());
+    transport.ack_frequency_config(Some(ack_frequency));
+    config.transport_config(Arc::new(transport));
     Ok(config)
 }
 

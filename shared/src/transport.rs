@@ -5,7 +5,9 @@
 //! stream-level signals the protocol needs: *finish* (this direction is
 //! complete), *reset* (abandon it; the peer sees an error, never a clean
 //! end) and *stopped* (the peer no longer reads: the request was
-//! cancelled). QUIC streams implement them here. A fallback transport for
+//! cancelled; or it acknowledged everything sent). QUIC streams implement
+//! them here, and [`stream_fault`] is the one place that reads the
+//! transport's errors. A fallback transport for
 //! networks that block UDP (TLS over TCP with a stream multiplexer) would
 //! implement the same two traits and plug into the client's tunnel and the
 //! relay's listener without touching request handling.
@@ -21,10 +23,55 @@ pub trait SendHalf: AsyncWrite + Send + Unpin + 'static {
     fn finish(&mut self);
     /// Abandons this direction with `code`; the peer sees a reset.
     fn reset(&mut self, code: u32);
-    /// Resolves once the peer stops reading or the stream or its connection
-    /// ends; request handling races its work against it to notice a
-    /// cancellation while it has nothing to write.
-    fn stopped(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+    /// Resolves once the peer stops reading, acknowledges everything sent
+    /// after [`SendHalf::finish`], or the connection ends. The relay races
+    /// its work against it to notice a cancellation while it has nothing to
+    /// write; the client uses it to learn that the relay has its request.
+    fn stopped(&self) -> Pin<Box<dyn Future<Output = StreamEnd> + Send + 'static>>;
+}
+
+/// How the sending direction of a stream ended, as [`SendHalf::stopped`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// Finished, and the peer acknowledged receipt of every byte.
+    Acknowledged,
+    /// The peer asked us to stop sending, with this code.
+    Stopped(u32),
+    /// The connection ended first.
+    ConnectionLost,
+}
+
+/// What an I/O error from a stream half says about the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamFault {
+    /// The peer reset (receiving) or stopped (sending) the stream with this code.
+    Reset(u32),
+    /// The whole connection failed or was closed.
+    ConnectionLost,
+    /// Anything else.
+    Other,
+}
+
+/// Classifies an error returned by a stream half's read or write.
+pub fn stream_fault(error: &std::io::Error) -> StreamFault {
+    let Some(inner) = error.get_ref() else {
+        return StreamFault::Other;
+    };
+    if let Some(read) = inner.downcast_ref::<quinn::ReadError>() {
+        return match read {
+            quinn::ReadError::Reset(code) => StreamFault::Reset(code.into_inner() as u32),
+            quinn::ReadError::ConnectionLost(_) => StreamFault::ConnectionLost,
+            _ => StreamFault::Other,
+        };
+    }
+    if let Some(write) = inner.downcast_ref::<quinn::WriteError>() {
+        return match write {
+            quinn::WriteError::Stopped(code) => StreamFault::Reset(code.into_inner() as u32),
+            quinn::WriteError::ConnectionLost(_) => StreamFault::ConnectionLost,
+            _ => StreamFault::Other,
+        };
+    }
+    StreamFault::Other
 }
 
 /// The receiving half of one request stream.
@@ -48,10 +95,14 @@ impl SendHalf for quinn::SendStream {
         let _ = quinn::SendStream::reset(self, code.into());
     }
 
-    fn stopped(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+    fn stopped(&self) -> Pin<Box<dyn Future<Output = StreamEnd> + Send + 'static>> {
         let stopped = quinn::SendStream::stopped(self);
         Box::pin(async move {
-            let _ = stopped.await;
+            match stopped.await {
+                Ok(None) => StreamEnd::Acknowledged,
+                Ok(Some(code)) => StreamEnd::Stopped(code.into_inner() as u32),
+                Err(_) => StreamEnd::ConnectionLost,
+            }
         })
     }
 }

@@ -24,7 +24,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -56,6 +56,9 @@ pub struct MockRecord {
     pub cancellations: Mutex<Vec<Instant>>,
     /// Signalled on every cancellation.
     pub cancelled: Notify,
+    /// Bytes of `/download` bodies handed to the connection so far (what
+    /// flow control let the upstream write).
+    pub downloaded: AtomicU64,
 }
 
 /// A running mock upstream; stops when dropped.
@@ -154,7 +157,7 @@ async fn route(
         ("GET", "/v1/slow-head") => slow_head(record).await,
         ("GET", "/v1/broken") => broken(),
         ("GET", "/v1/broken-sized") => broken_sized(),
-        ("GET", "/download") => download(&request),
+        ("GET", "/download") => download(&request, record.clone()),
         ("POST", "/sink") => sink(request).await,
         (_, p) if p.starts_with("/status/") || p.starts_with("/v1/status/") => status(p),
         _ => echo(request).await,
@@ -468,6 +471,7 @@ use futures_util::StreamExt as _;
 struct PatternStream {
     offset: u64,
     len: u64,
+    record: Arc<MockRecord>,
 }
 
 impl futures_util::Stream for PatternStream {
@@ -480,15 +484,19 @@ impl futures_util::Stream for PatternStream {
         let n = (self.len - self.offset).min(64 * 1024) as usize;
         let chunk = pattern_bytes(self.offset, n);
         self.offset += n as u64;
+        self.record
+            .downloaded
+            .fetch_add(n as u64, Ordering::Relaxed);
         Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
     }
 }
 
-fn download(request: &Request<Incoming>) -> Response<MockBody> {
+fn download(request: &Request<Incoming>, record: Arc<MockRecord>) -> Response<MockBody> {
     let len = query_u64(request, "bytes").unwrap_or(0);
     let mut response = Response::new(BodyExt::boxed(StreamBody::new(PatternStream {
         offset: 0,
         len,
+        record,
     })));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

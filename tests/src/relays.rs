@@ -1,0 +1,287 @@
+//! Pieces for resilience tests, where relays stop, die and come back: a
+//! PKI, relays run in-process (stopped gracefully, as by SIGTERM) or as
+//! real `passage-relay` processes (killed outright), and a client whose
+//! relays and timing the test chooses.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use passage_client::ClientConfig;
+use passage_relay::upstream::UpstreamBase;
+use passage_relay::{Relay, RelayConfig};
+use passage_shared::bundle::Bundle;
+use passage_shared::pki::PkiDir;
+use tempfile::TempDir;
+use tokio::io::AsyncBufReadExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::stack::{http_client, init_test_logging};
+
+/// A fresh CA and relay certificate in a temporary directory.
+pub struct TestPki {
+    /// The directory (the PKI is in `pki/` below it).
+    pub dir: TempDir,
+}
+
+impl TestPki {
+    /// Makes the CA and the relay certificate (for localhost and loopback).
+    pub fn new() -> TestPki {
+        init_test_logging();
+        let dir = tempfile::tempdir().expect("tempdir");
+        PkiDir::new(dir.path().join("pki"))
+            .init(&[])
+            .expect("PKI init");
+        TestPki { dir }
+    }
+
+    /// The PKI directory.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    /// A bundle for a client named `name` listing `relays` in order.
+    pub fn issue(&self, name: &str, relays: &[SocketAddr]) -> Bundle {
+        let relays: Vec<String> = relays.iter().map(SocketAddr::to_string).collect();
+        PkiDir::new(self.path())
+            .issue_client(name, &relays, Some("localhost"), 1)
+            .expect("issue")
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A UDP port on 127.0.0.1 that was free a moment ago.
+pub fn free_udp_port() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|socket| socket.local_addr())
+        .expect("a free UDP port")
+}
+
+/// A relay running as a task of the test, stopped as SIGTERM stops one.
+pub struct InProcessRelay {
+    /// Its UDP address.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessRelay {
+    /// Starts a relay on `listen` in front of `upstream`, after `adjust` has
+    /// had its say on the configuration.
+    pub fn start(
+        pki: &TestPki,
+        listen: SocketAddr,
+        upstream: &str,
+        adjust: impl FnOnce(&mut RelayConfig),
+    ) -> InProcessRelay {
+        let mut config = RelayConfig::new(
+            listen,
+            pki.path(),
+            UpstreamBase::parse(upstream).expect("upstream URL"),
+        );
+        adjust(&mut config);
+        let relay = Relay::bind(config).expect("relay binds");
+        let addr = relay.local_addr().expect("relay address");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(relay.run(shutdown.clone()));
+        InProcessRelay {
+            addr,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Starts the graceful shutdown (what SIGTERM does to the real program).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Whether the relay has finished.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Waits up to `limit` for the relay to finish; true if it did.
+    pub async fn finished_within(&mut self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, &mut self.task).await.is_ok()
+    }
+}
+
+impl Drop for InProcessRelay {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The `passage-relay` program built next to this test.
+pub fn relay_program() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/passage-relay
+    let program = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .join("passage-relay");
+    assert!(
+        program.is_file(),
+        "{} is not built: run `cargo test --workspace` (or `cargo build --workspace --bins`) first",
+        program.display()
+    );
+    program
+}
+
+/// A real `passage-relay serve` process, killed outright when dropped.
+pub struct RelayProcess {
+    child: tokio::process::Child,
+    /// Its UDP address.
+    pub addr: SocketAddr,
+}
+
+impl RelayProcess {
+    /// Starts `passage-relay serve` on `listen` and waits until it serves.
+    pub async fn start(pki: &TestPki, listen: SocketAddr, upstream: &str) -> RelayProcess {
+        let mut child = tokio::process::Command::new(relay_program())
+            .arg("serve")
+            .arg("--pki")
+            .arg(pki.path())
+            .args(["--listen", &listen.to_string(), "--upstream", upstream])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("passage-relay starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let serving = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("relay serving") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(
+            matches!(serving, Ok(true)),
+            "passage-relay did not start serving"
+        );
+        // Keep draining its log so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        RelayProcess {
+            child,
+            addr: listen,
+        }
+    }
+
+    /// Kills the process outright (SIGKILL): no goodbye on the wire.
+    pub async fn kill(&mut self) {
+        self.child.kill().await.expect("kill passage-relay");
+    }
+}
+
+/// A passage client running in the test, with its own shutdown.
+pub struct LocalClient {
+    /// Its local HTTP address.
+    pub addr: SocketAddr,
+    /// An app-like HTTP client.
+    pub http: Client<HttpConnector, Full<Bytes>>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LocalClient {
+    /// Starts a client with `bundle`, after `adjust` has had its say on the configuration.
+    pub async fn start(bundle: Bundle, adjust: impl FnOnce(&mut ClientConfig)) -> LocalClient {
+        let mut config = ClientConfig::new(bundle, "127.0.0.1:0".parse().expect("literal"));
+        adjust(&mut config);
+        let client = passage_client::Client::bind(config)
+            .await
+            .expect("client binds");
+        let addr = client.local_addr().expect("client address");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(client.run(shutdown.clone()));
+        LocalClient {
+            addr,
+            http: http_client(),
+            shutdown,
+            task,
+        }
+    }
+
+    /// URL of `path` on the local endpoint.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> Result<Response<Incoming>, String> {
+        let request = Request::get(self.url(path))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        self.http.request(request).await.map_err(|e| e.to_string())
+    }
+
+    /// `POST path` with a small JSON body.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<Response<Incoming>, String> {
+        let request = Request::post(self.url(path))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("request");
+        self.http.request(request).await.map_err(|e| e.to_string())
+    }
+
+    /// The `/healthz` document (whatever its status).
+    pub async fn health(&self) -> serde_json::Value {
+        let response = self.get("/healthz").await.expect("healthz answers");
+        crate::stack::body_json(response).await
+    }
+
+    /// Polls `/healthz` until `relay` is the one in use; panics after `limit`.
+    pub async fn wait_for_relay(&self, relay: SocketAddr, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let health = self.health().await;
+            if health["relay"] == relay.to_string() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay {relay} not in use within {limit:?}: {health}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts the graceful shutdown (what SIGTERM does to the real program).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits up to `limit` for the client to finish; true if it did.
+    pub async fn finished_within(&mut self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, &mut self.task).await.is_ok()
+    }
+}
+
+impl Drop for LocalClient {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
