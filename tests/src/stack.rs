@@ -35,6 +35,8 @@ pub struct StackOptions {
     pub connect_wait: Option<Duration>,
     /// Whether the relay speaks HTTP/2 (h2c) to the upstream.
     pub upstream_http2: bool,
+    /// The relay's upstream idle-read timeout (default 600 s).
+    pub idle_read_timeout: Option<Duration>,
 }
 
 /// A relay and a client wired to a mock upstream; everything stops on drop.
@@ -101,6 +103,9 @@ impl TestStack {
         );
         relay_config.api_key = options.api_key.clone().map(ApiKey::new);
         relay_config.upstream_http2 = options.upstream_http2;
+        if let Some(timeout) = options.idle_read_timeout {
+            relay_config.idle_read_timeout = timeout;
+        }
         let relay = Relay::bind(relay_config).expect("relay binds");
         let relay_addr = relay.local_addr().expect("relay address");
         tokio::spawn(relay.run(shutdown.clone()));
