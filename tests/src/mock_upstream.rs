@@ -116,6 +116,11 @@ impl MockUpstream {
         format!("http://{}", self.addr)
     }
 
+    /// Upstream calls the reader gave up on so far.
+    pub fn cancellation_count(&self) -> usize {
+        self.record.cancellations.lock().map_or(0, |c| c.len())
+    }
+
     /// Requests received so far.
     pub fn request_count(&self) -> usize {
         self.record.requests.load(Ordering::SeqCst)

@@ -20,15 +20,7 @@ async fn app_disconnect_cancels_the_upstream_request() {
             .expect("chunk");
         assert!(frame.is_data());
     }
-    assert!(
-        stack
-            .upstream
-            .record
-            .cancellations
-            .lock()
-            .expect("lock")
-            .is_empty()
-    );
+    assert_eq!(stack.upstream.cancellation_count(), 0);
 
     let cancelled = stack.upstream.record.cancelled.notified();
     tokio::pin!(cancelled);
