@@ -13,6 +13,7 @@ pub mod longhaul;
 pub mod many_streams;
 pub mod overhead;
 pub mod report;
+pub mod soak;
 pub mod stack;
 pub mod stats;
 pub mod streaming;

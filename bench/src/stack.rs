@@ -205,6 +205,10 @@ pub struct TunnelOptions {
 pub struct Tunnel {
     /// The relay process.
     pub relay: Proc,
+    relay_bin: PathBuf,
+    relay_args: Vec<String>,
+    relay_log: PathBuf,
+    relay_starts: u32,
     /// The client process.
     pub client: Proc,
     /// The client's base URL, `http://127.0.0.1:PORT`.
@@ -244,23 +248,18 @@ impl Tunnel {
         )
         .await?;
 
-        let relay_log = std::fs::File::create(dir.path().join("relay.log"))?;
-        let relay = Proc::spawn(
-            "passage-relay",
-            Command::new(&relay_bin)
-                .arg("serve")
-                .arg("--pki")
-                .arg(&pki)
-                .args([
-                    "--listen",
-                    &relay_addr.to_string(),
-                    "--upstream",
-                    upstream_url,
-                ])
-                .args(&options.relay_args)
-                .stdout(Stdio::null())
-                .stderr(relay_log),
-        )?;
+        let mut relay_args: Vec<String> = vec![
+            "serve".into(),
+            "--pki".into(),
+            pki.display().to_string(),
+            "--listen".into(),
+            relay_addr.to_string(),
+            "--upstream".into(),
+            upstream_url.to_owned(),
+        ];
+        relay_args.extend(options.relay_args.iter().cloned());
+        let relay_log = dir.path().join("relay.log");
+        let relay = spawn_relay(&relay_bin, &relay_args, &relay_log)?;
         let client_port = free_port(false)?;
         let client_log = std::fs::File::create(dir.path().join("client.log"))?;
         let client = Proc::spawn(
@@ -276,6 +275,10 @@ impl Tunnel {
         )?;
         let tunnel = Tunnel {
             relay,
+            relay_bin,
+            relay_args,
+            relay_log,
+            relay_starts: 1,
             client,
             url: format!("http://127.0.0.1:{client_port}"),
             addr: ([127, 0, 0, 1], client_port).into(),
@@ -303,10 +306,47 @@ impl Tunnel {
         }
     }
 
+    /// The current relay process's log file.
+    pub fn relay_log(&self) -> &Path {
+        &self.relay_log
+    }
+
+    /// Stops the relay with SIGTERM (it drains, then exits), waits up to
+    /// `limit` for it to exit, and starts it again on the same address.
+    pub async fn restart_relay(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let pid = self.relay.pid()?;
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .context("running kill")?;
+        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+        tokio::time::timeout(limit, self.relay.child.wait())
+            .await
+            .with_context(|| format!("the relay did not exit within {limit:?} of SIGTERM"))??;
+        self.relay_starts += 1;
+        let log = self
+            .relay_log
+            .with_file_name(format!("relay-{}.log", self.relay_starts));
+        self.relay = spawn_relay(&self.relay_bin, &self.relay_args, &log)?;
+        self.relay_log = log;
+        Ok(())
+    }
+
     /// Resident memory of client and relay, KiB.
     pub fn rss_kib(&self) -> anyhow::Result<(u64, u64)> {
         Ok((self.client.rss_kib()?, self.relay.rss_kib()?))
     }
+}
+
+fn spawn_relay(program: &Path, args: &[String], log: &Path) -> anyhow::Result<Proc> {
+    let log = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    Proc::spawn(
+        "passage-relay",
+        Command::new(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log),
+    )
 }
 
 async fn run_quiet(command: &mut Command) -> anyhow::Result<()> {

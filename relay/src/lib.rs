@@ -45,6 +45,8 @@ pub struct RelayConfig {
     pub head_timeout: Duration,
     /// How long in-flight requests may run on after a shutdown signal.
     pub drain_timeout: Duration,
+    /// How often the status line may be logged (only when it changed).
+    pub status_interval: Duration,
     /// QUIC transport settings of client connections.
     pub transport: TransportTuning,
 }
@@ -62,6 +64,7 @@ impl RelayConfig {
             idle_read_timeout: Duration::from_secs(600),
             head_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
+            status_interval: Duration::from_secs(10),
             transport: TransportTuning::default(),
         }
     }
@@ -90,6 +93,7 @@ pub struct Relay {
     endpoint: quinn::Endpoint,
     ctx: Arc<StreamContext>,
     drain_timeout: Duration,
+    status_interval: Duration,
 }
 
 impl Relay {
@@ -113,6 +117,7 @@ impl Relay {
                 idle_read_timeout: config.idle_read_timeout,
             }),
             drain_timeout: config.drain_timeout,
+            status_interval: config.status_interval,
         })
     }
 
@@ -128,7 +133,14 @@ impl Relay {
             upstream = %self.ctx.upstream.base(),
             "relay serving"
         );
-        listener::serve(self.endpoint, self.ctx, self.drain_timeout, shutdown).await;
+        listener::serve(
+            self.endpoint,
+            self.ctx,
+            self.drain_timeout,
+            self.status_interval,
+            shutdown,
+        )
+        .await;
         info!("relay stopped");
     }
 }

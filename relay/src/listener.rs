@@ -9,8 +9,8 @@
 //! finish; then the endpoint closes.
 //!
 //! While it runs, the listener logs a status line (connections, open
-//! streams, live tasks) whenever those figures changed in the last
-//! [`STATUS_INTERVAL`], so an operator can see them return to zero.
+//! streams, live tasks) at most once per status interval and only when
+//! those figures changed, so an operator can see them return to zero.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,19 +28,17 @@ use crate::stream::{self, StreamContext};
 /// Longest a TLS handshake may take before the attempt is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How often the status line may be logged (only when its figures changed).
-pub const STATUS_INTERVAL: Duration = Duration::from_secs(10);
-
 /// Accepts connections until `shutdown` fires, then drains in-flight streams.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     ctx: Arc<StreamContext>,
     drain_timeout: Duration,
+    status_interval: Duration,
     shutdown: CancellationToken,
 ) {
     let streams = TaskTracker::new();
     let connections = TaskTracker::new();
-    let mut status = tokio::time::interval(STATUS_INTERVAL);
+    let mut status = tokio::time::interval(status_interval);
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_status = None;
     loop {

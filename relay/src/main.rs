@@ -78,6 +78,10 @@ enum Command {
         /// after which the request fails with 504.
         #[arg(long, default_value_t = 600)]
         idle_timeout: u64,
+        /// Seconds between status lines (connections, open streams, tasks),
+        /// logged only when those figures changed.
+        #[arg(long, default_value_t = 10)]
+        status_interval: u64,
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -111,6 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             api_key_env,
             connect_timeout,
             idle_timeout,
+            status_interval,
             upstream_http2,
             common,
         } => {
@@ -121,6 +126,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.connect_timeout = Duration::from_secs(connect_timeout);
             config.upstream_http2 = upstream_http2;
             config.idle_read_timeout = Duration::from_secs(idle_timeout);
+            anyhow::ensure!(status_interval > 0, "--status-interval must be at least 1");
+            config.status_interval = Duration::from_secs(status_interval);
             config.drain_timeout = common.drain_timeout();
             common.apply(&mut config.transport);
             serve(config, &common)
