@@ -320,9 +320,13 @@ impl Tunnel {
             .status()
             .context("running kill")?;
         anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
-        tokio::time::timeout(limit, self.relay.child.wait())
+        let status = tokio::time::timeout(limit, self.relay.child.wait())
             .await
             .with_context(|| format!("the relay did not exit within {limit:?} of SIGTERM"))??;
+        anyhow::ensure!(
+            status.success(),
+            "the relay exited with {status} after SIGTERM"
+        );
         self.relay_starts += 1;
         let log = self
             .relay_log

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use passage_client::{Client, ClientConfig, DEFAULT_LISTEN};
 use passage_shared::bundle::Bundle;
 use passage_shared::process::CommonArgs;
+use passage_shared::quic::TransportTuning;
 
 /// The local end of passage: an OpenAI-compatible endpoint on 127.0.0.1
 /// whose requests travel through a QUIC tunnel to passage-relay.
@@ -59,12 +60,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         common,
     } = cli.command;
     passage_shared::process::init_logging();
+    let mut transport = TransportTuning::default();
+    common.apply(&mut transport).map_err(anyhow::Error::msg)?;
     let bundle = Bundle::load(&bundle)?;
     let mut config = ClientConfig::new(bundle, listen);
     config.extra_relays = relays;
     config.connect_wait = Duration::from_secs(connect_wait);
     config.drain_timeout = common.drain_timeout();
-    common.apply(&mut config.tunnel.transport);
+    config.tunnel.transport = transport;
     let runtime = common.runtime().context("starting the async runtime")?;
     runtime.block_on(async {
         let client = Client::bind(config)

@@ -34,3 +34,17 @@ fn a_malformed_bundle_is_one_clear_line() {
     let error = one_line_error(&client(&["run", "--bundle", path.to_str().expect("utf-8")]));
     assert!(error.contains("is not valid"), "{error}");
 }
+
+#[test]
+fn a_keep_alive_longer_than_the_idle_timeout_is_refused() {
+    let error = one_line_error(&client(&[
+        "run",
+        "--bundle",
+        "/nonexistent/bundle.toml",
+        "--keep-alive",
+        "5",
+        "--tunnel-idle-timeout",
+        "2",
+    ]));
+    assert!(error.contains("--keep-alive"), "{error}");
+}

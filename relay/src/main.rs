@@ -129,7 +129,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(status_interval > 0, "--status-interval must be at least 1");
             config.status_interval = Duration::from_secs(status_interval);
             config.drain_timeout = common.drain_timeout();
-            common.apply(&mut config.transport);
+            common
+                .apply(&mut config.transport)
+                .map_err(anyhow::Error::msg)?;
             serve(config, &common)
         }
     }

@@ -25,6 +25,24 @@ pub struct CommonArgs {
     /// Per-stream receive window in MiB (the connection window is 2.5×).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     stream_window_mib: u32,
+    /// Seconds between keep-alive packets on an idle tunnel connection.
+    #[arg(long, default_value = "1", value_parser = parse_seconds)]
+    keep_alive: Duration,
+    /// Seconds of silence after which a tunnel connection counts as dead
+    /// (the lower of the two ends' values applies).
+    #[arg(long, default_value = "5", value_parser = parse_seconds)]
+    tunnel_idle_timeout: Duration,
+}
+
+/// Parses a positive number of seconds, fractions allowed, up to an hour.
+fn parse_seconds(value: &str) -> Result<Duration, String> {
+    let seconds: f64 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number of seconds"))?;
+    if !(seconds > 0.0 && seconds <= 3600.0) {
+        return Err(format!("{value} is not between 0 and 3600 seconds"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 impl CommonArgs {
@@ -33,10 +51,20 @@ impl CommonArgs {
         Duration::from_secs(self.drain_timeout)
     }
 
-    /// Writes the QUIC options into `tuning`.
-    pub fn apply(&self, tuning: &mut TransportTuning) {
+    /// Writes the QUIC options into `tuning`; refuses a keep-alive that
+    /// would not fit inside the idle timeout.
+    pub fn apply(&self, tuning: &mut TransportTuning) -> Result<(), String> {
+        if self.keep_alive >= self.tunnel_idle_timeout {
+            return Err(format!(
+                "--keep-alive ({:?}) must be shorter than --tunnel-idle-timeout ({:?})",
+                self.keep_alive, self.tunnel_idle_timeout
+            ));
+        }
         tuning.congestion = self.congestion;
         tuning.stream_window = self.stream_window_mib << 20;
+        tuning.keep_alive = self.keep_alive;
+        tuning.idle_timeout = self.tunnel_idle_timeout;
+        Ok(())
     }
 
     /// The runtime with the chosen number of threads.
