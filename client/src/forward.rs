@@ -159,6 +159,9 @@ enum Exchange {
     Failed(ApiError),
 }
 
+/// [`reset_code::REFUSED`] as the transport reports stream codes.
+const REFUSED: u64 = reset_code::REFUSED as u64;
+
 /// The response frames of one stream.
 type FrameStream = FramedRead<BoxRecv, FrameCodec>;
 
@@ -169,7 +172,7 @@ async fn exchange(opened: OpenedStream, batch: &[u8], body: Option<Incoming>) ->
     let replayable = body.is_none();
     if let Err(e) = send.write_all(batch).await {
         return match stream_fault(&e) {
-            StreamFault::ConnectionLost | StreamFault::Reset(reset_code::REFUSED) if replayable => {
+            StreamFault::ConnectionLost | StreamFault::Reset(REFUSED) if replayable => {
                 Exchange::Unsent(e.to_string())
             }
             _ => Exchange::Failed(ApiError::new(
@@ -198,8 +201,12 @@ async fn exchange(opened: OpenedStream, batch: &[u8], body: Option<Incoming>) ->
                     biased;
                     end = &mut stopped, if watching => {
                         watching = false;
-                        acknowledged = end == StreamEnd::Acknowledged;
-                        debug!(?end, "request stream end");
+                        // A stop from the relay also means it had the stream.
+                        acknowledged = match end {
+                            StreamEnd::Acknowledged => true,
+                            StreamEnd::Stopped(code) => code != REFUSED,
+                            StreamEnd::ConnectionLost => false,
+                        };
                     }
                     frame = frames.next() => break frame,
                 }
@@ -214,7 +221,7 @@ async fn exchange(opened: OpenedStream, batch: &[u8], body: Option<Incoming>) ->
         ),
         Some(Err(FrameError::Io(e))) => {
             let unsent = match stream_fault(&e) {
-                StreamFault::Reset(reset_code::REFUSED) => true,
+                StreamFault::Reset(REFUSED) => true,
                 StreamFault::ConnectionLost => !acknowledged,
                 _ => false,
             };

@@ -123,10 +123,9 @@ fn health(tunnel: &Tunnel) -> Response<ResponseBody> {
     let tasks = tokio::runtime::Handle::current()
         .metrics()
         .num_alive_tasks();
-    let up = links.iter().find_map(|link| match &link.state {
-        LinkState::Up { connection } => Some((link, connection)),
-        _ => None,
-    });
+    let up = links
+        .iter()
+        .find_map(|link| link.usable().map(|(connection, _)| (link, connection)));
     let (status, mut body) = match up {
         Some((link, connection)) => (
             StatusCode::OK,
@@ -184,11 +183,18 @@ fn health(tunnel: &Tunnel) -> Response<ResponseBody> {
 
 /// One relay's entry in the health detail.
 fn link_detail(link: &RelayLink) -> serde_json::Value {
-    match &link.state {
-        LinkState::Up { connection } => serde_json::json!({
+    if let Some((connection, _)) = link.usable() {
+        return serde_json::json!({
             "address": link.address,
             "state": "up",
             "rtt_ms": connection.rtt().as_secs_f64() * 1000.0,
+        });
+    }
+    match &link.state {
+        LinkState::Up { connection, .. } => serde_json::json!({
+            "address": link.address,
+            "state": "connecting",
+            "last_error": connection.close_reason().map(|reason| reason.to_string()),
         }),
         LinkState::Connecting { last_error } => serde_json::json!({
             "address": link.address,

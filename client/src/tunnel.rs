@@ -16,7 +16,7 @@
 //! to complete wins. A relay that comes back is thus reached within about
 //! a second, and a dead one costs a few small packets a second.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +34,11 @@ use tracing::{info, warn};
 
 /// A connection that lasted this long resets the reconnect backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+
+/// Numbers every connection the client makes, so one that failed can be
+/// told apart from its successor (quinn's `stable_id` is an address and
+/// may be reused once the old connection is freed).
+static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
 /// One relay the client may connect to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +98,8 @@ pub enum LinkState {
     Up {
         /// The live connection.
         connection: quinn::Connection,
+        /// This client's number for the connection.
+        id: u64,
     },
     /// The client is shutting down.
     Stopped,
@@ -105,6 +112,18 @@ pub struct RelayLink {
     pub address: String,
     /// Its link's state.
     pub state: LinkState,
+}
+
+impl RelayLink {
+    /// The connection new requests may use: up, and not closed since.
+    pub fn usable(&self) -> Option<(&quinn::Connection, u64)> {
+        match &self.state {
+            LinkState::Up { connection, id } if connection.close_reason().is_none() => {
+                Some((connection, *id))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Why no stream could be had.
@@ -134,7 +153,7 @@ pub struct OpenedStream {
     /// The receiving half; counted in [`Tunnel::open_streams`] until dropped.
     pub recv: BoxRecv,
     /// Identifies the connection it runs on (see [`Tunnel::open_stream`]'s `avoid`).
-    pub connection_id: usize,
+    pub connection_id: u64,
     /// The relay it goes to.
     pub relay: String,
 }
@@ -201,8 +220,8 @@ impl Tunnel {
     pub async fn connection(
         &self,
         wait: Duration,
-        avoid: Option<usize>,
-    ) -> Result<quinn::Connection, TunnelError> {
+        avoid: Option<u64>,
+    ) -> Result<(quinn::Connection, u64), TunnelError> {
         let deadline = Instant::now() + wait;
         let mut links = self.links.clone();
         loop {
@@ -236,12 +255,12 @@ impl Tunnel {
     pub async fn open_stream(
         &self,
         wait: Duration,
-        mut avoid: Option<usize>,
+        mut avoid: Option<u64>,
     ) -> Result<OpenedStream, TunnelError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let connection = self.connection(wait, avoid).await?;
+            let (connection, id) = self.connection(wait, avoid).await?;
             let opened =
                 tokio::time::timeout(self.settings.open_stream_timeout, connection.open_bi()).await;
             match opened {
@@ -250,13 +269,13 @@ impl Tunnel {
                     return Ok(OpenedStream {
                         send: Box::new(send),
                         recv: Box::new(recv),
-                        connection_id: connection.stable_id(),
+                        connection_id: id,
                         relay: connection.remote_address().to_string(),
                     });
                 }
                 Ok(Err(e)) if attempt < 2 => {
                     warn!(error = %e, "could not open a stream; retrying on another connection");
-                    avoid = Some(connection.stable_id());
+                    avoid = Some(id);
                 }
                 Ok(Err(e)) => return Err(e.into()),
                 Err(_) => {
@@ -270,15 +289,12 @@ impl Tunnel {
 }
 
 /// The first link, in order of preference, with a live connection other than `avoid`.
-fn choose(links: &[RelayLink], avoid: Option<usize>) -> Option<quinn::Connection> {
-    links.iter().find_map(|link| match &link.state {
-        LinkState::Up { connection }
-            if connection.close_reason().is_none() && Some(connection.stable_id()) != avoid =>
-        {
-            Some(connection.clone())
-        }
-        _ => None,
-    })
+fn choose(links: &[RelayLink], avoid: Option<u64>) -> Option<(quinn::Connection, u64)> {
+    links
+        .iter()
+        .filter_map(RelayLink::usable)
+        .find(|(_, id)| Some(*id) != avoid)
+        .map(|(connection, id)| (connection.clone(), id))
 }
 
 /// Each relay's last error, for the 503 message.
@@ -422,6 +438,7 @@ impl Link {
             info!(%relay, rtt_ms = connection.rtt().as_millis() as u64, "tunnel up");
             self.publish(LinkState::Up {
                 connection: connection.clone(),
+                id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
             });
             let up_since = Instant::now();
             let (reason, relay_leaving) = tokio::select! {

@@ -19,6 +19,7 @@ use futures_util::SinkExt;
 use passage_shared::frame::{Frame, Welcome, frame_writer, reset_code};
 use passage_shared::pki::certificate_common_name;
 use rustls::pki_types::CertificateDer;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -27,6 +28,26 @@ use crate::stream::{self, StreamContext};
 
 /// Longest a TLS handshake may take before the attempt is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest a shutting-down relay waits for its go-aways to be sent.
+const GO_AWAY_WAIT: Duration = Duration::from_secs(1);
+
+/// One connection that has not yet sent its client the go-away; counted in
+/// a shared number the shutdown waits on, until sent or dropped.
+struct Unannounced(Arc<watch::Sender<usize>>);
+
+impl Unannounced {
+    fn register(count: &Arc<watch::Sender<usize>>) -> Unannounced {
+        count.send_modify(|n| *n += 1);
+        Unannounced(count.clone())
+    }
+}
+
+impl Drop for Unannounced {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
 
 /// Accepts connections until `shutdown` fires, then drains in-flight streams.
 pub async fn serve(
@@ -38,7 +59,10 @@ pub async fn serve(
 ) {
     let streams = TaskTracker::new();
     let connections = TaskTracker::new();
-    let mut status = tokio::time::interval(status_interval);
+    let (unannounced, _) = watch::channel(0usize);
+    let unannounced = Arc::new(unannounced);
+    // A zero period would make tokio's interval panic.
+    let mut status = tokio::time::interval(status_interval.max(Duration::from_millis(100)));
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_status = None;
     loop {
@@ -55,11 +79,19 @@ pub async fn serve(
             incoming,
             ctx.clone(),
             streams.clone(),
+            Unannounced::register(&unannounced),
             shutdown.clone(),
         ));
     }
     // Refuse new connections while the old ones drain.
     endpoint.set_server_config(None);
+    // Every client hears the go-away before the drain starts, even when no
+    // stream is in flight and the endpoint is about to close.
+    let _ = tokio::time::timeout(
+        GO_AWAY_WAIT,
+        unannounced.subscribe().wait_for(|pending| *pending == 0),
+    )
+    .await;
     streams.close();
     info!(
         open_streams = streams.len(),
@@ -109,6 +141,7 @@ async fn connection(
     incoming: quinn::Incoming,
     ctx: Arc<StreamContext>,
     streams: TaskTracker,
+    unannounced: Unannounced,
     shutdown: CancellationToken,
 ) {
     let remote = incoming.remote_address();
@@ -138,23 +171,24 @@ async fn connection(
             return;
         }
         info!("client connected");
-        let mut draining = false;
+        let mut unannounced = Some(unannounced);
         loop {
             let accepted = tokio::select! {
-                _ = shutdown.cancelled(), if !draining => {
-                    draining = true;
+                biased;
+                _ = shutdown.cancelled(), if unannounced.is_some() => {
                     // No more stream credit, and a go-away so the client
                     // stops opening streams here; open streams carry on.
                     connection.set_max_concurrent_bi_streams(0u32.into());
                     if let Err(e) = go_away(&connection).await {
                         debug!(reason = %e, "could not send the go-away");
                     }
+                    unannounced = None;
                     continue;
                 }
                 accepted = connection.accept_bi() => accepted,
             };
             match accepted {
-                Ok((mut send, mut recv)) if draining => {
+                Ok((mut send, mut recv)) if shutdown.is_cancelled() => {
                     // Crossed the go-away: refuse it unread, so the client
                     // knows it can send the request elsewhere.
                     debug!("refusing a stream opened after the go-away");

@@ -34,13 +34,13 @@ pub struct CommonArgs {
     tunnel_idle_timeout: Duration,
 }
 
-/// Parses a positive number of seconds, fractions allowed, up to an hour.
+/// Parses a number of seconds from 0.01 to 3600, fractions allowed.
 fn parse_seconds(value: &str) -> Result<Duration, String> {
     let seconds: f64 = value
         .parse()
         .map_err(|_| format!("{value:?} is not a number of seconds"))?;
-    if !(seconds > 0.0 && seconds <= 3600.0) {
-        return Err(format!("{value} is not between 0 and 3600 seconds"));
+    if !(0.01..=3600.0).contains(&seconds) {
+        return Err(format!("{value} is not between 0.01 and 3600 seconds"));
     }
     Ok(Duration::from_secs_f64(seconds))
 }

@@ -36,7 +36,7 @@ pub enum StreamEnd {
     /// Finished, and the peer acknowledged receipt of every byte.
     Acknowledged,
     /// The peer asked us to stop sending, with this code.
-    Stopped(u32),
+    Stopped(u64),
     /// The connection ended first.
     ConnectionLost,
 }
@@ -45,7 +45,7 @@ pub enum StreamEnd {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamFault {
     /// The peer reset (receiving) or stopped (sending) the stream with this code.
-    Reset(u32),
+    Reset(u64),
     /// The whole connection failed or was closed.
     ConnectionLost,
     /// Anything else.
@@ -59,14 +59,14 @@ pub fn stream_fault(error: &std::io::Error) -> StreamFault {
     };
     if let Some(read) = inner.downcast_ref::<quinn::ReadError>() {
         return match read {
-            quinn::ReadError::Reset(code) => StreamFault::Reset(code.into_inner() as u32),
+            quinn::ReadError::Reset(code) => StreamFault::Reset(code.into_inner()),
             quinn::ReadError::ConnectionLost(_) => StreamFault::ConnectionLost,
             _ => StreamFault::Other,
         };
     }
     if let Some(write) = inner.downcast_ref::<quinn::WriteError>() {
         return match write {
-            quinn::WriteError::Stopped(code) => StreamFault::Reset(code.into_inner() as u32),
+            quinn::WriteError::Stopped(code) => StreamFault::Reset(code.into_inner()),
             quinn::WriteError::ConnectionLost(_) => StreamFault::ConnectionLost,
             _ => StreamFault::Other,
         };
@@ -100,7 +100,7 @@ impl SendHalf for quinn::SendStream {
         Box::pin(async move {
             match stopped.await {
                 Ok(None) => StreamEnd::Acknowledged,
-                Ok(Some(code)) => StreamEnd::Stopped(code.into_inner() as u32),
+                Ok(Some(code)) => StreamEnd::Stopped(code.into_inner()),
                 Err(_) => StreamEnd::ConnectionLost,
             }
         })

@@ -405,3 +405,37 @@ async fn a_client_shutting_down_finishes_in_flight_responses() {
         "the listener is closed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacknowledged_request_waits_for_its_relay_to_come_back() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let pki = TestPki::new();
+    let addr = free_udp_port();
+    let mut relay = RelayProcess::start(&pki, addr, &upstream.url()).await;
+    let client = LocalClient::start(pki.issue("app", &[addr]), |_| {}).await;
+    client.wait_for_relay(addr, Duration::from_secs(10)).await;
+
+    // Sent to the dead relay before the client notices; the relay is back
+    // by the time the connection times out, and the request goes through
+    // on the new connection (the old one's number is never reused).
+    relay.kill().await;
+    let before = upstream.request_count();
+    let pending = {
+        let http = client.http.clone();
+        let url = client.url("/v1/chat/completions");
+        tokio::spawn(async move {
+            let request = http::Request::post(url)
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    chat().to_string(),
+                )))
+                .expect("request");
+            http.request(request).await.expect("an answer")
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _relay = RelayProcess::start(&pki, addr, &upstream.url()).await;
+    let response = pending.await.expect("request task");
+    assert_eq!(response.status(), 200, "{}", body_json(response).await);
+    assert_eq!(upstream.request_count(), before + 1);
+}
