@@ -226,12 +226,31 @@ impl LocalClient {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// A request to the local endpoint, as a future that owns what it
+    /// needs (so it can be spawned); `json` is sent as the body if given.
+    pub fn send(
+        &self,
+        method: http::Method,
+        path: &str,
+        json: Option<&serde_json::Value>,
+    ) -> impl std::future::Future<Output = Result<Response<Incoming>, String>> + Send + 'static
+    {
+        let http = self.http.clone();
+        let mut request = Request::builder().method(method).uri(self.url(path));
+        let body = match json {
+            Some(value) => {
+                request = request.header("content-type", "application/json");
+                Bytes::from(value.to_string())
+            }
+            None => Bytes::new(),
+        };
+        let request = request.body(Full::new(body)).expect("request");
+        async move { http.request(request).await.map_err(|e| e.to_string()) }
+    }
+
     /// `GET path`.
     pub async fn get(&self, path: &str) -> Result<Response<Incoming>, String> {
-        let request = Request::get(self.url(path))
-            .body(Full::new(Bytes::new()))
-            .expect("request");
-        self.http.request(request).await.map_err(|e| e.to_string())
+        self.send(http::Method::GET, path, None).await
     }
 
     /// `POST path` with a small JSON body.
@@ -240,11 +259,7 @@ impl LocalClient {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<Response<Incoming>, String> {
-        let request = Request::post(self.url(path))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .expect("request");
-        self.http.request(request).await.map_err(|e| e.to_string())
+        self.send(http::Method::POST, path, Some(body)).await
     }
 
     /// The `/healthz` document (whatever its status).

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use http::Method;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use passage_tests::mock_upstream::MockUpstream;
@@ -72,18 +73,7 @@ async fn a_killed_relay_fails_in_flight_requests_and_is_used_again_once_back() {
         .await
         .expect("first event")
         .expect("first event");
-    let headless = {
-        let http = client.http.clone();
-        let url = client.url("/v1/slow-head");
-        tokio::spawn(async move {
-            let request = http::Request::get(url)
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .expect("request");
-            let response = http.request(request).await.expect("an answer");
-            let status = response.status();
-            (status, body_json(response).await)
-        })
-    };
+    let headless = tokio::spawn(client.send(Method::GET, "/v1/slow-head", None));
     upstream_saw(&upstream, 2).await;
 
     let killed = Instant::now();
@@ -91,7 +81,9 @@ async fn a_killed_relay_fails_in_flight_requests_and_is_used_again_once_back() {
     let (_, outcome) = read_to_end(&mut streaming, DETECTION_LIMIT + Duration::from_secs(2)).await;
     assert!(outcome.is_err(), "a cut stream must not end cleanly");
     let stream_cut = killed.elapsed();
-    let (status, error) = headless.await.expect("headless request task");
+    let response = headless.await.expect("request task").expect("an answer");
+    let status = response.status();
+    let error = body_json(response).await;
     let head_failed = killed.elapsed();
     assert_eq!(status, 502, "{error}");
     assert_eq!(error["error"]["type"], "passage_error");
@@ -166,18 +158,24 @@ async fn with_one_of_two_relays_killed_a_steady_stream_carries_on() {
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..8 {
-        let http = client.http.clone();
-        let url = client.url("/v1/chat/completions");
-        workers.push(tokio::spawn(async move {
-            let (mut ok, mut failed, mut hung) = (0u32, 0u32, 0u32);
-            while started.elapsed() < run_for {
-                let request = http::Request::post(&url)
+        let client_send = {
+            let base = client.url("");
+            let http = client.http.clone();
+            move || {
+                let request = http::Request::post(format!("{base}/v1/chat/completions"))
                     .header("content-type", "application/json")
                     .body(http_body_util::Full::new(bytes::Bytes::from(
                         chat().to_string(),
                     )))
                     .expect("request");
-                match tokio::time::timeout(Duration::from_secs(15), http.request(request)).await {
+                let http = http.clone();
+                async move { http.request(request).await }
+            }
+        };
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut failed, mut hung) = (0u32, 0u32, 0u32);
+            while started.elapsed() < run_for {
+                match tokio::time::timeout(Duration::from_secs(15), client_send()).await {
                     Ok(Ok(response)) if response.status() == 200 => ok += 1,
                     Ok(_) => failed += 1,
                     Err(_) => hung += 1,
@@ -240,19 +238,10 @@ async fn a_request_the_upstream_may_have_seen_is_not_sent_again() {
     client.wait_for_relay(first, Duration::from_secs(10)).await;
 
     let before = upstream.request_count();
-    let pending = {
-        let http = client.http.clone();
-        let url = client.url("/v1/slow-head");
-        tokio::spawn(async move {
-            let request = http::Request::get(url)
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .expect("request");
-            http.request(request).await.expect("an answer")
-        })
-    };
+    let pending = tokio::spawn(client.send(Method::GET, "/v1/slow-head", None));
     upstream_saw(&upstream, before + 1).await;
     relay_a.kill().await;
-    let response = pending.await.expect("request task");
+    let response = pending.await.expect("request task").expect("an answer");
     assert_eq!(response.status(), 502);
     assert_eq!(
         body_json(response).await["error"]["code"],
@@ -420,22 +409,10 @@ async fn an_unacknowledged_request_waits_for_its_relay_to_come_back() {
     // on the new connection (the old one's number is never reused).
     relay.kill().await;
     let before = upstream.request_count();
-    let pending = {
-        let http = client.http.clone();
-        let url = client.url("/v1/chat/completions");
-        tokio::spawn(async move {
-            let request = http::Request::post(url)
-                .header("content-type", "application/json")
-                .body(http_body_util::Full::new(bytes::Bytes::from(
-                    chat().to_string(),
-                )))
-                .expect("request");
-            http.request(request).await.expect("an answer")
-        })
-    };
+    let pending = tokio::spawn(client.send(Method::POST, "/v1/chat/completions", Some(&chat())));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _relay = RelayProcess::start(&pki, addr, &upstream.url()).await;
-    let response = pending.await.expect("request task");
+    let response = pending.await.expect("request task").expect("an answer");
     assert_eq!(response.status(), 200, "{}", body_json(response).await);
     assert_eq!(upstream.request_count(), before + 1);
 }
