@@ -6,7 +6,8 @@
 //! client gets a `GoAway` (it sends new requests elsewhere), streams that
 //! still arrive are refused unread ([`reset_code::REFUSED`]: the client may
 //! resend them), and in-flight streams get up to the drain timeout to
-//! finish; then the endpoint closes.
+//! finish and their clients to close the connection; then the endpoint
+//! closes.
 //!
 //! While it runs, the listener logs a status line (connections, open
 //! streams, live tasks) at most once per status interval and only when
@@ -93,24 +94,28 @@ pub async fn serve(
     )
     .await;
     streams.close();
+    connections.close();
     info!(
         open_streams = streams.len(),
         drain_timeout_s = drain_timeout.as_secs(),
         "shutting down: draining in-flight streams"
     );
-    if tokio::time::timeout(drain_timeout, streams.wait())
-        .await
-        .is_err()
-    {
+    // Drained means every stream task ended and then every client closed
+    // its connection: a passage client does that once it has read the last
+    // of its responses, so nothing still in flight is cut by the close.
+    let drained = async {
+        streams.wait().await;
+        connections.wait().await;
+    };
+    if tokio::time::timeout(drain_timeout, drained).await.is_err() {
         warn!(
             open_streams = streams.len(),
+            connections = connections.len(),
             drain_timeout_s = drain_timeout.as_secs(),
-            "drain timeout reached; closing the remaining streams"
+            "drain timeout reached; closing the remaining connections"
         );
     }
     endpoint.close(0u32.into(), b"relay shutting down");
-    connections.close();
-    let _ = tokio::time::timeout(Duration::from_secs(1), connections.wait()).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
 }
 

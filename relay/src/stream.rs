@@ -92,7 +92,6 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
         warn!(client = %client, code = error.code, message = %error.message, "request refused");
         if send_api_error(&mut responder, error).await.is_ok() {
             responder.get_mut().finish();
-            responder.get_ref().stopped().await;
         }
         return;
     }
@@ -133,14 +132,8 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
             Outcome::ClientGone { bytes } => {
                 responder.get_mut().reset(reset_code::CANCELLED);
                 info!(bytes, elapsed_ms, "client went away; upstream call dropped");
-                return;
             }
         }
-        // The stream task ends only once the client has acknowledged the
-        // whole response (or the connection is gone): a draining relay
-        // waits for its stream tasks and then closes, and closing abandons
-        // data still in flight.
-        responder.get_ref().stopped().await;
     }
     .instrument(span)
     .await
