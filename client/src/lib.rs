@@ -77,7 +77,7 @@ pub enum ClientError {
     )]
     NotLoopback(SocketAddr),
     /// The local address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         /// The address.
         addr: SocketAddr,

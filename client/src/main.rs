@@ -24,6 +24,10 @@ struct Cli {
 enum Command {
     /// Serve the local endpoint and keep the tunnel up.
     Run {
+        /// TOML file setting any of these flags by name (e.g.
+        /// `connect-wait = 10`); flags given here win over it.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Bundle file from `passage-relay issue`.
         #[arg(long)]
         bundle: PathBuf,
@@ -42,7 +46,10 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    let parsed = passage_shared::config_file::parse_with_config::<Cli>("run")
+        .map_err(anyhow::Error::from)
+        .and_then(run);
+    match parsed {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("passage-client: {e:#}");
@@ -53,6 +60,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let Command::Run {
+        config: _,
         bundle,
         listen,
         relays,

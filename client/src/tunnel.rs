@@ -395,7 +395,7 @@ impl Endpoints {
         if let Some(endpoint) = slot {
             return Ok(endpoint.clone());
         }
-        let endpoint = quic::endpoint(bind, None).map_err(|e| e.to_string())?;
+        let endpoint = quic::endpoint(bind, None).map_err(|e| passage_shared::error_chain(&e))?;
         *slot = Some(endpoint.clone());
         Ok(endpoint)
     }

@@ -53,6 +53,10 @@ enum Command {
     },
     /// Accept tunnel connections and forward requests to the upstream.
     Serve {
+        /// TOML file setting any of these flags by name (e.g.
+        /// `idle-timeout = 600`); flags given here win over it.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// PKI directory made by `init`.
         #[arg(long)]
         pki: PathBuf,
@@ -88,7 +92,10 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    let parsed = passage_shared::config_file::parse_with_config::<Cli>("serve")
+        .map_err(anyhow::Error::from)
+        .and_then(run);
+    match parsed {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("passage-relay: {e:#}");
@@ -109,6 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
         } => pki_cmd::issue(&dir, &name, &relays, server_name.as_deref(), days, out).map(|_| ()),
         Command::Serve {
+            config: _,
             pki,
             listen,
             upstream,

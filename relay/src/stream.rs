@@ -31,7 +31,8 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::upstream::{UpstreamClient, error_chain};
+use crate::upstream::UpstreamClient;
+use passage_shared::error_chain;
 
 /// What every stream handler needs; shared by all connections.
 #[derive(Debug)]

@@ -20,6 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use passage_shared::body::FrameBody;
 use passage_shared::error_body::ApiError;
+use passage_shared::error_chain;
 use passage_shared::frame::RequestHead;
 use passage_shared::http_map::extend_from_wire;
 use passage_shared::transport::BoxRecv;
@@ -274,18 +275,6 @@ impl UpstreamClient {
             }
         })
     }
-}
-
-/// An error and its sources, joined with ": ".
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

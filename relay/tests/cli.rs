@@ -68,3 +68,52 @@ fn serve_with_an_unset_key_variable_fails_with_one_line() {
         "{error}"
     );
 }
+
+/// Writes `config` (after `pki = "..."` for a fresh PKI) and runs `serve
+/// --config FILE` plus `extra`; returns its one-line error.
+fn config_error(config: &str, extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let pki = pki.to_str().expect("utf-8 path");
+    assert!(relay(&["init", "--dir", pki]).status.success());
+    let file = dir.path().join("relay.toml");
+    std::fs::write(
+        &file,
+        format!("pki = \"{pki}\"\nlisten = \"127.0.0.1:0\"\n{config}"),
+    )
+    .expect("write config");
+    let mut args = vec!["serve", "--config", file.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    one_line_error(&relay(&args))
+}
+
+#[test]
+fn a_config_file_sets_flags_including_required_ones() {
+    // The key variable named in the file is unset: the error proves the
+    // file (and its pki) was read.
+    let error = config_error("api_key_env = \"PASSAGE_TEST_UNSET_KEY\"\n", &[]);
+    assert!(
+        error.contains("--api-key-env PASSAGE_TEST_UNSET_KEY"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_command_line_wins_over_the_config_file() {
+    let error = config_error(
+        "upstream = \"http://127.0.0.1:1\"\n",
+        &["--upstream", "ftp://example"],
+    );
+    assert!(error.contains("http or https"), "{error}");
+}
+
+#[test]
+fn unknown_keys_and_bad_values_in_the_config_file_are_named() {
+    let error = config_error("idle_timout = 5\n", &[]);
+    assert!(error.contains("unknown key `idle_timout`"), "{error}");
+    let error = config_error("idle_timeout = \"soon\"\n", &[]);
+    assert!(
+        error.contains("`idle_timeout`: invalid value 'soon'"),
+        "{error}"
+    );
+}

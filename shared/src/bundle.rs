@@ -32,7 +32,7 @@ pub struct Bundle {
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     /// The file could not be read.
-    #[error("cannot read bundle {path}: {source}")]
+    #[error("cannot read bundle {path}")]
     Read {
         /// The bundle path.
         path: String,

@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod bundle;
+pub mod config_file;
 pub mod error_body;
 pub mod frame;
 pub mod http_map;
@@ -15,3 +16,16 @@ pub mod process;
 pub mod quic;
 pub mod tls;
 pub mod transport;
+
+/// An error and its sources, joined with ": " (what `anyhow`'s `{:#}`
+/// prints), for messages built from typed errors.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -44,7 +44,7 @@ pub enum PkiError {
     #[error("{0} already exists; refusing to overwrite it")]
     Exists(PathBuf),
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,

@@ -96,7 +96,7 @@ pub enum QuicSetupError {
     #[error("idle timeout out of range: {0:?}")]
     IdleTimeout(Duration),
     /// The UDP socket could not be made.
-    #[error("UDP socket on {addr}: {source}")]
+    #[error("UDP socket on {addr}")]
     Socket {
         /// The address to bind.
         addr: SocketAddr,
