@@ -62,6 +62,8 @@ pub struct Settings {
     pub longhaul_requests: usize,
     /// Long-haul: bytes of the download.
     pub longhaul_bytes: u64,
+    /// Long-haul: downloads per cell (their median counts).
+    pub longhaul_downloads: usize,
 }
 
 impl Settings {
@@ -85,6 +87,7 @@ impl Settings {
                 longhaul_window_rtt_ms: 40,
                 longhaul_requests: 3,
                 longhaul_bytes: 1 << 20,
+                longhaul_downloads: 1,
             }
         } else {
             Settings {
@@ -104,6 +107,7 @@ impl Settings {
                 longhaul_window_rtt_ms: 300,
                 longhaul_requests: 10,
                 longhaul_bytes: 20 << 20,
+                longhaul_downloads: 3,
             }
         }
     }
