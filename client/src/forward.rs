@@ -159,6 +159,21 @@ enum Exchange {
     Failed(ApiError),
 }
 
+/// Whether the relay had a finished request, asked (through its sending
+/// half's `stopped`) once the connection failed: it acknowledged all of
+/// it, or stopped it (which it does only to a stream it read, unless
+/// refusing it).
+async fn relay_had(stopped: impl Future<Output = StreamEnd>) -> bool {
+    // The connection is gone, so the answer is immediate; a transport that
+    // cannot tell in time counts as "had it": never risk a duplicate.
+    match tokio::time::timeout(Duration::from_millis(100), stopped).await {
+        Ok(StreamEnd::Acknowledged) => true,
+        Ok(StreamEnd::Stopped(code)) => code != REFUSED,
+        Ok(StreamEnd::ConnectionLost) => false,
+        Err(_) => true,
+    }
+}
+
 /// [`reset_code::REFUSED`] as the transport reports stream codes.
 const REFUSED: u64 = reset_code::REFUSED as u64;
 
@@ -183,36 +198,19 @@ async fn exchange(opened: OpenedStream, batch: &[u8], body: Option<Incoming>) ->
         };
     }
     let mut frames = frame_reader(recv);
-    let mut acknowledged = false;
-    let first = match body {
+    // A request held whole keeps its sending half: if the connection fails
+    // before the answer, that half tells whether the relay acknowledged it.
+    let held = match body {
         Some(body) => {
             tokio::spawn(pump_body(body, frame_writer(send)).in_current_span());
-            frames.next().await
+            None
         }
         None => {
             send.finish();
-            // Watch for the relay's acknowledgement of the whole request
-            // while waiting for the answer: without it, a lost connection
-            // means the relay never had the request.
-            let mut stopped = send.stopped();
-            let mut watching = true;
-            loop {
-                tokio::select! {
-                    biased;
-                    end = &mut stopped, if watching => {
-                        watching = false;
-                        // A stop from the relay also means it had the stream.
-                        acknowledged = match end {
-                            StreamEnd::Acknowledged => true,
-                            StreamEnd::Stopped(code) => code != REFUSED,
-                            StreamEnd::ConnectionLost => false,
-                        };
-                    }
-                    frame = frames.next() => break frame,
-                }
-            }
+            Some(send)
         }
     };
+    let first = frames.next().await;
     let why = match first {
         Some(Ok(Frame::ResponseHead(head))) => return Exchange::Answered(head, frames),
         Some(Ok(frame)) => format!(
@@ -220,12 +218,12 @@ async fn exchange(opened: OpenedStream, batch: &[u8], body: Option<Incoming>) ->
             frame.kind()
         ),
         Some(Err(FrameError::Io(e))) => {
-            let unsent = match stream_fault(&e) {
-                StreamFault::Reset(REFUSED) => true,
-                StreamFault::ConnectionLost => !acknowledged,
+            let unsent = match (stream_fault(&e), &held) {
+                (StreamFault::Reset(REFUSED), Some(_)) => true,
+                (StreamFault::ConnectionLost, Some(send)) => !relay_had(send.stopped()).await,
                 _ => false,
             };
-            if unsent && replayable {
+            if unsent {
                 return Exchange::Unsent(e.to_string());
             }
             format!("the tunnel stream failed before the response head: {e}")
