@@ -251,7 +251,8 @@ impl Tunnel {
 
     /// Opens a stream for one request on the preferred healthy relay,
     /// skipping connection `avoid`. A stream that could not be opened
-    /// carried nothing, so one failure is retried on another connection.
+    /// carried nothing, so one failure, or a connection whose streams all
+    /// stayed busy, is retried once on another connection.
     pub async fn open_stream(
         &self,
         wait: Duration,
@@ -278,6 +279,12 @@ impl Tunnel {
                     avoid = Some(id);
                 }
                 Ok(Err(e)) => return Err(e.into()),
+                // Every stream of this connection stayed busy: another
+                // relay that is up right now may have room.
+                Err(_) if attempt < 2 && choose(&self.links.borrow(), Some(id)).is_some() => {
+                    warn!("no free stream on this connection in time; trying another relay");
+                    avoid = Some(id);
+                }
                 Err(_) => {
                     return Err(TunnelError::StreamTimeout(
                         self.settings.open_stream_timeout,
