@@ -3,7 +3,7 @@
 //!
 //! [`listener`] accepts QUIC connections and streams, [`stream`] serves one
 //! request, [`upstream`] is the HTTP client for the configured upstream, and
-//! [`pki_cmd`] implements `init` and `issue`.
+//! [`pki_cmd`] implements `init`, `issue`, `revoke` and `list`.
 
 pub mod listener;
 pub mod pki_cmd;
@@ -17,10 +17,12 @@ use std::time::Duration;
 
 use passage_shared::pki::{PkiDir, PkiError};
 use passage_shared::quic::{self, QuicSetupError, TransportTuning};
+use passage_shared::revocation::Revocations;
 use passage_shared::tls::{TlsError, relay_tls_config};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::listener::Revocation;
 use crate::stream::StreamContext;
 use crate::upstream::{ApiKey, UpstreamBase, UpstreamClient, UpstreamConfigError};
 
@@ -94,13 +96,32 @@ pub struct Relay {
     ctx: Arc<StreamContext>,
     drain_timeout: Duration,
     status_interval: Duration,
+    revocation: Revocation,
+}
+
+/// Asks a running relay to re-read its revocation list (what SIGHUP does).
+#[derive(Debug, Clone)]
+pub struct ReloadHandle(Arc<tokio::sync::Notify>);
+
+impl ReloadHandle {
+    /// Requests the reload; the relay performs it as soon as it can.
+    pub fn reload(&self) {
+        self.0.notify_one();
+    }
 }
 
 impl Relay {
     /// Loads the PKI and binds the UDP socket; must run inside a tokio runtime.
     pub fn bind(config: RelayConfig) -> Result<Relay, RelayError> {
-        let identity = PkiDir::new(&config.pki_dir).load_relay_identity()?;
-        let tls = relay_tls_config(identity.ca, identity.chain, identity.key)?;
+        let pki = PkiDir::new(&config.pki_dir);
+        let identity = pki.load_relay_identity()?;
+        let revocations = Revocations::new(pki.revoked_fingerprints()?);
+        let tls = relay_tls_config(
+            identity.ca,
+            identity.chain,
+            identity.key,
+            revocations.clone(),
+        )?;
         let server = quic::server_config(tls, config.transport)?;
         let endpoint = quic::endpoint(config.listen, Some(server))?;
         let upstream = UpstreamClient::new(
@@ -118,7 +139,18 @@ impl Relay {
             }),
             drain_timeout: config.drain_timeout,
             status_interval: config.status_interval,
+            revocation: Revocation {
+                pki_dir: config.pki_dir,
+                revocations,
+                requested: Arc::new(tokio::sync::Notify::new()),
+            },
         })
+    }
+
+    /// A handle that makes the running relay re-read its revocation list,
+    /// refuse revoked certificates from then on and close their connections.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle(self.revocation.requested.clone())
     }
 
     /// The UDP address the relay listens on.
@@ -138,6 +170,7 @@ impl Relay {
             self.ctx,
             self.drain_timeout,
             self.status_interval,
+            self.revocation,
             shutdown,
         )
         .await;

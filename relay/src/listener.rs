@@ -9,16 +9,25 @@
 //! finish and their clients to close the connection; then the endpoint
 //! closes.
 //!
+//! Revocation: on a reload request (SIGHUP) the listener re-reads the PKI
+//! directory's revocation list; the TLS verifier refuses revoked
+//! certificates from then on, and open connections that present one are
+//! closed.
+//!
 //! While it runs, the listener logs a status line (connections, open
 //! streams, live tasks) at most once per status interval and only when
 //! those figures changed, so an operator can see them return to zero.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::SinkExt;
 use passage_shared::frame::{Frame, Welcome, frame_writer, reset_code};
-use passage_shared::pki::certificate_common_name;
+use passage_shared::pki::{PkiDir, certificate_common_name};
+use passage_shared::revocation::{Fingerprint, Revocations, fingerprint};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +41,92 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest a shutting-down relay waits for its go-aways to be sent.
 const GO_AWAY_WAIT: Duration = Duration::from_secs(1);
+
+/// Application close code for a connection whose certificate was revoked.
+pub const CLOSE_REVOKED: u32 = 0x10;
+
+/// The revocation list of a running relay and how to reload it.
+#[derive(Debug)]
+pub struct Revocation {
+    /// The PKI directory holding `revoked.toml`.
+    pub pki_dir: PathBuf,
+    /// The set the TLS verifier checks.
+    pub revocations: Revocations,
+    /// Signalled to reload (SIGHUP).
+    pub requested: Arc<tokio::sync::Notify>,
+}
+
+/// Open client connections by number, with their certificate's
+/// fingerprint, so a reload can close the revoked ones.
+#[derive(Debug, Default)]
+struct Live {
+    next: AtomicU64,
+    connections: Mutex<HashMap<u64, (Fingerprint, quinn::Connection)>>,
+}
+
+impl Live {
+    /// Records `connection`; it is forgotten when the returned guard drops.
+    fn register(self: &Arc<Self>, print: Fingerprint, connection: quinn::Connection) -> LiveGuard {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut connections) = self.connections.lock() {
+            connections.insert(id, (print, connection));
+        }
+        LiveGuard {
+            live: self.clone(),
+            id,
+        }
+    }
+
+    /// Closes every open connection whose certificate is now revoked; returns how many.
+    fn close_revoked(&self, revoked: &std::collections::HashSet<Fingerprint>) -> usize {
+        let Ok(connections) = self.connections.lock() else {
+            return 0;
+        };
+        let mut closed = 0;
+        for (print, connection) in connections.values() {
+            if revoked.contains(print) {
+                connection.close(CLOSE_REVOKED.into(), b"client certificate revoked");
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
+/// Removes a connection from [`Live`] when its task ends.
+struct LiveGuard {
+    live: Arc<Live>,
+    id: u64,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if let Ok(mut connections) = self.live.connections.lock() {
+            connections.remove(&self.id);
+        }
+    }
+}
+
+/// Re-reads the revocation list, swaps it into the verifier and closes
+/// open connections of revoked certificates. A list that cannot be read
+/// leaves the old one in force.
+fn reload_revocations(revocation: &Revocation, live: &Live) {
+    match PkiDir::new(&revocation.pki_dir).revoked_fingerprints() {
+        Ok(revoked) => {
+            let closed = live.close_revoked(&revoked);
+            let count = revocation.revocations.replace(revoked);
+            info!(
+                revoked = count,
+                closed_connections = closed,
+                "revocation list reloaded"
+            );
+        }
+        Err(e) => warn!(
+            error = %passage_shared::error_chain(&e),
+            "cannot read the revocation list; the previous one stays in force"
+        ),
+    }
+}
 
 /// One connection that has not yet sent its client the go-away; counted in
 /// a shared number the shutdown waits on, until sent or dropped.
@@ -56,8 +151,10 @@ pub async fn serve(
     ctx: Arc<StreamContext>,
     drain_timeout: Duration,
     status_interval: Duration,
+    revocation: Revocation,
     shutdown: CancellationToken,
 ) {
+    let live = Arc::new(Live::default());
     let streams = TaskTracker::new();
     let connections = TaskTracker::new();
     let (unannounced, _) = watch::channel(0usize);
@@ -73,6 +170,10 @@ pub async fn serve(
                 log_status(&connections, &streams, &mut last_status);
                 continue;
             }
+            () = revocation.requested.notified() => {
+                reload_revocations(&revocation, &live);
+                continue;
+            }
             incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { break };
@@ -81,6 +182,7 @@ pub async fn serve(
             ctx.clone(),
             streams.clone(),
             Unannounced::register(&unannounced),
+            (live.clone(), revocation.revocations.clone()),
             shutdown.clone(),
         ));
     }
@@ -147,6 +249,7 @@ async fn connection(
     ctx: Arc<StreamContext>,
     streams: TaskTracker,
     unannounced: Unannounced,
+    (live, revocations): (Arc<Live>, Revocations),
     shutdown: CancellationToken,
 ) {
     let remote = incoming.remote_address();
@@ -169,6 +272,13 @@ async fn connection(
         }
     };
     let client: Arc<str> = client_name(&connection).into();
+    let leaf = leaf_certificate(&connection);
+    let _live = live.register(fingerprint(&leaf), connection.clone());
+    // A reload that ran while this handshake was in flight did not see it.
+    if revocations.is_revoked(&leaf) {
+        connection.close(CLOSE_REVOKED.into(), b"client certificate revoked");
+        return;
+    }
     let span = info_span!("connection", client = %client, %remote);
     async move {
         if let Err(e) = welcome(&connection, &client).await {
@@ -238,6 +348,15 @@ async fn welcome(connection: &quinn::Connection, client: &str) -> Result<(), Str
         .await
         .map_err(|e| e.to_string())?;
     writer.get_mut().finish().map_err(|e| e.to_string())
+}
+
+/// The client's (already verified) certificate, DER; empty if absent.
+fn leaf_certificate(connection: &quinn::Connection) -> Vec<u8> {
+    connection
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().map(|leaf| leaf.to_vec()))
+        .unwrap_or_default()
 }
 
 /// The client's identity: the common name of its (already verified) certificate.

@@ -51,6 +51,21 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Revoke every certificate issued to a client (a running relay applies it on SIGHUP).
+    Revoke {
+        /// PKI directory made by `init`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Client name given to `issue`.
+        #[arg(long)]
+        name: String,
+    },
+    /// List issued client certificates with their expiry and state.
+    List {
+        /// PKI directory made by `init`.
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Accept tunnel connections and forward requests to the upstream.
     Serve {
         /// TOML file setting any of these flags by name (e.g.
@@ -115,6 +130,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             days,
             out,
         } => pki_cmd::issue(&dir, &name, &relays, server_name.as_deref(), days, out).map(|_| ()),
+        Command::Revoke { dir, name } => pki_cmd::revoke(&dir, &name),
+        Command::List { dir } => pki_cmd::list(&dir),
         Command::Serve {
             config: _,
             pki,
@@ -173,6 +190,15 @@ fn serve(config: RelayConfig, common: &CommonArgs) -> anyhow::Result<()> {
         }
         let shutdown = passage_shared::process::shutdown_on_signal()
             .context("installing the SIGTERM/SIGINT handlers")?;
+        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        let reload = relay.reload_handle();
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the revocation list");
+                reload.reload();
+            }
+        });
         relay.run(shutdown).await;
         Ok(())
     })

@@ -67,12 +67,70 @@ pub fn issue(
     let text = bundle.to_toml().context("encoding the bundle")?;
     write_new_file(&out, text.as_bytes(), 0o600)
         .with_context(|| format!("writing the bundle for {name:?}"))?;
+    pki.record_issued(name, &bundle.cert)
+        .with_context(|| format!("recording the certificate of {name:?}"))?;
     println!(
         "wrote the bundle for {name:?} to {} (mode 0600)",
         out.display()
     );
     println!("copy it to the client machine and run: passage-client run --bundle FILE");
     Ok(out)
+}
+
+/// `passage-relay revoke`: puts every certificate issued to `name` on the
+/// revocation list; a running relay applies it on SIGHUP.
+pub fn revoke(dir: &Path, name: &str) -> anyhow::Result<()> {
+    let pki = PkiDir::new(dir);
+    let added = pki
+        .revoke(name)
+        .with_context(|| format!("revoking {name:?} in {}", dir.display()))?;
+    if added == 0 {
+        println!("every certificate of {name:?} was already revoked");
+    } else {
+        println!(
+            "revoked {added} certificate(s) of {name:?} in {}",
+            pki.revocation_list_path().display()
+        );
+        println!("send SIGHUP to the running relay to apply it (its connections are closed)");
+    }
+    Ok(())
+}
+
+/// `passage-relay list`: issued client certificates, their expiry and state.
+pub fn list(dir: &Path) -> anyhow::Result<()> {
+    let issued = PkiDir::new(dir)
+        .issued()
+        .with_context(|| format!("reading the issued certificates in {}", dir.display()))?;
+    if issued.is_empty() {
+        println!("no client certificates issued from {}", dir.display());
+        return Ok(());
+    }
+    let width = issued
+        .iter()
+        .map(|c| c.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:width$}  {:16}  {:10}  state",
+        "name", "fingerprint", "expires"
+    );
+    for cert in issued {
+        let state = if cert.revoked {
+            "revoked"
+        } else if cert.expired {
+            "expired"
+        } else {
+            "valid"
+        };
+        println!(
+            "{:width$}  {:16}  {:10}  {state}",
+            cert.name,
+            &cert.fingerprint[..16],
+            cert.not_after
+        );
+    }
+    Ok(())
 }
 
 /// `HOST:PORT` with a port number; IPv6 hosts in brackets.

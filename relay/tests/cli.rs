@@ -117,3 +117,45 @@ fn unknown_keys_and_bad_values_in_the_config_file_are_named() {
         "{error}"
     );
 }
+
+#[test]
+fn list_shows_issued_clients_and_revoke_marks_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let pki = pki.to_str().expect("utf-8 path");
+    assert!(relay(&["init", "--dir", pki]).status.success());
+    for name in ["alice", "bob"] {
+        let issued = relay(&[
+            "issue",
+            "--dir",
+            pki,
+            "--name",
+            name,
+            "--relay",
+            "localhost:4433",
+        ]);
+        assert!(issued.status.success(), "{issued:?}");
+    }
+    let listing = |args: &[&str]| {
+        let output = relay(args);
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let before = listing(&["list", "--dir", pki]);
+    let line = |text: &str, name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+            .to_owned()
+    };
+    assert!(line(&before, "alice").ends_with("valid"), "{before}");
+
+    let revoked = listing(&["revoke", "--dir", pki, "--name", "alice"]);
+    assert!(revoked.contains("SIGHUP"), "{revoked}");
+    let after = listing(&["list", "--dir", pki]);
+    assert!(line(&after, "alice").ends_with("revoked"), "{after}");
+    assert!(line(&after, "bob").ends_with("valid"), "{after}");
+
+    let error = one_line_error(&relay(&["revoke", "--dir", pki, "--name", "carol"]));
+    assert!(error.contains("no certificate of that name"), "{error}");
+}

@@ -14,6 +14,7 @@ pub mod http_map;
 pub mod pki;
 pub mod process;
 pub mod quic;
+pub mod revocation;
 pub mod tls;
 pub mod transport;
 

@@ -7,6 +7,7 @@
 //! DIR/ca.crt  DIR/ca.key            the CA (key 0600)
 //! DIR/relay.crt  DIR/relay.key      the relay's server certificate (key 0600)
 //! DIR/clients/NAME.toml             one bundle per issued client (0600)
+//! DIR/issued/, DIR/revoked.toml     issued and revoked certificates (see `revocation`)
 //! ```
 //!
 //! Private keys and bundles are created with mode 0600 and never overwritten.
@@ -106,6 +107,11 @@ impl PkiDir {
     /// Names a PKI directory (nothing is read yet).
     pub fn new(root: impl Into<PathBuf>) -> Self {
         PkiDir { root: root.into() }
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Path of the CA certificate.

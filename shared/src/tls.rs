@@ -1,19 +1,24 @@
 //! rustls configurations for both ends of the tunnel: TLS 1.3 only, the ring
 //! provider, ALPN `passage/1`, and trust in the private CA alone.
 //!
-//! The relay requires a client certificate chained to its CA; the client
-//! trusts only the CA from its bundle for the relay (never the system
-//! roots). 0-RTT stays off on both sides: early data can be replayed, and a
+//! The relay requires a client certificate chained to its CA and not on
+//! its revocation list; the client trusts only the CA from its bundle for
+//! the relay (never the system roots). 0-RTT stays off on both sides: early data can be replayed, and a
 //! replayed POST costs tokens.
 
 use std::sync::Arc;
 
-use rustls::RootCertStore;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
 
 use crate::frame::ALPN;
+use crate::revocation::Revocations;
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -36,17 +41,75 @@ fn roots(ca: CertificateDer<'static>) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// Checks a client certificate against the revocation list, then hands
+/// it to the CA verifier for everything else.
+#[derive(Debug)]
+struct RevocationCheck {
+    inner: Arc<dyn ClientCertVerifier>,
+    revocations: Revocations,
+}
+
+impl ClientCertVerifier for RevocationCheck {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if self.revocations.is_revoked(end_entity) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// The relay's TLS config: its own certificate, and client certificates
-/// required and verified against `ca`.
+/// required, verified against `ca`, and refused when in `revocations`.
 pub fn relay_tls_config(
     ca: CertificateDer<'static>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    revocations: Revocations,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider.clone())
-            .build()?;
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider.clone())
+        .build()?;
+    let verifier = Arc::new(RevocationCheck { inner, revocations });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

@@ -16,7 +16,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use passage_client::ClientConfig;
 use passage_relay::upstream::UpstreamBase;
-use passage_relay::{Relay, RelayConfig};
+use passage_relay::{Relay, RelayConfig, ReloadHandle};
 use passage_shared::bundle::Bundle;
 use passage_shared::pki::PkiDir;
 use tempfile::TempDir;
@@ -50,9 +50,12 @@ impl TestPki {
     /// A bundle for a client named `name` listing `relays` in order.
     pub fn issue(&self, name: &str, relays: &[SocketAddr]) -> Bundle {
         let relays: Vec<String> = relays.iter().map(SocketAddr::to_string).collect();
-        PkiDir::new(self.path())
+        let pki = PkiDir::new(self.path());
+        let bundle = pki
             .issue_client(name, &relays, Some("localhost"), 1)
-            .expect("issue")
+            .expect("issue");
+        pki.record_issued(name, &bundle.cert).expect("record");
+        bundle
     }
 }
 
@@ -73,6 +76,7 @@ pub fn free_udp_port() -> SocketAddr {
 pub struct InProcessRelay {
     /// Its UDP address.
     pub addr: SocketAddr,
+    reload: ReloadHandle,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -94,10 +98,12 @@ impl InProcessRelay {
         adjust(&mut config);
         let relay = Relay::bind(config).expect("relay binds");
         let addr = relay.local_addr().expect("relay address");
+        let reload = relay.reload_handle();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(relay.run(shutdown.clone()));
         InProcessRelay {
             addr,
+            reload,
             shutdown,
             task,
         }
@@ -106,6 +112,11 @@ impl InProcessRelay {
     /// Starts the graceful shutdown (what SIGTERM does to the real program).
     pub fn begin_shutdown(&self) {
         self.shutdown.cancel();
+    }
+
+    /// Re-reads the revocation list (what SIGHUP does to the real program).
+    pub fn reload(&self) {
+        self.reload.reload();
     }
 
     /// Whether the relay has finished.
@@ -184,6 +195,16 @@ impl RelayProcess {
             child,
             addr: listen,
         }
+    }
+
+    /// Sends SIGHUP (the relay re-reads its revocation list).
+    pub fn hang_up(&self) {
+        let pid = self.child.id().expect("passage-relay is running");
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -HUP {pid}");
     }
 
     /// Kills the process outright (SIGKILL): no goodbye on the wire.

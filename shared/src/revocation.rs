@@ -1,0 +1,309 @@
+//! Client certificates issued and revoked: the record `issue` keeps in the
+//! PKI directory, the revocation list `revoke` appends to, and the set of
+//! revoked certificates the relay checks every handshake against.
+//!
+//! ```text
+//! DIR/issued/NAME-FINGERPRINT.crt   every client certificate issued (public)
+//! DIR/revoked.toml                  [[revoked]] name, fingerprint, revoked_at
+//! ```
+//!
+//! A certificate is named by its SHA-256 fingerprint (of its DER bytes).
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::pki::{PkiDir, PkiError, certificate_common_name, parse_cert, write_new_file};
+
+/// A certificate's SHA-256 fingerprint.
+pub type Fingerprint = [u8; 32];
+
+/// The fingerprint of a DER certificate.
+pub fn fingerprint(der: &[u8]) -> Fingerprint {
+    Sha256::digest(der).into()
+}
+
+fn hex(fingerprint: &Fingerprint) -> String {
+    fingerprint.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(text: &str) -> Option<Fingerprint> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// One issued client certificate as `list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCert {
+    /// The client's name (the certificate's common name).
+    pub name: String,
+    /// Its fingerprint, hex.
+    pub fingerprint: String,
+    /// Its expiry, `YYYY-MM-DD` (UTC).
+    pub not_after: String,
+    /// Whether it has expired.
+    pub expired: bool,
+    /// Whether it is on the revocation list.
+    pub revoked: bool,
+}
+
+/// One entry of `revoked.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Revoked {
+    name: String,
+    fingerprint: String,
+    revoked_at: String,
+}
+
+/// The whole of `revoked.toml`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevocationList {
+    #[serde(default)]
+    revoked: Vec<Revoked>,
+}
+
+impl PkiDir {
+    /// Where issued client certificates are recorded.
+    pub fn issued_dir(&self) -> PathBuf {
+        self.root().join("issued")
+    }
+
+    /// The revocation list.
+    pub fn revocation_list_path(&self) -> PathBuf {
+        self.root().join("revoked.toml")
+    }
+
+    /// Records an issued client certificate (PEM) so it can be listed and revoked.
+    pub fn record_issued(&self, name: &str, cert_pem: &str) -> Result<PathBuf, PkiError> {
+        let der = parse_cert(cert_pem, "the issued certificate")?;
+        let short = &hex(&fingerprint(&der))[..16];
+        let path = self.issued_dir().join(format!("{name}-{short}.crt"));
+        write_new_file(&path, cert_pem.as_bytes(), 0o644)?;
+        Ok(path)
+    }
+
+    /// Every recorded client certificate, sorted by name then expiry.
+    pub fn issued(&self) -> Result<Vec<IssuedCert>, PkiError> {
+        let revoked = self.revoked_fingerprints()?;
+        let dir = self.issued_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(PkiError::Io { path: dir, source }),
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let mut issued = Vec::new();
+        for entry in entries {
+            let path = entry
+                .map_err(|source| PkiError::Io {
+                    path: dir.clone(),
+                    source,
+                })?
+                .path();
+            if path.extension().is_none_or(|ext| ext != "crt") {
+                continue;
+            }
+            let pem = fs::read_to_string(&path).map_err(|source| PkiError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let der = parse_cert(&pem, &path.display().to_string())?;
+            let (_, cert) =
+                x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Crypto {
+                    context: format!("reading {}", path.display()),
+                    message: e.to_string(),
+                })?;
+            let not_after = cert.validity().not_after.to_datetime();
+            let print = fingerprint(&der);
+            issued.push(IssuedCert {
+                name: certificate_common_name(&der).unwrap_or_else(|| "?".to_owned()),
+                fingerprint: hex(&print),
+                not_after: format!(
+                    "{}-{:02}-{:02}",
+                    not_after.year(),
+                    u8::from(not_after.month()),
+                    not_after.day()
+                ),
+                expired: not_after < now,
+                revoked: revoked.contains(&print),
+            });
+        }
+        issued.sort_by(|a, b| (&a.name, &a.not_after).cmp(&(&b.name, &b.not_after)));
+        Ok(issued)
+    }
+
+    /// Revokes every recorded certificate of client `name` not revoked yet;
+    /// returns how many were added to the list.
+    pub fn revoke(&self, name: &str) -> Result<usize, PkiError> {
+        let issued = self.issued()?;
+        if !issued.iter().any(|cert| cert.name == name) {
+            return Err(PkiError::InvalidName {
+                what: "client",
+                value: name.to_owned(),
+                why: "no certificate of that name was issued from this PKI directory",
+            });
+        }
+        let mut list = self.revocation_list()?;
+        let now = time::OffsetDateTime::now_utc();
+        let stamp = format!(
+            "{}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            now.year(),
+            u8::from(now.month()),
+            now.day(),
+            now.hour(),
+            now.minute(),
+            now.second()
+        );
+        let mut added = 0;
+        for cert in issued.iter().filter(|c| c.name == name && !c.revoked) {
+            list.revoked.push(Revoked {
+                name: name.to_owned(),
+                fingerprint: cert.fingerprint.clone(),
+                revoked_at: stamp.clone(),
+            });
+            added += 1;
+        }
+        if added > 0 {
+            let path = self.revocation_list_path();
+            let text = toml::to_string(&list).map_err(|e| PkiError::Crypto {
+                context: format!("writing {}", path.display()),
+                message: e.to_string(),
+            })?;
+            // Write a new file beside it and rename: a reader never sees half a list.
+            let fresh = path.with_extension("toml.new");
+            let _ = fs::remove_file(&fresh);
+            write_new_file(&fresh, text.as_bytes(), 0o644)?;
+            fs::rename(&fresh, &path).map_err(|source| PkiError::Io { path, source })?;
+        }
+        Ok(added)
+    }
+
+    /// The fingerprints on the revocation list (none if there is no list).
+    pub fn revoked_fingerprints(&self) -> Result<HashSet<Fingerprint>, PkiError> {
+        let path = self.revocation_list_path();
+        self.revocation_list()?
+            .revoked
+            .iter()
+            .map(|entry| {
+                from_hex(&entry.fingerprint).ok_or_else(|| PkiError::Crypto {
+                    context: format!("reading {}", path.display()),
+                    message: format!("{:?} is not a SHA-256 fingerprint", entry.fingerprint),
+                })
+            })
+            .collect()
+    }
+
+    fn revocation_list(&self) -> Result<RevocationList, PkiError> {
+        let path = self.revocation_list_path();
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(RevocationList::default());
+            }
+            Err(source) => return Err(PkiError::Io { path, source }),
+        };
+        toml::from_str(&text).map_err(|e| PkiError::Crypto {
+            context: format!("reading {}", path.display()),
+            message: e.message().to_owned(),
+        })
+    }
+}
+
+/// The set of revoked certificates a running relay checks, shared with
+/// its TLS verifier and replaced whole on reload.
+#[derive(Debug, Clone, Default)]
+pub struct Revocations(Arc<RwLock<HashSet<Fingerprint>>>);
+
+impl Revocations {
+    /// A set holding `revoked`.
+    pub fn new(revoked: HashSet<Fingerprint>) -> Revocations {
+        Revocations(Arc::new(RwLock::new(revoked)))
+    }
+
+    /// Whether the DER certificate `der` is revoked.
+    pub fn is_revoked(&self, der: &[u8]) -> bool {
+        let print = fingerprint(der);
+        match self.0.read() {
+            Ok(set) => set.contains(&print),
+            Err(poisoned) => poisoned.into_inner().contains(&print),
+        }
+    }
+
+    /// Replaces the set; returns how many certificates it now holds.
+    pub fn replace(&self, revoked: HashSet<Fingerprint>) -> usize {
+        let len = revoked.len();
+        match self.0.write() {
+            Ok(mut set) => *set = revoked,
+            Err(poisoned) => *poisoned.into_inner() = revoked,
+        }
+        len
+    }
+}
+
+/// Reads the PKI directory's revocation list at `dir`.
+pub fn load_revocations(dir: &Path) -> Result<HashSet<Fingerprint>, PkiError> {
+    PkiDir::new(dir).revoked_fingerprints()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue_list_revoke_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = PkiDir::new(dir.path().join("pki"));
+        pki.init(&[]).expect("init");
+        for name in ["alice", "bob"] {
+            let bundle = pki
+                .issue_client(name, &["127.0.0.1:4433".into()], None, 30)
+                .expect("issue");
+            pki.record_issued(name, &bundle.cert).expect("record");
+        }
+        let listed = pki.issued().expect("list");
+        assert_eq!(
+            listed.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            ["alice", "bob"]
+        );
+        assert!(listed.iter().all(|c| !c.revoked && !c.expired));
+
+        assert_eq!(pki.revoke("alice").expect("revoke"), 1);
+        assert_eq!(pki.revoke("alice").expect("again"), 0, "already revoked");
+        assert!(pki.revoke("carol").is_err(), "never issued");
+        let listed = pki.issued().expect("list");
+        assert!(listed[0].revoked && !listed[1].revoked);
+
+        let revocations = Revocations::new(pki.revoked_fingerprints().expect("load"));
+        let alice = pki.issued_dir();
+        let alice_pem = fs::read_dir(&alice)
+            .expect("issued dir")
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("alice-"))
+            })
+            .expect("alice's certificate");
+        let der = parse_cert(&fs::read_to_string(alice_pem).expect("read"), "alice").expect("pem");
+        assert!(revocations.is_revoked(&der));
+    }
+
+    #[test]
+    fn fingerprints_round_trip_through_hex() {
+        let print = fingerprint(b"certificate");
+        assert_eq!(from_hex(&hex(&print)), Some(print));
+        assert_eq!(from_hex("zz"), None);
+    }
+}
