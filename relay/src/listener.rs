@@ -56,21 +56,28 @@ pub struct Revocation {
     pub requested: Arc<tokio::sync::Notify>,
 }
 
+/// One open client connection: its certificate's fingerprint, the
+/// client's name, the connection.
+type LiveEntry = (Fingerprint, Arc<str>, quinn::Connection);
+
 /// Open client connections by number, with their certificate's
 /// fingerprint, so a reload can close the revoked ones.
 #[derive(Debug, Default)]
 struct Live {
     next: AtomicU64,
-    connections: Mutex<HashMap<u64, (Fingerprint, quinn::Connection)>>,
+    connections: Mutex<HashMap<u64, LiveEntry>>,
 }
 
 impl Live {
     /// Records `connection`; it is forgotten when the returned guard drops.
-    fn register(self: &Arc<Self>, print: Fingerprint, connection: quinn::Connection) -> LiveGuard {
+    fn register(
+        self: &Arc<Self>,
+        print: Fingerprint,
+        client: Arc<str>,
+        connection: quinn::Connection,
+    ) -> LiveGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut connections) = self.connections.lock() {
-            connections.insert(id, (print, connection));
-        }
+        self.lock().insert(id, (print, client, connection));
         LiveGuard {
             live: self.clone(),
             id,
@@ -79,17 +86,23 @@ impl Live {
 
     /// Closes every open connection whose certificate is now revoked; returns how many.
     fn close_revoked(&self, revoked: &std::collections::HashSet<Fingerprint>) -> usize {
-        let Ok(connections) = self.connections.lock() else {
-            return 0;
-        };
         let mut closed = 0;
-        for (print, connection) in connections.values() {
+        for (print, client, connection) in self.lock().values() {
             if revoked.contains(print) {
+                warn!(client = %client, remote = %connection.remote_address(), "closing a connection: its certificate was revoked");
                 connection.close(CLOSE_REVOKED.into(), b"client certificate revoked");
                 closed += 1;
             }
         }
         closed
+    }
+
+    /// The registry, even after a panic elsewhere poisoned its lock (it
+    /// must keep failing closed, not open).
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LiveEntry>> {
+        self.connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -101,9 +114,7 @@ struct LiveGuard {
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
-        if let Ok(mut connections) = self.live.connections.lock() {
-            connections.remove(&self.id);
-        }
+        self.live.lock().remove(&self.id);
     }
 }
 
@@ -113,8 +124,10 @@ impl Drop for LiveGuard {
 fn reload_revocations(revocation: &Revocation, live: &Live) {
     match PkiDir::new(&revocation.pki_dir).revoked_fingerprints() {
         Ok(revoked) => {
+            // Swap first, then close: a connection registering meanwhile is
+            // either seen here or re-checks against the new list itself.
+            let count = revocation.revocations.replace(revoked.clone());
             let closed = live.close_revoked(&revoked);
-            let count = revocation.revocations.replace(revoked);
             info!(
                 revoked = count,
                 closed_connections = closed,
@@ -273,9 +286,10 @@ async fn connection(
     };
     let client: Arc<str> = client_name(&connection).into();
     let leaf = leaf_certificate(&connection);
-    let _live = live.register(fingerprint(&leaf), connection.clone());
+    let _live = live.register(fingerprint(&leaf), client.clone(), connection.clone());
     // A reload that ran while this handshake was in flight did not see it.
     if revocations.is_revoked(&leaf) {
+        warn!(client = %client, %remote, "closing a connection: its certificate was revoked");
         connection.close(CLOSE_REVOKED.into(), b"client certificate revoked");
         return;
     }

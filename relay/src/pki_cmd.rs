@@ -65,10 +65,11 @@ pub fn issue(
         .with_context(|| format!("issuing a certificate for {name:?} from {}", dir.display()))?;
     let out = out.unwrap_or_else(|| pki.bundle_path(name));
     let text = bundle.to_toml().context("encoding the bundle")?;
-    write_new_file(&out, text.as_bytes(), 0o600)
-        .with_context(|| format!("writing the bundle for {name:?}"))?;
+    // Recorded first: a certificate that exists can always be revoked.
     pki.record_issued(name, &bundle.cert)
         .with_context(|| format!("recording the certificate of {name:?}"))?;
+    write_new_file(&out, text.as_bytes(), 0o600)
+        .with_context(|| format!("writing the bundle for {name:?}"))?;
     println!(
         "wrote the bundle for {name:?} to {} (mode 0600)",
         out.display()
@@ -116,6 +117,10 @@ pub fn list(dir: &Path) -> anyhow::Result<()> {
         "name", "fingerprint", "expires"
     );
     for cert in issued {
+        if let Some(problem) = &cert.problem {
+            println!("{}: unreadable: {problem}", cert.name);
+            continue;
+        }
         let state = if cert.revoked {
             "revoked"
         } else if cert.expired {
@@ -126,7 +131,7 @@ pub fn list(dir: &Path) -> anyhow::Result<()> {
         println!(
             "{:width$}  {:16}  {:10}  {state}",
             cert.name,
-            &cert.fingerprint[..16],
+            cert.fingerprint.get(..16).unwrap_or(&cert.fingerprint),
             cert.not_after
         );
     }

@@ -55,6 +55,8 @@ pub struct IssuedCert {
     pub expired: bool,
     /// Whether it is on the revocation list.
     pub revoked: bool,
+    /// Why the file could not be read, if it could not (the rest is empty then).
+    pub problem: Option<String>,
 }
 
 /// One entry of `revoked.toml`.
@@ -94,51 +96,54 @@ impl PkiDir {
         Ok(path)
     }
 
-    /// Every recorded client certificate, sorted by name then expiry.
+    /// Every client certificate this directory knows, sorted by name then
+    /// expiry: those recorded in `issued/`, and those in bundles under
+    /// `clients/` (bundles issued before certificates were recorded). A
+    /// file that cannot be read is listed with its problem, not fatal.
     pub fn issued(&self) -> Result<Vec<IssuedCert>, PkiError> {
         let revoked = self.revoked_fingerprints()?;
-        let dir = self.issued_dir();
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(PkiError::Io { path: dir, source }),
-        };
         let now = time::OffsetDateTime::now_utc();
+        let mut seen = HashSet::new();
         let mut issued = Vec::new();
-        for entry in entries {
-            let path = entry
-                .map_err(|source| PkiError::Io {
-                    path: dir.clone(),
-                    source,
-                })?
-                .path();
-            if path.extension().is_none_or(|ext| ext != "crt") {
-                continue;
+        let sources = files_with_extension(&self.issued_dir(), "crt")?
+            .into_iter()
+            .map(|path| (path, false))
+            .chain(
+                files_with_extension(&self.root().join("clients"), "toml")?
+                    .into_iter()
+                    .map(|path| (path, true)),
+            );
+        for (path, is_bundle) in sources {
+            match read_certificate(&path, is_bundle) {
+                Ok(der) => {
+                    let print = fingerprint(&der);
+                    if !seen.insert(print) {
+                        continue;
+                    }
+                    let not_after = x509_parser::parse_x509_certificate(&der)
+                        .ok()
+                        .map(|(_, cert)| cert.validity().not_after.to_datetime());
+                    issued.push(IssuedCert {
+                        name: certificate_common_name(&der).unwrap_or_else(|| "?".to_owned()),
+                        fingerprint: hex(&print),
+                        not_after: not_after.map_or_else(
+                            || "?".to_owned(),
+                            |t| format!("{}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day()),
+                        ),
+                        expired: not_after.is_some_and(|t| t < now),
+                        revoked: revoked.contains(&print),
+                        problem: None,
+                    });
+                }
+                Err(problem) => issued.push(IssuedCert {
+                    name: path.display().to_string(),
+                    fingerprint: String::new(),
+                    not_after: String::new(),
+                    expired: false,
+                    revoked: false,
+                    problem: Some(problem),
+                }),
             }
-            let pem = fs::read_to_string(&path).map_err(|source| PkiError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            let der = parse_cert(&pem, &path.display().to_string())?;
-            let (_, cert) =
-                x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Crypto {
-                    context: format!("reading {}", path.display()),
-                    message: e.to_string(),
-                })?;
-            let not_after = cert.validity().not_after.to_datetime();
-            let print = fingerprint(&der);
-            issued.push(IssuedCert {
-                name: certificate_common_name(&der).unwrap_or_else(|| "?".to_owned()),
-                fingerprint: hex(&print),
-                not_after: format!(
-                    "{}-{:02}-{:02}",
-                    not_after.year(),
-                    u8::from(not_after.month()),
-                    not_after.day()
-                ),
-                expired: not_after < now,
-                revoked: revoked.contains(&print),
-            });
         }
         issued.sort_by(|a, b| (&a.name, &a.not_after).cmp(&(&b.name, &b.not_after)));
         Ok(issued)
@@ -155,6 +160,8 @@ impl PkiDir {
                 why: "no certificate of that name was issued from this PKI directory",
             });
         }
+        // One revoke at a time: the list is read, extended and replaced.
+        let _lock = ListLock::take(&self.revocation_list_path().with_extension("toml.lock"))?;
         let mut list = self.revocation_list()?;
         let now = time::OffsetDateTime::now_utc();
         let stamp = format!(
@@ -167,7 +174,10 @@ impl PkiDir {
             now.second()
         );
         let mut added = 0;
-        for cert in issued.iter().filter(|c| c.name == name && !c.revoked) {
+        for cert in issued
+            .iter()
+            .filter(|c| c.name == name && !c.revoked && c.problem.is_none())
+        {
             list.revoked.push(Revoked {
                 name: name.to_owned(),
                 fingerprint: cert.fingerprint.clone(),
@@ -181,11 +191,21 @@ impl PkiDir {
                 context: format!("writing {}", path.display()),
                 message: e.to_string(),
             })?;
-            // Write a new file beside it and rename: a reader never sees half a list.
+            // Write a new file beside it and rename: a reader never sees
+            // half a list. Under the lock, a leftover new file is stale.
             let fresh = path.with_extension("toml.new");
             let _ = fs::remove_file(&fresh);
             write_new_file(&fresh, text.as_bytes(), 0o644)?;
-            fs::rename(&fresh, &path).map_err(|source| PkiError::Io { path, source })?;
+            fs::rename(&fresh, &path).map_err(|source| PkiError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            fs::File::open(self.root())
+                .and_then(|dir| dir.sync_all())
+                .map_err(|source| PkiError::Io {
+                    path: self.root().to_owned(),
+                    source,
+                })?;
         }
         Ok(added)
     }
@@ -218,6 +238,65 @@ impl PkiDir {
             context: format!("reading {}", path.display()),
             message: e.message().to_owned(),
         })
+    }
+}
+
+/// The files in `dir` ending in `.extension` (none if `dir` does not exist).
+fn files_with_extension(dir: &Path, extension: &str) -> Result<Vec<PathBuf>, PkiError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(PkiError::Io {
+                path: dir.to_owned(),
+                source,
+            });
+        }
+    };
+    Ok(entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.is_file() && path.extension().is_some_and(|ext| ext == extension))
+        .collect())
+}
+
+/// The DER certificate in a recorded PEM file or a bundle.
+fn read_certificate(path: &Path, is_bundle: bool) -> Result<Vec<u8>, String> {
+    let pem = if is_bundle {
+        crate::bundle::Bundle::load(path)
+            .map_err(|e| crate::error_chain(&e))?
+            .cert
+    } else {
+        fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?
+    };
+    parse_cert(&pem, "the certificate")
+        .map(|der| der.to_vec())
+        .map_err(|e| crate::error_chain(&e))
+}
+
+/// An exclusive lock on the revocation list, held while it is rewritten:
+/// a lock file made with `create_new`, removed when dropped.
+struct ListLock(PathBuf);
+
+impl ListLock {
+    fn take(path: &Path) -> Result<ListLock, PkiError> {
+        write_new_file(path, std::process::id().to_string().as_bytes(), 0o600).map_err(
+            |e| match e {
+                PkiError::Exists(_) => PkiError::InvalidName {
+                    what: "revocation list lock",
+                    value: path.display().to_string(),
+                    why: "another revoke is running (remove the file if none is)",
+                },
+                other => other,
+            },
+        )?;
+        Ok(ListLock(path.to_owned()))
+    }
+}
+
+impl Drop for ListLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
     }
 }
 
@@ -298,6 +377,40 @@ mod tests {
             .expect("alice's certificate");
         let der = parse_cert(&fs::read_to_string(alice_pem).expect("read"), "alice").expect("pem");
         assert!(revocations.is_revoked(&der));
+    }
+
+    #[test]
+    fn bundles_without_a_record_count_and_bad_files_do_not_block() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = PkiDir::new(dir.path().join("pki"));
+        pki.init(&[]).expect("init");
+        // Issued before certificates were recorded: only its bundle exists.
+        let carol = pki
+            .issue_client("carol", &["127.0.0.1:4433".into()], None, 30)
+            .expect("issue");
+        write_new_file(
+            &pki.bundle_path("carol"),
+            carol.to_toml().expect("toml").as_bytes(),
+            0o600,
+        )
+        .expect("bundle");
+        write_new_file(
+            &pki.issued_dir().join("broken.crt"),
+            b"not a certificate",
+            0o644,
+        )
+        .expect("garbage");
+
+        let listed = pki.issued().expect("list");
+        assert!(
+            listed
+                .iter()
+                .any(|c| c.name == "carol" && c.problem.is_none())
+        );
+        assert!(listed.iter().any(|c| c.problem.is_some()), "{listed:?}");
+        assert_eq!(pki.revoke("carol").expect("revoke"), 1);
+        let der = parse_cert(&carol.cert, "carol").expect("pem");
+        assert!(Revocations::new(pki.revoked_fingerprints().expect("load")).is_revoked(&der));
     }
 
     #[test]

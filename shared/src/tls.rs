@@ -116,6 +116,11 @@ pub fn relay_tls_config(
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     config.max_early_data_size = 0;
+    // No session resumption: a resumed handshake reuses the earlier client
+    // certificate without asking the verifier, so a revoked client could
+    // come back. Reconnects are rare; a full handshake costs little.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
