@@ -5,6 +5,7 @@
 //! request, [`upstream`] is the HTTP client for the configured upstream, and
 //! [`pki_cmd`] implements `init`, `issue`, `revoke` and `list`.
 
+pub mod keys;
 pub mod listener;
 pub mod pki_cmd;
 pub mod stream;
@@ -35,8 +36,9 @@ pub struct RelayConfig {
     pub pki_dir: PathBuf,
     /// The one upstream every request goes to.
     pub upstream: UpstreamBase,
-    /// The key that replaces the app's Authorization, if any.
-    pub api_key: Option<ApiKey>,
+    /// Keys that replace the app's Authorization, used in turn (none: the
+    /// app's Authorization passes through).
+    pub api_keys: Vec<ApiKey>,
     /// Longest time to open a TCP connection to the upstream.
     pub connect_timeout: Duration,
     /// Speak only HTTP/2 to the upstream (h2 prior knowledge on http://).
@@ -60,7 +62,7 @@ impl RelayConfig {
             listen,
             pki_dir,
             upstream,
-            api_key: None,
+            api_keys: Vec::new(),
             connect_timeout: Duration::from_secs(10),
             upstream_http2: false,
             idle_read_timeout: Duration::from_secs(600),
@@ -126,7 +128,7 @@ impl Relay {
         let endpoint = quic::endpoint(config.listen, Some(server))?;
         let upstream = UpstreamClient::new(
             config.upstream,
-            config.api_key.as_ref(),
+            &config.api_keys,
             config.connect_timeout,
             config.upstream_http2,
         )?;

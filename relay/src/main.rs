@@ -81,10 +81,11 @@ enum Command {
         /// Upstream base URL; request paths are appended to it.
         #[arg(long, default_value = "https://api.openai.com")]
         upstream: String,
-        /// Environment variable holding the upstream API key; when set, it
-        /// replaces the app's Authorization header.
+        /// Environment variable holding an upstream API key (repeatable:
+        /// keys are used in turn, one that gets 401 or 429 rests); when
+        /// set, the key replaces the app's Authorization header.
         #[arg(long)]
-        api_key_env: Option<String>,
+        api_key_env: Vec<String>,
         /// Speak only HTTP/2 to the upstream: prior knowledge (h2c) for an
         /// http:// upstream such as a local gateway; an https upstream must
         /// offer h2. One connection then carries every stream.
@@ -147,7 +148,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             passage_shared::process::init_logging();
             let upstream = UpstreamBase::parse(&upstream)?;
             let mut config = RelayConfig::new(listen, pki, upstream);
-            config.api_key = api_key_env.map(|var| read_api_key(&var)).transpose()?;
+            config.api_keys = api_key_env
+                .iter()
+                .map(|var| read_api_key(var))
+                .collect::<anyhow::Result<_>>()?;
             config.connect_timeout = Duration::from_secs(connect_timeout);
             config.upstream_http2 = upstream_http2;
             config.idle_read_timeout = Duration::from_secs(idle_timeout);
@@ -183,8 +187,11 @@ fn serve(config: RelayConfig, common: &CommonArgs) -> anyhow::Result<()> {
                 config.pki_dir.display()
             )
         })?;
-        if config.api_key.is_some() {
-            tracing::info!("the relay's API key replaces the apps' Authorization");
+        if !config.api_keys.is_empty() {
+            tracing::info!(
+                keys = config.api_keys.len(),
+                "the relay's API keys replace the apps' Authorization"
+            );
         } else {
             tracing::info!("no API key configured: apps' Authorization is passed through");
         }

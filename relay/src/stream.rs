@@ -192,7 +192,7 @@ async fn proxy(
         // `End` after its head, and the client does not wait on it.
         Either::Left(Empty::<Bytes>::new())
     };
-    let request = match ctx.upstream.request(head, body) {
+    let (request, key) = match ctx.upstream.request(head, body) {
         Ok(request) => request,
         Err(error) => return Outcome::Refused(error),
     };
@@ -213,6 +213,7 @@ async fn proxy(
         };
 
     let (parts, mut body) = response.into_parts();
+    ctx.upstream.report(key, parts.status, &parts.headers);
     let status = parts.status.as_u16();
     let head = Frame::ResponseHead(ResponseHead {
         status,

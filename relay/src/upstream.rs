@@ -25,6 +25,8 @@ use passage_shared::frame::RequestHead;
 use passage_shared::http_map::extend_from_wire;
 use passage_shared::transport::BoxRecv;
 
+use crate::keys::KeyRing;
+
 /// The body of a request sent upstream: nothing, or the app's body frames.
 pub type UpstreamBody = Either<Empty<Bytes>, FrameBody<BoxRecv>>;
 
@@ -36,6 +38,11 @@ impl ApiKey {
     /// Wraps a key read from the environment.
     pub fn new(key: String) -> Self {
         ApiKey(key)
+    }
+
+    /// The key itself, for the one place that builds its header.
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
     }
 }
 
@@ -186,7 +193,7 @@ pub fn upstream_request<B>(
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
     base: UpstreamBase,
-    authorization: Option<HeaderValue>,
+    keys: Option<std::sync::Arc<KeyRing>>,
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>,
 }
 
@@ -197,18 +204,11 @@ impl UpstreamClient {
     /// upstream connection; otherwise https negotiates h2 or HTTP/1.1.
     pub fn new(
         base: UpstreamBase,
-        api_key: Option<&ApiKey>,
+        api_keys: &[ApiKey],
         connect_timeout: Duration,
         http2_only: bool,
     ) -> Result<UpstreamClient, UpstreamConfigError> {
-        let authorization = api_key
-            .map(|key| {
-                let mut value = HeaderValue::try_from(format!("Bearer {}", key.0))
-                    .map_err(|_| UpstreamConfigError::BadKey)?;
-                value.set_sensitive(true);
-                Ok::<_, UpstreamConfigError>(value)
-            })
-            .transpose()?;
+        let keys = KeyRing::new(api_keys)?.map(std::sync::Arc::new);
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect_timeout));
@@ -229,11 +229,7 @@ impl UpstreamClient {
             .pool_idle_timeout(Duration::from_secs(90))
             .http2_only(http2_only)
             .build(https);
-        Ok(UpstreamClient {
-            base,
-            authorization,
-            client,
-        })
+        Ok(UpstreamClient { base, keys, client })
     }
 
     /// The configured upstream.
@@ -241,13 +237,29 @@ impl UpstreamClient {
         &self.base
     }
 
-    /// Builds the upstream request for `head` (see [`upstream_request`]).
+    /// Builds the upstream request for `head` (see [`upstream_request`]),
+    /// with the next relay key in turn if the relay holds keys; returns
+    /// which key, for [`UpstreamClient::report`].
     pub fn request(
         &self,
         head: RequestHead,
         body: UpstreamBody,
-    ) -> Result<Request<UpstreamBody>, ApiError> {
-        upstream_request(&self.base, self.authorization.as_ref(), head, body)
+    ) -> Result<(Request<UpstreamBody>, Option<usize>), ApiError> {
+        let choice = self.keys.as_ref().map(|keys| keys.pick());
+        let request = upstream_request(
+            &self.base,
+            choice.as_ref().map(|c| &c.authorization),
+            head,
+            body,
+        )?;
+        Ok((request, choice.map(|c| c.index)))
+    }
+
+    /// Tells the key ring how the upstream answered a request sent with `key`.
+    pub fn report(&self, key: Option<usize>, status: StatusCode, headers: &http::HeaderMap) {
+        if let (Some(keys), Some(index)) = (&self.keys, key) {
+            keys.report(index, status, headers);
+        }
     }
 
     /// Sends the request and waits for the response head.

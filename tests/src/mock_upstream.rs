@@ -19,6 +19,8 @@
 //! - `POST /sink`: counts the body's bytes (no digest: cheap enough not to
 //!   be the bottleneck of an upload benchmark);
 //! - `GET [/v1]/status/CODE`: an error response with `retry-after: 7`;
+//! - `GET /v1/keyed`: 429 (`retry-after: 60`) when the Authorization holds
+//!   "limited", else 200 naming the Authorization it got;
 //! - anything else: echoes method, target, headers and a body digest as JSON.
 
 use std::convert::Infallible;
@@ -163,6 +165,7 @@ async fn route(
         ("GET", "/v1/broken") => broken(),
         ("GET", "/v1/broken-sized") => broken_sized(),
         ("GET", "/download") => download(&request, record.clone()),
+        ("GET", "/v1/keyed") => keyed(&request),
         ("POST", "/sink") => sink(request).await,
         (_, p) if p.starts_with("/status/") || p.starts_with("/v1/status/") => status(p),
         _ => echo(request).await,
@@ -525,6 +528,29 @@ async fn sink(request: Request<Incoming>) -> Response<MockBody> {
         }
     }
     json(StatusCode::OK, serde_json::json!({"bytes": len}))
+}
+
+fn keyed(request: &Request<Incoming>) -> Response<MockBody> {
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    if authorization.contains("limited") {
+        let mut response = json(
+            StatusCode::TOO_MANY_REQUESTS,
+            serde_json::json!({"error": {"message": "rate limited", "type": "requests"}}),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
+        return response;
+    }
+    json(
+        StatusCode::OK,
+        serde_json::json!({"authorization": authorization}),
+    )
 }
 
 fn status(path: &str) -> Response<MockBody> {

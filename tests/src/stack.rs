@@ -101,7 +101,12 @@ impl TestStack {
             dir.path().join("pki"),
             UpstreamBase::parse(&upstream_url).expect("upstream URL"),
         );
-        relay_config.api_key = options.api_key.clone().map(ApiKey::new);
+        relay_config.api_keys = options
+            .api_key
+            .clone()
+            .map(ApiKey::new)
+            .into_iter()
+            .collect();
         relay_config.upstream_http2 = options.upstream_http2;
         if let Some(timeout) = options.idle_read_timeout {
             relay_config.idle_read_timeout = timeout;
