@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::forward::{ResponseBody, forward};
-use crate::tunnel::{LinkState, RelayLink, Tunnel};
+use crate::tunnel::{LinkState, RelayLink, Tunnel, last_errors};
 
 /// What each request handler needs.
 #[derive(Debug)]
@@ -146,22 +146,12 @@ fn health(tunnel: &Tunnel) -> Response<ResponseBody> {
                     "passage-client is shutting down",
                 )
             } else {
-                let errors: Vec<String> = links
-                    .iter()
-                    .filter_map(|link| match &link.state {
-                        LinkState::Connecting {
-                            last_error: Some(e),
-                        } => Some(format!("{}: {e}", link.address)),
-                        _ => None,
-                    })
-                    .collect();
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "tunnel_unavailable",
-                    if errors.is_empty() {
-                        "the tunnel to the relay is not up yet".to_owned()
-                    } else {
-                        format!("the tunnel to the relay is down: {}", errors.join("; "))
+                    match last_errors(&links) {
+                        Some(errors) => format!("the tunnel to the relay is down: {errors}"),
+                        None => "the tunnel to the relay is not up yet".to_owned(),
                     },
                 )
             };

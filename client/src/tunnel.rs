@@ -304,8 +304,9 @@ fn choose(links: &[RelayLink], avoid: Option<u64>) -> Option<(quinn::Connection,
         .map(|(connection, id)| (connection.clone(), id))
 }
 
-/// Each relay's last error, for the 503 message.
-fn last_errors(links: &[RelayLink]) -> Option<String> {
+/// Each relay's last error ("ADDR: error; ..."), for 503 messages and
+/// `/healthz`; `None` when no attempt has failed yet.
+pub fn last_errors(links: &[RelayLink]) -> Option<String> {
     let errors: Vec<String> = links
         .iter()
         .filter_map(|link| match &link.state {

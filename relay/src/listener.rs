@@ -284,8 +284,10 @@ async fn connection(
             return;
         }
     };
-    let client: Arc<str> = client_name(&connection).into();
     let leaf = leaf_certificate(&connection);
+    let client: Arc<str> = certificate_common_name(&leaf)
+        .unwrap_or_else(|| "unknown".to_owned())
+        .into();
     let _live = live.register(fingerprint(&leaf), client.clone(), connection.clone());
     // A reload that ran while this handshake was in flight did not see it.
     if revocations.is_revoked(&leaf) {
@@ -364,20 +366,12 @@ async fn welcome(connection: &quinn::Connection, client: &str) -> Result<(), Str
     writer.get_mut().finish().map_err(|e| e.to_string())
 }
 
-/// The client's (already verified) certificate, DER; empty if absent.
+/// The client's (already verified) certificate, DER; empty if absent. Its
+/// common name is the client's identity.
 fn leaf_certificate(connection: &quinn::Connection) -> Vec<u8> {
     connection
         .peer_identity()
         .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.first().map(|leaf| leaf.to_vec()))
         .unwrap_or_default()
-}
-
-/// The client's identity: the common name of its (already verified) certificate.
-fn client_name(connection: &quinn::Connection) -> String {
-    connection
-        .peer_identity()
-        .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .and_then(|chain| chain.first().and_then(|leaf| certificate_common_name(leaf)))
-        .unwrap_or_else(|| "unknown".to_owned())
 }
