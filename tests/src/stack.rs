@@ -211,6 +211,37 @@ pub async fn body_bytes(response: Response<Incoming>) -> Bytes {
         .to_bytes()
 }
 
+/// Reads `body` until it ends; `Err` if it ended with an error, panics after `limit`.
+pub async fn read_to_end(body: &mut Incoming, limit: Duration) -> (Vec<u8>, Result<(), String>) {
+    let mut received = Vec::new();
+    let outcome = tokio::time::timeout(limit, async {
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    received.extend_from_slice(&frame.into_data().unwrap_or_default())
+                }
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Ok(()),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the response body hung for {limit:?}"));
+    (received, outcome)
+}
+
+/// Checks a streaming response is a 200 and reads its first event; the
+/// returned body goes on from there.
+pub async fn after_first_event(response: Response<Incoming>) -> Incoming {
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    body.frame()
+        .await
+        .expect("first event")
+        .expect("first event");
+    body
+}
+
 /// Reads a response body as JSON.
 pub async fn body_json(response: Response<Incoming>) -> serde_json::Value {
     let bytes = body_bytes(response).await;

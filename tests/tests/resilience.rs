@@ -9,7 +9,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use passage_tests::mock_upstream::MockUpstream;
 use passage_tests::relays::{InProcessRelay, LocalClient, RelayProcess, TestPki, free_udp_port};
-use passage_tests::stack::body_json;
+use passage_tests::stack::{after_first_event, body_json, read_to_end};
 
 /// Default detection bound (idle timeout 5 s) plus slack for a loaded machine.
 const DETECTION_LIMIT: Duration = Duration::from_secs(8);
@@ -18,23 +18,30 @@ fn chat() -> serde_json::Value {
     serde_json::json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]})
 }
 
-/// Reads `body` until it ends; `Err` if it ended with an error, panics after `limit`.
-async fn read_to_end(body: &mut Incoming, limit: Duration) -> (Vec<u8>, Result<(), String>) {
-    let mut received = Vec::new();
-    let outcome = tokio::time::timeout(limit, async {
-        loop {
-            match body.frame().await {
-                Some(Ok(frame)) => {
-                    received.extend_from_slice(&frame.into_data().unwrap_or_default())
-                }
-                Some(Err(e)) => return Err(e.to_string()),
-                None => return Ok(()),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("the response body hung for {limit:?}"));
-    (received, outcome)
+/// Opens a streaming GET of `path` and reads its first event; the
+/// returned body goes on from there.
+async fn stream_started(client: &LocalClient, path: &str) -> Incoming {
+    after_first_event(client.get(path).await.expect("head")).await
+}
+
+/// With no relay up, a chat completion waits out the 1 s connect wait,
+/// then gets a 503 `tunnel_unavailable`.
+async fn waits_then_gets_503(client: &LocalClient) {
+    let asked = Instant::now();
+    let response = client
+        .post_json("/v1/chat/completions", &chat())
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), 503);
+    assert!(
+        asked.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        body_json(response).await["error"]["code"],
+        "tunnel_unavailable"
+    );
 }
 
 /// Waits until the upstream has seen `count` requests in all.
@@ -62,17 +69,7 @@ async fn a_killed_relay_fails_in_flight_requests_and_is_used_again_once_back() {
     client.wait_for_relay(addr, Duration::from_secs(10)).await;
 
     // Two requests in flight: one streaming, one still waiting for its head.
-    let streaming = client
-        .get("/v1/endless?interval_ms=100")
-        .await
-        .expect("head");
-    assert_eq!(streaming.status(), 200);
-    let mut streaming = streaming.into_body();
-    streaming
-        .frame()
-        .await
-        .expect("first event")
-        .expect("first event");
+    let mut streaming = stream_started(&client, "/v1/endless?interval_ms=100").await;
     let headless = tokio::spawn(client.send(Method::GET, "/v1/slow-head", None));
     upstream_saw(&upstream, 2).await;
 
@@ -95,21 +92,7 @@ async fn a_killed_relay_fails_in_flight_requests_and_is_used_again_once_back() {
     // While it is down: health says so, and requests wait the connect wait, then 503.
     let health = client.get("/healthz").await.expect("healthz");
     assert_eq!(health.status(), 503);
-    let asked = Instant::now();
-    let response = client
-        .post_json("/v1/chat/completions", &chat())
-        .await
-        .expect("answer");
-    assert_eq!(response.status(), 503);
-    assert!(
-        asked.elapsed() >= Duration::from_millis(900),
-        "{:?}",
-        asked.elapsed()
-    );
-    assert_eq!(
-        body_json(response).await["error"]["code"],
-        "tunnel_unavailable"
-    );
+    waits_then_gets_503(&client).await;
 
     // Back on the same address: reached again within 2 s of listening.
     let _relay = RelayProcess::start(&pki, addr, &upstream.url()).await;
@@ -264,17 +247,7 @@ async fn a_relay_shutting_down_finishes_in_flight_streams_while_new_requests_mov
         .wait_for_relay(relay_a.addr, Duration::from_secs(10))
         .await;
 
-    let response = client
-        .get("/v1/stamped?chunks=20&interval_ms=100")
-        .await
-        .expect("head");
-    assert_eq!(response.status(), 200);
-    let mut in_flight = response.into_body();
-    in_flight
-        .frame()
-        .await
-        .expect("first event")
-        .expect("first event");
+    let mut in_flight = stream_started(&client, "/v1/stamped?chunks=20&interval_ms=100").await;
 
     relay_a.begin_shutdown();
     client
@@ -318,16 +291,7 @@ async fn with_its_only_relay_shutting_down_new_requests_wait_then_get_503() {
         .wait_for_relay(relay.addr, Duration::from_secs(10))
         .await;
     // Keep the relay draining with a stream in flight.
-    let response = client
-        .get("/v1/endless?interval_ms=100")
-        .await
-        .expect("head");
-    let mut in_flight = response.into_body();
-    in_flight
-        .frame()
-        .await
-        .expect("first event")
-        .expect("first event");
+    let mut in_flight = stream_started(&client, "/v1/endless?interval_ms=100").await;
 
     relay.begin_shutdown();
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -335,21 +299,7 @@ async fn with_its_only_relay_shutting_down_new_requests_wait_then_get_503() {
         assert!(Instant::now() < deadline, "still healthy after the go-away");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let asked = Instant::now();
-    let response = client
-        .post_json("/v1/chat/completions", &chat())
-        .await
-        .expect("answer");
-    assert_eq!(response.status(), 503);
-    assert!(
-        asked.elapsed() >= Duration::from_millis(900),
-        "{:?}",
-        asked.elapsed()
-    );
-    assert_eq!(
-        body_json(response).await["error"]["code"],
-        "tunnel_unavailable"
-    );
+    waits_then_gets_503(&client).await;
     // The stream that was in flight still flows.
     in_flight
         .frame()
@@ -370,16 +320,7 @@ async fn a_client_shutting_down_finishes_in_flight_responses() {
     client
         .wait_for_relay(relay.addr, Duration::from_secs(10))
         .await;
-    let response = client
-        .get("/v1/stamped?chunks=10&interval_ms=100")
-        .await
-        .expect("head");
-    let mut in_flight = response.into_body();
-    in_flight
-        .frame()
-        .await
-        .expect("first event")
-        .expect("first event");
+    let mut in_flight = stream_started(&client, "/v1/stamped?chunks=10&interval_ms=100").await;
 
     client.begin_shutdown();
     let (received, outcome) = read_to_end(&mut in_flight, Duration::from_secs(10)).await;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use passage_tests::mock_upstream::{SSE_CHUNKS, SSE_INTERVAL};
-use passage_tests::stack::{TestStack, body_json};
+use passage_tests::stack::{TestStack, body_json, read_to_end};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_streaming_chat_completion_round_trips() {
@@ -86,20 +86,7 @@ async fn upstream_dying_mid_stream_ends_the_app_stream_with_an_error() {
     let response = stack.get("/v1/broken").await.expect("head arrives");
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
-    let mut received = Vec::new();
-    let outcome = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match body.frame().await {
-                Some(Ok(frame)) => {
-                    received.extend_from_slice(&frame.into_data().unwrap_or_default())
-                }
-                Some(Err(e)) => return Err(e),
-                None => return Ok(()),
-            }
-        }
-    })
-    .await
-    .expect("no hang");
+    let (received, outcome) = read_to_end(&mut body, Duration::from_secs(5)).await;
     assert!(outcome.is_err(), "a truncated stream must not end cleanly");
     assert!(
         String::from_utf8_lossy(&received).contains("data: "),
