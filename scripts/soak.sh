@@ -11,6 +11,11 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+# The soak restarts the relay with the kill program (procps).
+if ! [ -x /usr/bin/kill ] && ! [ -x /bin/kill ]; then
+  echo "installing procps from Debian's packages" >&2
+  apt-get update -qq && apt-get install -y -qq procps >/dev/null
+fi
 # 500 app connections plus their tunnel streams need more than 1024 descriptors.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo build --release --workspace --bins
