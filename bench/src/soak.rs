@@ -317,13 +317,12 @@ async fn wait_relay_idle(
     loop {
         let log = std::fs::read_to_string(tunnel.relay_log()).unwrap_or_default();
         last = log.lines().rev().find_map(parse_status).or(last);
-        if let Some(status) = last {
-            if status.connections == 1
-                && status.open_streams == 0
-                && tasks.is_none_or(|tasks| status.tasks <= tasks)
-            {
-                return Ok(status);
-            }
+        if let Some(status) = last
+            && status.connections == 1
+            && status.open_streams == 0
+            && tasks.is_none_or(|tasks| status.tasks <= tasks)
+        {
+            return Ok(status);
         }
         if Instant::now() > deadline {
             anyhow::bail!(

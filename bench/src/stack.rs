@@ -294,10 +294,9 @@ impl Tunnel {
         let deadline = Instant::now() + limit;
         loop {
             if let Ok(response) = crate::http::get(&client, &format!("{}/healthz", self.url)).await
+                && response.status() == 200
             {
-                if response.status() == 200 {
-                    return Ok(());
-                }
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!("the tunnel did not come up within {limit:?}");

@@ -89,8 +89,11 @@ async fn try_forward(
     // the rest.
     let mut pump = has_body;
     if inline {
-        let whole =
-            tokio::time::timeout(INLINE_WAIT, encode_whole_body(&mut body, &mut batch)).await;
+        let whole = tokio::time::timeout(
+            INLINE_WAIT,
+            encode_whole_body(&mut body, &mut batch, |_| {}),
+        )
+        .await;
         if let Ok(result) = whole {
             result.map_err(invalid_request)?;
             pump = false;

@@ -46,7 +46,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let parsed = passage_shared::config_file::parse_with_config::<Cli>("run")
+    let parsed = passage_shared::config_file::parse_with_config::<Cli>("run", &[])
         .map_err(anyhow::Error::from)
         .and_then(run);
     match parsed {

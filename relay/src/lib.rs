@@ -6,10 +6,15 @@
 //! [`pki_cmd`] implements `init`, `issue`, `revoke` and `list`.
 
 pub mod keys;
+pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod pki_cmd;
+pub mod policy;
+pub mod request_model;
 pub mod stream;
 pub mod upstream;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::listener::Revocation;
+use crate::metrics::RelayMetrics;
+use crate::policy::Policy;
 use crate::stream::StreamContext;
 use crate::upstream::{ApiKey, UpstreamBase, UpstreamClient, UpstreamConfigError};
 
@@ -53,6 +60,12 @@ pub struct RelayConfig {
     pub status_interval: Duration,
     /// QUIC transport settings of client connections.
     pub transport: TransportTuning,
+    /// Who may do what (the config file's client tables).
+    pub policy: Policy,
+    /// Most body bytes read to find the model for a model-restricted client.
+    pub model_scan_limit: usize,
+    /// Address to serve Prometheus metrics on, if any.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl RelayConfig {
@@ -70,6 +83,9 @@ impl RelayConfig {
             drain_timeout: Duration::from_secs(30),
             status_interval: Duration::from_secs(10),
             transport: TransportTuning::default(),
+            policy: Policy::default(),
+            model_scan_limit: 1024 * 1024,
+            metrics: None,
         }
     }
 }
@@ -89,6 +105,14 @@ pub enum RelayError {
     /// The upstream is misconfigured.
     #[error(transparent)]
     Upstream(#[from] UpstreamConfigError),
+    /// The metrics address could not be bound.
+    #[error("metrics listener on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// A bound relay, ready to serve.
@@ -99,16 +123,27 @@ pub struct Relay {
     drain_timeout: Duration,
     status_interval: Duration,
     revocation: Revocation,
+    metrics: Option<(tokio::net::TcpListener, Arc<RelayMetrics>)>,
 }
 
-/// Asks a running relay to re-read its revocation list (what SIGHUP does).
+/// Changes a running relay's policy and revocation list (what SIGHUP does).
 #[derive(Debug, Clone)]
-pub struct ReloadHandle(Arc<tokio::sync::Notify>);
+pub struct ReloadHandle {
+    revocations: Arc<tokio::sync::Notify>,
+    ctx: Arc<StreamContext>,
+}
 
 impl ReloadHandle {
-    /// Requests the reload; the relay performs it as soon as it can.
+    /// Requests a re-read of the revocation list; the relay performs it
+    /// as soon as it can.
     pub fn reload(&self) {
-        self.0.notify_one();
+        self.revocations.notify_one();
+    }
+
+    /// Puts `policy` in force for every request that starts from now on;
+    /// requests in flight finish under the rules they started with.
+    pub fn set_policy(&self, policy: Policy) {
+        self.ctx.set_policy(policy);
     }
 }
 
@@ -132,13 +167,26 @@ impl Relay {
             config.connect_timeout,
             config.upstream_http2,
         )?;
+        let metrics = match config.metrics {
+            Some(addr) => {
+                let listener = passage_shared::metrics_http::bind(addr)
+                    .map_err(|source| RelayError::Metrics { addr, source })?;
+                Some((listener, Arc::new(RelayMetrics::new())))
+            }
+            None => None,
+        };
         Ok(Relay {
             endpoint,
             ctx: Arc::new(StreamContext {
                 upstream,
                 head_timeout: config.head_timeout,
                 idle_read_timeout: config.idle_read_timeout,
+                policy: std::sync::RwLock::new(Arc::new(config.policy)),
+                limits: crate::limits::Limits::default(),
+                model_scan_limit: config.model_scan_limit,
+                metrics: metrics.as_ref().map(|(_, m)| m.clone()),
             }),
+            metrics,
             drain_timeout: config.drain_timeout,
             status_interval: config.status_interval,
             revocation: Revocation {
@@ -152,7 +200,17 @@ impl Relay {
     /// A handle that makes the running relay re-read its revocation list,
     /// refuse revoked certificates from then on and close their connections.
     pub fn reload_handle(&self) -> ReloadHandle {
-        ReloadHandle(self.revocation.requested.clone())
+        ReloadHandle {
+            revocations: self.revocation.requested.clone(),
+            ctx: self.ctx.clone(),
+        }
+    }
+
+    /// The address metrics are served on, if `--metrics` is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
     }
 
     /// The UDP address the relay listens on.
@@ -167,6 +225,13 @@ impl Relay {
             upstream = %self.ctx.upstream.base(),
             "relay serving"
         );
+        let metrics_task = self.metrics.map(|(listener, metrics)| {
+            tokio::spawn(passage_shared::metrics_http::serve(
+                listener,
+                metrics.renderer(),
+                shutdown.clone(),
+            ))
+        });
         listener::serve(
             self.endpoint,
             self.ctx,
@@ -176,6 +241,9 @@ impl Relay {
             shutdown,
         )
         .await;
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
         info!("relay stopped");
     }
 }

@@ -266,9 +266,15 @@ async fn connection(
     shutdown: CancellationToken,
 ) {
     let remote = incoming.remote_address();
+    let failed = |reason| {
+        if let Some(metrics) = &ctx.metrics {
+            metrics.handshake_failed(reason);
+        }
+    };
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
+            failed("dropped");
             warn!(%remote, error = %e, "connection attempt dropped");
             return;
         }
@@ -276,10 +282,12 @@ async fn connection(
     let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(e)) => {
+            failed(handshake_failure_reason(&e));
             warn!(%remote, reason = %e, "handshake refused");
             return;
         }
         Err(_) => {
+            failed("timeout");
             warn!(%remote, "handshake timed out");
             return;
         }
@@ -291,6 +299,7 @@ async fn connection(
     let _live = live.register(fingerprint(&leaf), client.clone(), connection.clone());
     // A reload that ran while this handshake was in flight did not see it.
     if revocations.is_revoked(&leaf) {
+        failed("revoked");
         warn!(client = %client, %remote, "closing a connection: its certificate was revoked");
         connection.close(CLOSE_REVOKED.into(), b"client certificate revoked");
         return;
@@ -302,6 +311,10 @@ async fn connection(
             return;
         }
         info!("client connected");
+        let _connected = ctx
+            .metrics
+            .as_ref()
+            .map(|metrics| GaugeGuard::up(&metrics.connections));
         let mut unannounced = Some(unannounced);
         loop {
             let accepted = tokio::select! {
@@ -340,6 +353,47 @@ async fn connection(
     }
     .instrument(span)
     .await
+}
+
+/// Holds a gauge one higher while it lives.
+struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl GaugeGuard {
+    fn up(gauge: &prometheus_client::metrics::gauge::Gauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The metrics label for a failed handshake: the TLS alert the relay sent
+/// (which certificate problem), a wrong protocol, or the connection's fate.
+fn handshake_failure_reason(error: &quinn::ConnectionError) -> &'static str {
+    match error {
+        quinn::ConnectionError::TransportError(e) => {
+            let code = u64::from(e.code);
+            // QUIC carries TLS alerts as codes 0x100 + alert (RFC 9001 4.8).
+            match code.checked_sub(0x100) {
+                Some(42) => "bad_certificate",
+                Some(44) => "revoked",
+                Some(45) => "expired_certificate",
+                Some(48) => "unknown_ca",
+                Some(116) => "no_certificate",
+                Some(120) => "wrong_alpn",
+                Some(alert) if alert < 0x100 => "tls_other",
+                _ => "protocol",
+            }
+        }
+        quinn::ConnectionError::TimedOut => "timeout",
+        quinn::ConnectionError::ConnectionClosed(_)
+        | quinn::ConnectionError::ApplicationClosed(_) => "closed_by_peer",
+        _ => "other",
+    }
 }
 
 /// Tells the client the relay is shutting down (see [`Frame::GoAway`]).

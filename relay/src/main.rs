@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use passage_relay::policy::{POLICY_SECTIONS, Policy, PolicyTables};
 use passage_relay::upstream::{ApiKey, UpstreamBase};
 use passage_relay::{Relay, RelayConfig, pki_cmd};
+use passage_shared::config_file::{self, FileSetting};
 use passage_shared::process::CommonArgs;
 
 /// The relay end of passage: holds the API key and calls the upstream API.
@@ -102,13 +104,20 @@ enum Command {
         /// logged only when those figures changed.
         #[arg(long, default_value_t = 10)]
         status_interval: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
+        /// KiB of a request body read, at most, to find the model of a
+        /// client whose models are restricted (`allow_models`).
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
+        model_scan_limit_kib: u64,
         #[command(flatten)]
         common: CommonArgs,
     },
 }
 
 fn main() -> std::process::ExitCode {
-    let parsed = passage_shared::config_file::parse_with_config::<Cli>("serve")
+    let parsed = passage_shared::config_file::parse_with_config::<Cli>("serve", &POLICY_SECTIONS)
         .map_err(anyhow::Error::from)
         .and_then(run);
     match parsed {
@@ -134,7 +143,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Revoke { dir, name } => pki_cmd::revoke(&dir, &name),
         Command::List { dir } => pki_cmd::list(&dir),
         Command::Serve {
-            config: _,
+            config: config_path,
             pki,
             listen,
             upstream,
@@ -142,6 +151,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             connect_timeout,
             idle_timeout,
             status_interval,
+            metrics,
+            model_scan_limit_kib,
             upstream_http2,
             common,
         } => {
@@ -158,12 +169,86 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(status_interval > 0, "--status-interval must be at least 1");
             config.status_interval = Duration::from_secs(status_interval);
             config.drain_timeout = common.drain_timeout();
+            config.metrics = metrics;
+            config.model_scan_limit = usize::try_from(model_scan_limit_kib * 1024)
+                .context("--model-scan-limit-kib is too large")?;
             common
                 .apply(&mut config.transport)
                 .map_err(anyhow::Error::msg)?;
-            serve(config, &common)
+            let file = match config_path {
+                Some(path) => {
+                    config.policy = load_policy(&path).map_err(anyhow::Error::msg)?;
+                    Some(ConfigFile {
+                        settings: current_settings().map_err(anyhow::Error::msg)?,
+                        path,
+                    })
+                }
+                None => None,
+            };
+            serve(config, &common, file)
         }
     }
+}
+
+/// The config file a relay was started with, for reloads.
+struct ConfigFile {
+    path: PathBuf,
+    /// The flag settings it gave at start, to tell which changed.
+    settings: Vec<FileSetting>,
+}
+
+/// Parses the process's command line and config file again, as at start.
+fn current_settings() -> Result<Vec<FileSetting>, String> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    config_file::try_parse_with_config::<Cli>(&argv, "serve", &POLICY_SECTIONS)
+        .map(|(_, settings)| settings)
+        .map_err(|e| e.to_string())
+}
+
+/// Reads and checks the `[clients.NAME]` and `[unlisted_clients]` tables.
+fn load_policy(path: &std::path::Path) -> Result<Policy, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let tables: PolicyTables =
+        toml::from_str(&text).map_err(|e| config_file::section_error(path, &text, &e))?;
+    Policy::new(tables).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// SIGHUP: re-reads the config file (whole, as at start) and puts its
+/// policy in force, or keeps the old one if the file is refused; then
+/// re-reads the revocation list either way.
+fn reload_config(file: Option<&ConfigFile>, handle: &passage_relay::ReloadHandle) {
+    if let Some(file) = file {
+        let checked =
+            current_settings().and_then(|settings| Ok((settings, load_policy(&file.path)?)));
+        match checked {
+            Ok((settings, policy)) => {
+                handle.set_policy(policy);
+                for key in changed_keys(&file.settings, &settings) {
+                    tracing::warn!(key = %key, "changed in the config file; takes effect after a restart");
+                }
+                tracing::info!(file = %file.path.display(), "config reloaded: client rules and limits in force");
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "config refused on reload; the previous one stays in force"
+            ),
+        }
+    }
+    handle.reload();
+}
+
+/// Keys whose flag settings differ between two reads of the file.
+fn changed_keys(before: &[FileSetting], after: &[FileSetting]) -> Vec<String> {
+    let mut keys: Vec<String> = before
+        .iter()
+        .filter(|old| !after.contains(old))
+        .chain(after.iter().filter(|new| !before.contains(new)))
+        .map(|setting| setting.key.clone())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 fn read_api_key(var: &str) -> anyhow::Result<ApiKey> {
@@ -177,7 +262,7 @@ fn read_api_key(var: &str) -> anyhow::Result<ApiKey> {
     Ok(ApiKey::new(key))
 }
 
-fn serve(config: RelayConfig, common: &CommonArgs) -> anyhow::Result<()> {
+fn serve(config: RelayConfig, common: &CommonArgs, file: Option<ConfigFile>) -> anyhow::Result<()> {
     let runtime = common.runtime().context("starting the async runtime")?;
     runtime.block_on(async {
         let relay = Relay::bind(config.clone()).with_context(|| {
@@ -202,8 +287,8 @@ fn serve(config: RelayConfig, common: &CommonArgs) -> anyhow::Result<()> {
         let reload = relay.reload_handle();
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading the revocation list");
-                reload.reload();
+                tracing::info!("SIGHUP: reloading the config file and the revocation list");
+                reload_config(file.as_ref(), &reload);
             }
         });
         relay.run(shutdown).await;

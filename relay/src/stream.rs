@@ -11,7 +11,8 @@
 //! (the app went away) the upstream call is dropped at once, which closes
 //! the upstream connection and stops token spend.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -31,7 +32,12 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::upstream::UpstreamClient;
+use crate::limits::Limits;
+use crate::metrics::{RelayMetrics, RequestFigures};
+use crate::policy::{Applied, Policy};
+use crate::request_model::{BodyKind, json_model, multipart_model};
+use crate::upstream::{UpstreamBody, UpstreamClient};
+use crate::usage::{Usage, UsageTap};
 use passage_shared::error_chain;
 
 /// What every stream handler needs; shared by all connections.
@@ -43,6 +49,49 @@ pub struct StreamContext {
     pub head_timeout: Duration,
     /// Longest silence from the upstream (before the head or between chunks).
     pub idle_read_timeout: Duration,
+    /// Who may do what; replaced whole on reload.
+    pub policy: RwLock<Arc<Policy>>,
+    /// Per-client rate-limit state.
+    pub limits: Limits,
+    /// Most body bytes read to find the model of a client whose models are restricted.
+    pub model_scan_limit: usize,
+    /// Metrics, when `--metrics` is on.
+    pub metrics: Option<Arc<RelayMetrics>>,
+}
+
+impl StreamContext {
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `policy` in force for requests from now on.
+    pub fn set_policy(&self, policy: Policy) {
+        *self
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
+    }
+}
+
+/// Most body bytes of an unrestricted client's JSON request read ahead to
+/// name its model in the usage line; bodies this small arrive with their
+/// head, so reading them costs no wait.
+const ACCOUNTING_SCAN_LIMIT: usize = 64 * 1024;
+
+/// What the usage line and the metrics say about one request.
+#[derive(Debug, Default)]
+struct RequestRecord {
+    model: Option<String>,
+    /// The status the app gets (0 until a response head is sent).
+    status: u16,
+    ttfb: Option<Duration>,
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: u64,
+    usage: Option<Usage>,
 }
 
 type Responder = FramedWrite<BoxSend, FrameCodec>;
@@ -51,17 +100,13 @@ type Responder = FramedWrite<BoxSend, FrameCodec>;
 #[derive(Debug)]
 enum Outcome {
     /// The response was delivered in full.
-    Complete { status: u16, bytes: u64 },
+    Complete,
     /// The upstream failed after the head was sent; the client got `Failure`.
-    UpstreamBrokeOff {
-        status: u16,
-        bytes: u64,
-        reason: String,
-    },
+    UpstreamBrokeOff { reason: String },
     /// passage answered with its own error.
     Refused(ApiError),
     /// The client went away (app cancelled or tunnel lost).
-    ClientGone { bytes: u64 },
+    ClientGone,
 }
 
 /// Serves one request stream from a client named `client`.
@@ -106,38 +151,102 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
         info_span!("request", id = %head.id, client = %client, method = %head.method, path = %path);
     async move {
         let started = Instant::now();
+        let mut record = RequestRecord::default();
+        if let Some(metrics) = &ctx.metrics {
+            metrics.active_streams.inc();
+        }
         let outcome = tokio::select! {
-            outcome = proxy(head, frames, &mut responder, &ctx) => outcome,
-            _ = stopped => Outcome::ClientGone { bytes: 0 },
+            outcome = serve(head, &path, frames, &mut responder, &ctx, &client, &mut record, started) => outcome,
+            _ = stopped => Outcome::ClientGone,
         };
-        let elapsed_ms = started.elapsed().as_millis() as u64;
-        match outcome {
-            Outcome::Complete { status, bytes } => {
+        let mut status = record.status;
+        let (failed, error): (bool, Option<String>) = match &outcome {
+            Outcome::Complete => {
                 responder.get_mut().finish();
-                info!(status, bytes, elapsed_ms, "request complete");
+                (status >= 500, None)
             }
-            Outcome::UpstreamBrokeOff { status, bytes, reason } => {
+            Outcome::UpstreamBrokeOff { reason } => {
                 responder.get_mut().finish();
-                warn!(status, bytes, elapsed_ms, %reason, "upstream broke off mid-response");
+                (true, Some(format!("upstream broke off mid-response: {reason}")))
             }
             Outcome::Refused(error) => {
-                let status = error.status.as_u16();
+                status = error.status.as_u16();
                 match send_api_error(&mut responder, error.clone()).await {
                     Ok(()) => {
                         responder.get_mut().finish();
                     }
                     Err(e) => debug!(error = %e, "could not deliver the error response"),
                 }
-                warn!(status, code = error.code, message = %error.message, elapsed_ms, "request refused");
+                (true, Some(format!("{}: {}", error.code, error.message)))
             }
-            Outcome::ClientGone { bytes } => {
+            Outcome::ClientGone => {
                 responder.get_mut().reset(reset_code::CANCELLED);
-                info!(bytes, elapsed_ms, "client went away; upstream call dropped");
+                (false, Some("client went away; upstream call dropped".to_owned()))
             }
+        };
+        let duration = started.elapsed();
+        let bytes_in = record.bytes_in.load(Ordering::Relaxed);
+        if let Some(metrics) = &ctx.metrics {
+            metrics.active_streams.dec();
+            metrics.record(&RequestFigures {
+                client: &client,
+                model: record.model.as_deref(),
+                status,
+                failed,
+                ttfb_s: record.ttfb.map(|t| t.as_secs_f64()),
+                duration_s: duration.as_secs_f64(),
+                bytes_in,
+                bytes_out: record.bytes_out,
+                usage: record.usage,
+            });
         }
+        log_request(&outcome, status, &record, bytes_in, duration, error.as_deref());
     }
     .instrument(span)
     .await
+}
+
+/// Milliseconds with one decimal, for log lines.
+fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 10_000.0).round() / 10.0
+}
+
+/// The one usage line of a request: never a key, a header or a body.
+fn log_request(
+    outcome: &Outcome,
+    status: u16,
+    record: &RequestRecord,
+    bytes_in: u64,
+    duration: Duration,
+    error: Option<&str>,
+) {
+    let model = record.model.as_deref().unwrap_or("-");
+    let ttfb_ms = record.ttfb.map(millis);
+    let duration_ms = millis(duration);
+    let prompt_tokens = record.usage.map(|u| u.prompt_tokens);
+    let completion_tokens = record.usage.map(|u| u.completion_tokens);
+    let bytes_out = record.bytes_out;
+    let ended = match outcome {
+        Outcome::Complete => "complete",
+        Outcome::UpstreamBrokeOff { .. } => "upstream_broke_off",
+        Outcome::Refused(_) => "refused",
+        Outcome::ClientGone => "client_gone",
+    };
+    // Info for every outcome: this is the accounting record; `ended` and
+    // `error` tell the failures apart.
+    info!(
+        status,
+        model,
+        ttfb_ms,
+        duration_ms,
+        prompt_tokens,
+        completion_tokens,
+        bytes_in,
+        bytes_out,
+        ended,
+        error,
+        "request"
+    );
 }
 
 /// Longest request id a client may send (it generates 16 hex digits).
@@ -178,20 +287,158 @@ fn check_head(head: &RequestHead) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The request's straight path; returns how it ended.
-async fn proxy(
+/// The head's `content-type`, if it has one that is text.
+fn content_type(head: &RequestHead) -> Option<&str> {
+    head.headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-type"))
+        .and_then(|h| std::str::from_utf8(&h.value).ok())
+}
+
+/// The first bytes of a request body, read ahead of sending it.
+#[derive(Debug, Default)]
+struct BodyPrefix {
+    chunks: Vec<Bytes>,
+    len: usize,
+    /// Whether the body's `End` was read too (the prefix is the whole body).
+    ended: bool,
+}
+
+impl BodyPrefix {
+    /// The model the prefix names, for a body of `kind`.
+    fn model(&self, kind: &BodyKind) -> Option<String> {
+        let whole = || match self.chunks.as_slice() {
+            [one] => one.clone(),
+            many => Bytes::from(many.concat()),
+        };
+        match kind {
+            BodyKind::Json if self.ended => json_model(&whole()),
+            BodyKind::Multipart(boundary) => multipart_model(&whole(), boundary),
+            _ => None,
+        }
+    }
+}
+
+/// Reads body frames until `limit` bytes or the body's end, each frame
+/// within `wait`.
+async fn read_prefix(
+    frames: &mut FramedRead<BoxRecv, FrameCodec>,
+    limit: usize,
+    wait: Duration,
+) -> Result<BodyPrefix, ApiError> {
+    let mut prefix = BodyPrefix::default();
+    let refuse =
+        |message: String| ApiError::new(StatusCode::BAD_REQUEST, "request_body_failed", message);
+    while prefix.len < limit {
+        match tokio::time::timeout(wait, frames.next()).await {
+            Ok(Some(Ok(Frame::Data(data)))) => {
+                prefix.len += data.len();
+                prefix.chunks.push(data);
+            }
+            Ok(Some(Ok(Frame::End))) => {
+                prefix.ended = true;
+                break;
+            }
+            Ok(Some(Ok(Frame::Failure(failure)))) => {
+                return Err(refuse(format!(
+                    "the request body failed: {}",
+                    failure.message
+                )));
+            }
+            Ok(Some(Ok(frame))) => {
+                return Err(refuse(format!(
+                    "unexpected {} frame inside the request body",
+                    frame.kind()
+                )));
+            }
+            Ok(Some(Err(e))) => return Err(refuse(format!("reading the request body: {e}"))),
+            Ok(None) => {
+                return Err(refuse(
+                    "the stream ended inside the request body".to_owned(),
+                ));
+            }
+            Err(_) => {
+                return Err(refuse(format!(
+                    "no request body data within {} s",
+                    wait.as_secs()
+                )));
+            }
+        }
+    }
+    Ok(prefix)
+}
+
+/// Applies the client's rules and limits, then proxies; returns how it ended.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
     head: RequestHead,
-    frames: FramedRead<BoxRecv, FrameCodec>,
+    path: &str,
+    mut frames: FramedRead<BoxRecv, FrameCodec>,
     responder: &mut Responder,
     ctx: &StreamContext,
+    client: &Arc<str>,
+    record: &mut RequestRecord,
+    started: Instant,
 ) -> Outcome {
-    let body = if head.has_body {
-        Either::Right(FrameBody::new(frames))
+    let applied: Applied = ctx.policy().rules_for(client);
+    let refuse = |error: ApiError| {
+        if let Some(metrics) = &ctx.metrics {
+            metrics.refused(client, error.code);
+        }
+        Outcome::Refused(error)
+    };
+    if let Err(error) = applied.check_path(client, path) {
+        return refuse(error);
+    }
+    let body: UpstreamBody = if head.has_body {
+        let kind = BodyKind::of(content_type(&head));
+        let limit = if applied.restricts_models() {
+            ctx.model_scan_limit
+        } else if kind == BodyKind::Json {
+            ACCOUNTING_SCAN_LIMIT
+        } else {
+            0
+        };
+        let prefix = match read_prefix(&mut frames, limit, ctx.head_timeout).await {
+            Ok(prefix) => prefix,
+            Err(error) => return Outcome::Refused(error),
+        };
+        record.model = prefix.model(&kind);
+        if let Err(error) = applied.check_model(client, record.model.as_deref()) {
+            return refuse(error);
+        }
+        let body = FrameBody::resume(frames, prefix.chunks, prefix.ended)
+            .counting(record.bytes_in.clone());
+        Either::Right(body)
     } else {
         // Dropping `frames` here is fine: a bodiless request sends only
         // `End` after its head, and the client does not wait on it.
         Either::Left(Empty::<Bytes>::new())
     };
+    let admission = if applied.rules.has_limits() {
+        match ctx.limits.admit(client, &applied) {
+            Ok(admission) => Some(admission),
+            Err(error) => return refuse(error),
+        }
+    } else {
+        None
+    };
+    let outcome = proxy(head, body, responder, ctx, record, started).await;
+    if let (Some(admission), Some(usage)) = (&admission, record.usage) {
+        admission.record_tokens(usage.total());
+    }
+    outcome
+}
+
+/// The request's straight path; returns how it ended.
+async fn proxy(
+    head: RequestHead,
+    body: UpstreamBody,
+    responder: &mut Responder,
+    ctx: &StreamContext,
+    record: &mut RequestRecord,
+    started: Instant,
+) -> Outcome {
     let (request, key) = match ctx.upstream.request(head, body) {
         Ok(request) => request,
         Err(error) => return Outcome::Refused(error),
@@ -215,6 +462,13 @@ async fn proxy(
     let (parts, mut body) = response.into_parts();
     ctx.upstream.report(key, parts.status, &parts.headers);
     let status = parts.status.as_u16();
+    let mut tap = UsageTap::for_response(
+        parts.status,
+        parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    );
     let head = Frame::ResponseHead(ResponseHead {
         status,
         headers: headers_to_wire(&parts.headers),
@@ -227,48 +481,56 @@ async fn proxy(
             format!("the upstream response head cannot be forwarded: {e}"),
         ));
     }
+    record.status = status;
     if is_inline(&body) {
         // A small sized answer (a whole chat completion) that is already
         // arriving goes out whole with its head, in one write (one datagram
         // when it fits). One that takes longer is not held back: what came
         // so far leaves now and the rest streams below.
-        let bytes = http_body::Body::size_hint(&body).exact().unwrap_or(0);
-        match tokio::time::timeout(INLINE_WAIT, encode_whole_body(&mut body, &mut batch)).await {
+        let mut bytes = 0u64;
+        let whole = encode_whole_body(&mut body, &mut batch, |data| {
+            bytes += data.len() as u64;
+            tap.observe(data);
+        });
+        match tokio::time::timeout(INLINE_WAIT, whole).await {
             Ok(Ok(())) => {
+                record.ttfb = Some(started.elapsed());
                 return match responder.get_mut().write_all(&batch).await {
-                    Ok(()) => Outcome::Complete { status, bytes },
-                    Err(_) => Outcome::ClientGone { bytes: 0 },
+                    Ok(()) => {
+                        record.bytes_out = bytes;
+                        record.usage = tap.finish();
+                        Outcome::Complete
+                    }
+                    Err(_) => Outcome::ClientGone,
                 };
             }
             Ok(Err(e)) => {
                 // As on the streaming path: the upstream's head and what
                 // arrived, then a response cut short.
+                record.ttfb = Some(started.elapsed());
                 if responder.get_mut().write_all(&batch).await.is_err() {
-                    return Outcome::ClientGone { bytes: 0 };
+                    return Outcome::ClientGone;
                 }
-                return fail(
-                    responder,
-                    status,
-                    0,
-                    "upstream_body_failed",
-                    error_chain(&e),
-                )
-                .await;
+                record.bytes_out = bytes;
+                return fail(responder, "upstream_body_failed", error_chain(&e)).await;
             }
-            Err(_) => {}
+            Err(_) => {
+                // What arrived so far is in `batch` and goes out below.
+                record.bytes_out = bytes;
+            }
         }
     }
+    record.ttfb = Some(started.elapsed());
     if responder.get_mut().write_all(&batch).await.is_err() {
-        return Outcome::ClientGone { bytes: 0 };
+        return Outcome::ClientGone;
     }
 
-    let mut bytes = 0u64;
     loop {
         let next = match tokio::time::timeout(ctx.idle_read_timeout, body.frame()).await {
             Ok(next) => next,
             Err(_) => {
                 let reason = format!("upstream silent for {} s", ctx.idle_read_timeout.as_secs());
-                return fail(responder, status, bytes, "upstream_timeout", reason).await;
+                return fail(responder, "upstream_timeout", reason).await;
             }
         };
         match next {
@@ -277,20 +539,22 @@ async fn proxy(
                 let Ok(data) = frame.into_data() else {
                     continue;
                 };
-                bytes += data.len() as u64;
+                record.bytes_out += data.len() as u64;
+                tap.observe(&data);
                 if send_data(responder, data).await.is_err() {
-                    return Outcome::ClientGone { bytes };
+                    return Outcome::ClientGone;
                 }
             }
             Some(Err(e)) => {
                 let reason = error_chain(&e);
-                return fail(responder, status, bytes, "upstream_body_failed", reason).await;
+                return fail(responder, "upstream_body_failed", reason).await;
             }
             None => {
                 if responder.send(Frame::End).await.is_err() {
-                    return Outcome::ClientGone { bytes };
+                    return Outcome::ClientGone;
                 }
-                return Outcome::Complete { status, bytes };
+                record.usage = tap.finish();
+                return Outcome::Complete;
             }
         }
     }
@@ -298,25 +562,15 @@ async fn proxy(
 
 /// Tells the client the response is incomplete, so it never mistakes a
 /// truncated body for a whole one.
-async fn fail(
-    responder: &mut Responder,
-    status: u16,
-    bytes: u64,
-    code: &str,
-    reason: String,
-) -> Outcome {
+async fn fail(responder: &mut Responder, code: &str, reason: String) -> Outcome {
     let failure = Frame::Failure(StreamFailure {
         code: code.to_owned(),
         message: reason.clone(),
     });
     if responder.send(failure).await.is_err() {
-        return Outcome::ClientGone { bytes };
+        return Outcome::ClientGone;
     }
-    Outcome::UpstreamBrokeOff {
-        status,
-        bytes,
-        reason,
-    }
+    Outcome::UpstreamBrokeOff { reason }
 }
 
 /// Sends a passage error as a complete response on the stream.

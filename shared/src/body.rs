@@ -39,16 +39,41 @@ pub enum BodyError {
 #[derive(Debug)]
 pub struct FrameBody<R> {
     frames: FramedRead<R, FrameCodec>,
+    /// Chunks already read from `frames` (a prefix the reader looked into).
+    pending: std::collections::VecDeque<Bytes>,
     done: bool,
+    /// Adds up the bytes of the chunks handed out, when set.
+    counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl<R: AsyncRead + Unpin> FrameBody<R> {
     /// Reads the body from `frames`, whose head has already been taken.
     pub fn new(frames: FramedRead<R, FrameCodec>) -> Self {
+        FrameBody::resume(frames, Vec::new(), false)
+    }
+
+    /// A body whose first chunks, `prefix`, were already read from `frames`
+    /// (and, if `ended`, its `End` too); they come first, then the rest.
+    pub fn resume(frames: FramedRead<R, FrameCodec>, prefix: Vec<Bytes>, ended: bool) -> Self {
         FrameBody {
             frames,
-            done: false,
+            pending: prefix.into(),
+            done: ended,
+            counter: None,
         }
+    }
+
+    /// Adds the length of every chunk this body hands out to `counter`.
+    pub fn counting(mut self, counter: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.counter = Some(counter);
+        self
+    }
+
+    fn chunk(&self, data: Bytes) -> Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+        if let Some(counter) = &self.counter {
+            counter.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        Poll::Ready(Some(Ok(http_body::Frame::data(data))))
     }
 }
 
@@ -60,14 +85,15 @@ impl<R: AsyncRead + Unpin> http_body::Body for FrameBody<R> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+        if let Some(chunk) = self.pending.pop_front() {
+            return self.chunk(chunk);
+        }
         if self.done {
             return Poll::Ready(None);
         }
         let next = ready!(self.frames.poll_next_unpin(cx));
         let result = match next {
-            Some(Ok(Frame::Data(bytes))) => {
-                return Poll::Ready(Some(Ok(http_body::Frame::data(bytes))));
-            }
+            Some(Ok(Frame::Data(bytes))) => return self.chunk(bytes),
             Some(Ok(Frame::End)) => {
                 self.done = true;
                 return Poll::Ready(None);
@@ -82,7 +108,7 @@ impl<R: AsyncRead + Unpin> http_body::Body for FrameBody<R> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done
+        self.done && self.pending.is_empty()
     }
 }
 
@@ -127,17 +153,20 @@ pub enum WholeBodyError<E> {
     Frame(#[from] FrameError),
 }
 
-/// Reads all of `body` and appends it to `batch` as `Data` frames and `End`.
-/// Meant for bodies [`is_inline`] accepts: their size bounds the buffer.
+/// Reads all of `body` and appends it to `batch` as `Data` frames and `End`,
+/// showing each chunk to `observe` on the way. Meant for bodies
+/// [`is_inline`] accepts: their size bounds the buffer.
 pub async fn encode_whole_body<B>(
     body: &mut B,
     batch: &mut BytesMut,
+    mut observe: impl FnMut(&Bytes),
 ) -> Result<(), WholeBodyError<B::Error>>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
 {
     while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
         if let Ok(data) = frame.map_err(WholeBodyError::Body)?.into_data() {
+            observe(&data);
             encode_frame(&Frame::Data(data), batch)?;
         }
     }
@@ -198,7 +227,7 @@ mod tests {
         let mut body = http_body_util::Full::new(Bytes::from_static(b"hello"));
         assert!(is_inline(&body));
         let mut batch = BytesMut::new();
-        block_on(encode_whole_body(&mut body, &mut batch)).expect("encodes");
+        block_on(encode_whole_body(&mut body, &mut batch, |_| {})).expect("encodes");
         let mut codec = FrameCodec;
         use tokio_util::codec::Decoder;
         assert_eq!(

@@ -69,11 +69,13 @@ pub struct FileSetting {
 }
 
 /// The settings of the file at `path` for the flags of `command` that
-/// `matches` did not get from the command line.
+/// `matches` did not get from the command line. Tables named in `sections`
+/// are the caller's to read (see [`section_error`]) and are skipped here.
 pub fn file_settings(
     command: &clap::Command,
     matches: &clap::ArgMatches,
     path: &Path,
+    sections: &[&str],
 ) -> Result<Vec<FileSetting>, ConfigFileError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
@@ -87,6 +89,9 @@ pub fn file_settings(
         })?;
     let mut settings = Vec::new();
     for (key, value) in table {
+        if value.is_table() && sections.contains(&key.as_str()) {
+            continue;
+        }
         let long = key.replace('_', "-");
         let arg = command
             .get_arguments()
@@ -154,19 +159,48 @@ pub fn merged_argv(
     merged
 }
 
-/// Parses the process's arguments as `P`. When its subcommand `name` was
-/// given `--config FILE`, the file's settings are merged in first (flags on
-/// the command line win). Usage errors and `--help` exit as clap does.
-pub fn parse_with_config<P: clap::Parser>(name: &str) -> Result<P, ConfigFileError> {
-    let argv: Vec<OsString> = std::env::args_os().collect();
+/// Why the command line and config file could not be parsed.
+#[derive(Debug)]
+pub enum ParseFailure {
+    /// The file was refused.
+    Config(ConfigFileError),
+    /// clap refused the (merged) command line, or was asked for help.
+    Usage(clap::Error),
+}
+
+impl std::fmt::Display for ParseFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParseFailure::Config(e) => e.fmt(f),
+            ParseFailure::Usage(e) => {
+                let text = e.to_string();
+                f.write_str(
+                    text.lines()
+                        .next()
+                        .unwrap_or_default()
+                        .trim_start_matches("error: "),
+                )
+            }
+        }
+    }
+}
+
+/// Parses `argv` as `P`. When its subcommand `name` was given `--config
+/// FILE`, the file's settings are merged in first (flags on the command
+/// line win); those settings are returned too.
+pub fn try_parse_with_config<P: clap::Parser>(
+    argv: &[OsString],
+    name: &str,
+    sections: &[&str],
+) -> Result<(P, Vec<FileSetting>), ParseFailure> {
     let parsed =
-        |matches: &clap::ArgMatches| P::from_arg_matches(matches).unwrap_or_else(|e| e.exit());
+        |matches: &clap::ArgMatches| P::from_arg_matches(matches).map_err(ParseFailure::Usage);
     // A first pass without required flags: they may come from the file.
     let lenient = P::command().mut_subcommand(name, |sub| sub.mut_args(|arg| arg.required(false)));
     let first = lenient
         .clone()
-        .try_get_matches_from(&argv)
-        .unwrap_or_else(|e| e.exit());
+        .try_get_matches_from(argv)
+        .map_err(ParseFailure::Usage)?;
     let config = match first.subcommand() {
         Some((sub, matches)) if sub == name => matches
             .get_one::<std::path::PathBuf>("config")
@@ -176,12 +210,13 @@ pub fn parse_with_config<P: clap::Parser>(name: &str) -> Result<P, ConfigFileErr
     };
     let Some((path, sub_matches)) = config else {
         let matches = P::command()
-            .try_get_matches_from(&argv)
-            .unwrap_or_else(|e| e.exit());
-        return Ok(parsed(&matches));
+            .try_get_matches_from(argv)
+            .map_err(ParseFailure::Usage)?;
+        return Ok((parsed(&matches)?, Vec::new()));
     };
     let settings = match lenient.find_subcommand(name) {
-        Some(sub_command) => file_settings(sub_command, &sub_matches, &path)?,
+        Some(sub_command) => file_settings(sub_command, &sub_matches, &path, sections)
+            .map_err(ParseFailure::Config)?,
         None => Vec::new(),
     };
     let index = argv
@@ -189,10 +224,44 @@ pub fn parse_with_config<P: clap::Parser>(name: &str) -> Result<P, ConfigFileErr
         .skip(1)
         .position(|arg| arg == name)
         .map_or(1, |i| i + 1);
-    let merged = merged_argv(&argv, index, &settings);
+    let merged = merged_argv(argv, index, &settings);
     match P::command().try_get_matches_from(&merged) {
-        Ok(matches) => Ok(parsed(&matches)),
-        Err(e) => Err(blame(&e, &path, &settings).unwrap_or_else(|| e.exit())),
+        Ok(matches) => Ok((parsed(&matches)?, settings)),
+        Err(e) => Err(match blame(&e, &path, &settings) {
+            Some(blamed) => ParseFailure::Config(blamed),
+            None => ParseFailure::Usage(e),
+        }),
+    }
+}
+
+/// Parses the process's arguments as `P` (see [`try_parse_with_config`]);
+/// usage errors and `--help` exit as clap does.
+pub fn parse_with_config<P: clap::Parser>(
+    name: &str,
+    sections: &[&str],
+) -> Result<P, ConfigFileError> {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    match try_parse_with_config(&argv, name, sections) {
+        Ok((parsed, _)) => Ok(parsed),
+        Err(ParseFailure::Config(e)) => Err(e),
+        Err(ParseFailure::Usage(e)) => e.exit(),
+    }
+}
+
+/// One line for an error of serde-reading a section of the file: the
+/// message and the line it points at.
+pub fn section_error(path: &Path, text: &str, error: &toml::de::Error) -> String {
+    let line = error
+        .span()
+        .and_then(|span| text.get(..span.start))
+        .map(|before| before.matches('\n').count() + 1);
+    match line {
+        Some(line) => format!(
+            "{}: line {line}: {}",
+            path.display(),
+            error.message().trim()
+        ),
+        None => format!("{}: {}", path.display(), error.message().trim()),
     }
 }
 
@@ -257,7 +326,7 @@ mod tests {
         std::fs::write(&path, toml).expect("write");
         let matches =
             command().get_matches_from(std::iter::once("serve").chain(cli.iter().copied()));
-        file_settings(&command(), &matches, &path)
+        file_settings(&command(), &matches, &path, &["clients"])
     }
 
     #[test]

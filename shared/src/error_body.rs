@@ -20,6 +20,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// Human-readable message shown by SDKs.
     pub message: String,
+    /// Seconds after which a retry may succeed (sent as `retry-after`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -29,7 +31,14 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error with a `retry-after` of `seconds` (at least 1).
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds.max(1));
+        self
     }
 
     /// The JSON body: `{"error": {"message", "type", "param", "code"}}`.
@@ -54,6 +63,11 @@ impl ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
     }
 }

@@ -373,6 +373,11 @@ fn distinguished_name(common_name: &str) -> DistinguishedName {
     dn
 }
 
+/// Whether `name` may name a client (what `issue` accepts).
+pub fn is_valid_client_name(name: &str) -> bool {
+    validate_client_name(name).is_ok()
+}
+
 /// Client names become file names and log fields: keep them plain.
 fn validate_client_name(name: &str) -> Result<(), PkiError> {
     let invalid = |why| PkiError::InvalidName {

@@ -159,10 +159,10 @@ impl TestStack {
     pub async fn wait_until_up(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            if let Ok(response) = self.get("/healthz").await {
-                if response.status() == 200 {
-                    return;
-                }
+            if let Ok(response) = self.get("/healthz").await
+                && response.status() == 200
+            {
+                return;
             }
             assert!(Instant::now() < deadline, "tunnel not up within {limit:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -1,0 +1,316 @@
+//! The relay's Prometheus metrics (served with `--metrics ADDR`): requests
+//! and latency by client and status, time to first byte, active streams
+//! and connections, bytes, handshake failures by reason, refusals by rule,
+//! and usage (requests, errors, tokens, bytes) by client and model.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::usage::Usage;
+
+/// Most distinct model labels kept; further models count as `other`, so a
+/// client cannot grow the metrics without bound.
+const MAX_MODELS: usize = 256;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientStatus {
+    client: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientLabel {
+    client: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientDirection {
+    client: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientCode {
+    client: String,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientModel {
+    client: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientModelKind {
+    client: String,
+    model: String,
+    kind: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(passage_shared::metrics_http::latency_buckets())
+}
+
+/// What one finished request adds to the metrics.
+#[derive(Debug)]
+pub struct RequestFigures<'a> {
+    /// The client's name.
+    pub client: &'a str,
+    /// The model asked for, if known.
+    pub model: Option<&'a str>,
+    /// The status the app got (0: none, the client went away first).
+    pub status: u16,
+    /// Whether the request failed (passage error, 5xx, cut short).
+    pub failed: bool,
+    /// Seconds to the response head, if one was sent.
+    pub ttfb_s: Option<f64>,
+    /// Seconds from the request head to the end.
+    pub duration_s: f64,
+    /// Request body bytes.
+    pub bytes_in: u64,
+    /// Response body bytes.
+    pub bytes_out: u64,
+    /// Tokens the upstream reported.
+    pub usage: Option<Usage>,
+}
+
+/// The relay's metrics and their registry.
+#[derive(Debug)]
+pub struct RelayMetrics {
+    registry: Registry,
+    requests: Family<ClientStatus, Counter>,
+    duration: Histograms<ClientStatus>,
+    ttfb: Histograms<ClientLabel>,
+    /// Request streams being served.
+    pub active_streams: Gauge,
+    /// Client connections open.
+    pub connections: Gauge,
+    bytes: Family<ClientDirection, Counter>,
+    handshake_failures: Family<ReasonLabel, Counter>,
+    refusals: Family<ClientCode, Counter>,
+    usage_requests: Family<ClientModel, Counter>,
+    usage_errors: Family<ClientModel, Counter>,
+    usage_tokens: Family<ClientModelKind, Counter>,
+    usage_bytes: Family<ClientModelKind, Counter>,
+    models: Mutex<HashSet<String>>,
+}
+
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RelayMetrics {
+    /// Makes the metrics, registered under the `passage_relay` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("passage_relay");
+        let requests = Family::<ClientStatus, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests served, by client and status",
+            requests.clone(),
+        );
+        let duration = Histograms::<ClientStatus>::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from the request head to the end of the response",
+            duration.clone(),
+        );
+        let ttfb = Histograms::<ClientLabel>::new_with_constructor(latency_histogram);
+        registry.register(
+            "time_to_first_byte_seconds",
+            "Time from the request head to the response head",
+            ttfb.clone(),
+        );
+        let active_streams = Gauge::default();
+        registry.register(
+            "active_streams",
+            "Request streams being served",
+            active_streams.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "connections",
+            "Client connections open",
+            connections.clone(),
+        );
+        let bytes = Family::<ClientDirection, Counter>::default();
+        registry.register(
+            "body_bytes",
+            "Body bytes, by client and direction (in: request, out: response)",
+            bytes.clone(),
+        );
+        let handshake_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "handshake_failures",
+            "Connection attempts refused or failed, by reason",
+            handshake_failures.clone(),
+        );
+        let refusals = Family::<ClientCode, Counter>::default();
+        registry.register(
+            "refusals",
+            "Requests refused by policy or rate limit, by client and error code",
+            refusals.clone(),
+        );
+        let usage_requests = Family::<ClientModel, Counter>::default();
+        registry.register(
+            "usage_requests",
+            "Requests by client and model",
+            usage_requests.clone(),
+        );
+        let usage_errors = Family::<ClientModel, Counter>::default();
+        registry.register(
+            "usage_errors",
+            "Failed requests by client and model",
+            usage_errors.clone(),
+        );
+        let usage_tokens = Family::<ClientModelKind, Counter>::default();
+        registry.register(
+            "usage_tokens",
+            "Tokens the upstream reported, by client, model and kind (prompt, completion)",
+            usage_tokens.clone(),
+        );
+        let usage_bytes = Family::<ClientModelKind, Counter>::default();
+        registry.register(
+            "usage_bytes",
+            "Body bytes by client, model and kind (in, out)",
+            usage_bytes.clone(),
+        );
+        RelayMetrics {
+            registry,
+            requests,
+            duration,
+            ttfb,
+            active_streams,
+            connections,
+            bytes,
+            handshake_failures,
+            refusals,
+            usage_requests,
+            usage_errors,
+            usage_tokens,
+            usage_bytes,
+            models: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The metrics as OpenMetrics text.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// A renderer for [`passage_shared::metrics_http::serve`].
+    pub fn renderer(self: &Arc<Self>) -> passage_shared::metrics_http::Render {
+        let metrics = self.clone();
+        Arc::new(move || metrics.render())
+    }
+
+    /// Counts a refused or failed connection attempt.
+    pub fn handshake_failed(&self, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts a request refused by a rule or limit.
+    pub fn refused(&self, client: &str, code: &'static str) {
+        self.refusals
+            .get_or_create(&ClientCode {
+                client: client.to_owned(),
+                code,
+            })
+            .inc();
+    }
+
+    /// The label for `model`: itself while fewer than [`MAX_MODELS`] are known.
+    fn model_label(&self, model: Option<&str>) -> String {
+        let Some(model) = model else {
+            return "unknown".to_owned();
+        };
+        let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
+        if models.contains(model) || models.len() < MAX_MODELS {
+            models.insert(model.to_owned());
+            model.to_owned()
+        } else {
+            "other".to_owned()
+        }
+    }
+
+    /// Adds a finished request.
+    pub fn record(&self, figures: &RequestFigures<'_>) {
+        let client = figures.client.to_owned();
+        let by_status = ClientStatus {
+            client: client.clone(),
+            status: figures.status,
+        };
+        self.requests.get_or_create(&by_status).inc();
+        self.duration
+            .get_or_create(&by_status)
+            .observe(figures.duration_s);
+        if let Some(ttfb) = figures.ttfb_s {
+            self.ttfb
+                .get_or_create(&ClientLabel {
+                    client: client.clone(),
+                })
+                .observe(ttfb);
+        }
+        for (direction, count) in [("in", figures.bytes_in), ("out", figures.bytes_out)] {
+            self.bytes
+                .get_or_create(&ClientDirection {
+                    client: client.clone(),
+                    direction,
+                })
+                .inc_by(count);
+        }
+        let model = self.model_label(figures.model);
+        let by_model = ClientModel {
+            client: client.clone(),
+            model: model.clone(),
+        };
+        self.usage_requests.get_or_create(&by_model).inc();
+        if figures.failed {
+            self.usage_errors.get_or_create(&by_model).inc();
+        }
+        let usage = figures.usage.unwrap_or_default();
+        for (kind, count) in [
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+        ] {
+            self.usage_tokens
+                .get_or_create(&ClientModelKind {
+                    client: client.clone(),
+                    model: model.clone(),
+                    kind,
+                })
+                .inc_by(count);
+        }
+        for (kind, count) in [("in", figures.bytes_in), ("out", figures.bytes_out)] {
+            self.usage_bytes
+                .get_or_create(&ClientModelKind {
+                    client: client.clone(),
+                    model: model.clone(),
+                    kind,
+                })
+                .inc_by(count);
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Token usage as the upstream reports it: the `usage` object of a JSON
+//! response, or of the last SSE event that carries one (the chunk sent
+//! with `stream_options.include_usage`, or `response.completed` of the
+//! Responses API). The tap only watches the bytes already being forwarded:
+//! it keeps shared handles to a JSON body's chunks (up to a bound) and the
+//! current SSE line, never a whole stream.
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+/// Largest JSON response body searched for usage; bigger ones count none.
+const JSON_LIMIT: usize = 4 * 1024 * 1024;
+/// Longest SSE line kept while it arrives.
+const LINE_LIMIT: usize = 1024 * 1024;
+
+/// Tokens of one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt (input) tokens.
+    pub prompt_tokens: u64,
+    /// Completion (output) tokens.
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    /// Prompt and completion together.
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+}
+
+/// The usage object in either API's naming.
+#[derive(Deserialize)]
+struct UsageFields {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+}
+
+/// A body or event that may carry usage, at the top or inside `response`.
+#[derive(Deserialize)]
+struct UsageCarrier {
+    usage: Option<UsageFields>,
+    response: Option<Box<UsageCarrier>>,
+}
+
+impl UsageCarrier {
+    fn usage(self) -> Option<Usage> {
+        let fields = match (self.usage, self.response) {
+            (Some(fields), _) => fields,
+            (None, Some(inner)) => return inner.usage(),
+            (None, None) => return None,
+        };
+        let prompt = fields.prompt_tokens.or(fields.input_tokens).unwrap_or(0);
+        let completion = fields
+            .completion_tokens
+            .or(fields.output_tokens)
+            .or_else(|| {
+                fields
+                    .total_tokens
+                    .map(|total| total.saturating_sub(prompt))
+            })
+            .unwrap_or(0);
+        Some(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+        })
+    }
+}
+
+fn parse(json: &[u8]) -> Option<Usage> {
+    serde_json::from_slice::<UsageCarrier>(json).ok()?.usage()
+}
+
+/// Watches a response body for its usage.
+#[derive(Debug)]
+pub enum UsageTap {
+    /// A JSON body: its chunks, until it ends or grows past the bound.
+    Json { chunks: Vec<Bytes>, len: usize },
+    /// An event stream: the line being assembled and the last usage seen.
+    Sse { line: Vec<u8>, usage: Option<Usage> },
+    /// A body that carries no usage passage can read.
+    Ignored,
+}
+
+impl UsageTap {
+    /// A tap for a successful response with this content type; others are ignored.
+    pub fn for_response(status: http::StatusCode, content_type: Option<&str>) -> UsageTap {
+        if !status.is_success() {
+            return UsageTap::Ignored;
+        }
+        let mime = content_type
+            .and_then(|v| v.split(';').next())
+            .map(|m| m.trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        match mime.as_str() {
+            "application/json" => UsageTap::Json {
+                chunks: Vec::new(),
+                len: 0,
+            },
+            "text/event-stream" => UsageTap::Sse {
+                line: Vec::new(),
+                usage: None,
+            },
+            _ => UsageTap::Ignored,
+        }
+    }
+
+    /// Looks at the next chunk of the body.
+    pub fn observe(&mut self, data: &Bytes) {
+        match self {
+            UsageTap::Json { chunks, len } => {
+                *len += data.len();
+                if *len > JSON_LIMIT {
+                    *self = UsageTap::Ignored;
+                } else {
+                    chunks.push(data.clone());
+                }
+            }
+            UsageTap::Sse { line, usage } => {
+                let mut rest = &data[..];
+                while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+                    let complete: &[u8] = if line.is_empty() {
+                        &rest[..end]
+                    } else {
+                        line.extend_from_slice(&rest[..end]);
+                        line
+                    };
+                    if let Some(found) = sse_line_usage(complete) {
+                        *usage = Some(found);
+                    }
+                    line.clear();
+                    rest = &rest[end + 1..];
+                }
+                if line.len() + rest.len() <= LINE_LIMIT {
+                    line.extend_from_slice(rest);
+                } else {
+                    line.clear();
+                }
+            }
+            UsageTap::Ignored => {}
+        }
+    }
+
+    /// The usage the body reported, once it has ended.
+    pub fn finish(self) -> Option<Usage> {
+        match self {
+            UsageTap::Json { chunks, .. } => match chunks.as_slice() {
+                [one] => parse(one),
+                many => parse(&many.concat()),
+            },
+            UsageTap::Sse { line, usage } => sse_line_usage(&line).or(usage),
+            UsageTap::Ignored => None,
+        }
+    }
+}
+
+/// The usage in one SSE line, if it is a `data:` line that carries one.
+fn sse_line_usage(line: &[u8]) -> Option<Usage> {
+    let data = line.strip_prefix(b"data:")?;
+    let needle = b"\"usage\"";
+    if !data.windows(needle.len()).any(|w| w == needle) {
+        return None;
+    }
+    parse(data.trim_ascii())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    fn tap(content_type: &str, chunks: &[&str]) -> Option<Usage> {
+        let mut tap = UsageTap::for_response(StatusCode::OK, Some(content_type));
+        for chunk in chunks {
+            tap.observe(&Bytes::copy_from_slice(chunk.as_bytes()));
+        }
+        tap.finish()
+    }
+
+    #[test]
+    fn json_usage_in_either_naming() {
+        let chat = r#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}"#;
+        let (a, b) = chat.split_at(20);
+        assert_eq!(
+            tap("application/json", &[a, b]),
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 30
+            })
+        );
+        let responses = r#"{"usage":{"input_tokens":5,"output_tokens":7}}"#;
+        assert_eq!(
+            tap("application/json; charset=utf-8", &[responses]),
+            Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 7
+            })
+        );
+        let embeddings = r#"{"data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+        assert_eq!(
+            tap("application/json", &[embeddings]).map(|u| u.total()),
+            Some(8)
+        );
+        assert_eq!(tap("application/json", &[r#"{"data":[]}"#]), None);
+        assert_eq!(tap("text/plain", &[chat]), None);
+    }
+
+    #[test]
+    fn sse_usage_from_the_usage_chunk_split_anywhere() {
+        let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n\
+                      data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n\
+                      data: [DONE]\n\n";
+        for split in [1, 17, 60, 90, stream.len() - 3] {
+            let (a, b) = stream.split_at(split);
+            assert_eq!(
+                tap("text/event-stream", &[a, b]),
+                Some(Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 4
+                }),
+                "split at {split}"
+            );
+        }
+        let completed = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}";
+        assert_eq!(
+            tap("text/event-stream", &[completed]),
+            Some(Usage {
+                prompt_tokens: 9,
+                completion_tokens: 1
+            })
+        );
+        assert_eq!(tap("text/event-stream", &["data: {\"x\":1}\n\n"]), None);
+    }
+
+    #[test]
+    fn error_responses_are_not_tapped() {
+        let tap = UsageTap::for_response(StatusCode::BAD_REQUEST, Some("application/json"));
+        assert!(matches!(tap, UsageTap::Ignored));
+    }
+}

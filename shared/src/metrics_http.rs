@@ -1,0 +1,95 @@
+//! `--metrics ADDR`: a small HTTP endpoint that serves Prometheus text
+//! (OpenMetrics) at `GET /metrics`, for both programs.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+/// Renders the current metrics as OpenMetrics text.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The content type of the OpenMetrics text format.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Buckets (seconds) of the latency histograms: 1 ms doubling to about 9 min.
+pub fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 20)
+}
+
+/// Binds the metrics listener, so a bad address fails at start; must run
+/// inside a tokio runtime.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
+/// Serves `render`'s output at `/metrics` on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, render: Render, shutdown: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "metrics at http://{addr}/metrics");
+    }
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    debug!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let render = render.clone();
+        let service =
+            hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let render = render.clone();
+                async move {
+                    Ok::<_, Infallible>(answer(request.method(), request.uri().path(), &render))
+                }
+            });
+        tokio::spawn(async move {
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(error = %e, "metrics connection failed");
+            }
+        });
+    }
+}
+
+fn answer(method: &Method, path: &str, render: &Render) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = if path != "/metrics" {
+        (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            Bytes::from_static(b"not found; try /metrics\n"),
+        )
+    } else if method != Method::GET && method != Method::HEAD {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            Bytes::from_static(b"GET only\n"),
+        )
+    } else {
+        (StatusCode::OK, CONTENT_TYPE, Bytes::from(render()))
+    };
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}
