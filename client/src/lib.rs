@@ -6,6 +6,7 @@
 //! up, and [`forward`] moves one request onto a stream and its response back.
 
 pub mod forward;
+pub mod metrics;
 pub mod server;
 pub mod tunnel;
 
@@ -21,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::metrics::ClientMetrics;
 use crate::server::ServerContext;
 use crate::tunnel::{RelayTarget, Tunnel, TunnelSettings};
 
@@ -42,6 +44,8 @@ pub struct ClientConfig {
     pub drain_timeout: Duration,
     /// Tunnel timing.
     pub tunnel: TunnelSettings,
+    /// Address to serve Prometheus metrics on, if any.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ClientConfig {
@@ -54,6 +58,7 @@ impl ClientConfig {
             connect_wait: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
             tunnel: TunnelSettings::default(),
+            metrics: None,
         }
     }
 }
@@ -76,6 +81,14 @@ pub enum ClientError {
          since anyone who can reach it spends the relay's key"
     )]
     NotLoopback(SocketAddr),
+    /// The metrics address could not be bound.
+    #[error("cannot serve metrics on {addr}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// The local address could not be bound.
     #[error("cannot listen on {addr}")]
     Listen {
@@ -93,6 +106,7 @@ pub struct Client {
     quic: quinn::ClientConfig,
     targets: Vec<RelayTarget>,
     config: ClientConfig,
+    metrics: Option<TcpListener>,
 }
 
 impl Client {
@@ -121,12 +135,25 @@ impl Client {
                     addr: config.listen,
                     source,
                 })?;
+        let metrics = match config.metrics {
+            Some(addr) => Some(
+                passage_shared::metrics_http::bind(addr)
+                    .map_err(|source| ClientError::Metrics { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(Client {
             listener,
             quic,
             targets,
             config,
+            metrics,
         })
+    }
+
+    /// The address metrics are served on, if `--metrics` is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The local address apps connect to.
@@ -152,12 +179,29 @@ impl Client {
             self.config.tunnel,
             tunnel_shutdown.clone(),
         );
+        let metrics = self.metrics.map(|listener| {
+            let metrics = Arc::new(ClientMetrics::new());
+            let render = {
+                let (metrics, tunnel) = (metrics.clone(), tunnel.clone());
+                Arc::new(move || metrics.render(&tunnel)) as passage_shared::metrics_http::Render
+            };
+            let task = tokio::spawn(passage_shared::metrics_http::serve(
+                listener,
+                render,
+                shutdown.clone(),
+            ));
+            (metrics, task)
+        });
         let ctx = Arc::new(ServerContext {
             tunnel,
             client_name: self.config.bundle.name.clone(),
             connect_wait: self.config.connect_wait,
+            metrics: metrics.as_ref().map(|(metrics, _)| metrics.clone()),
         });
         server::serve(self.listener, ctx, self.config.drain_timeout, shutdown).await;
+        if let Some((_, task)) = metrics {
+            task.abort();
+        }
         tunnel_shutdown.cancel();
         // Let the manager send CONNECTION_CLOSE so the relay frees the
         // connection now rather than after its idle timeout.

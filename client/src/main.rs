@@ -40,6 +40,9 @@ enum Command {
         /// Seconds a request waits for the tunnel before failing with 503.
         #[arg(long, default_value_t = 5)]
         connect_wait: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -65,6 +68,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         listen,
         relays,
         connect_wait,
+        metrics,
         common,
     } = cli.command;
     passage_shared::process::init_logging();
@@ -76,6 +80,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.connect_wait = Duration::from_secs(connect_wait);
     config.drain_timeout = common.drain_timeout();
     config.tunnel.transport = transport;
+    config.metrics = metrics;
     let runtime = common.runtime().context("starting the async runtime")?;
     runtime.block_on(async {
         let client = Client::bind(config)

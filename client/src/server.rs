@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::forward::{ResponseBody, forward};
+use crate::metrics::{ClientMetrics, Observed};
 use crate::tunnel::{LinkState, RelayLink, Tunnel, last_errors};
 
 /// What each request handler needs.
@@ -34,6 +35,8 @@ pub struct ServerContext {
     pub client_name: String,
     /// How long a request waits for the tunnel before failing with 503.
     pub connect_wait: Duration,
+    /// Metrics, when `--metrics` is on.
+    pub metrics: Option<Arc<ClientMetrics>>,
 }
 
 /// Accepts app connections until `shutdown` fires, then drains them.
@@ -84,10 +87,14 @@ pub async fn serve(
     }
 }
 
+/// The body of every response the server gives: forwarded or local,
+/// observed for the metrics.
+pub type ServedBody = Observed<ResponseBody>;
+
 async fn handle(
     request: Request<Incoming>,
     ctx: Arc<ServerContext>,
-) -> Result<Response<ResponseBody>, Infallible> {
+) -> Result<Response<ServedBody>, Infallible> {
     let id = format!("{:016x}", fastrand::u64(..));
     let span = info_span!(
         "request",
@@ -98,17 +105,23 @@ async fn handle(
     );
     async move {
         if request.method() == Method::GET && request.uri().path() == "/healthz" {
-            return Ok(health(&ctx.tunnel));
+            return Ok(health(&ctx.tunnel).map(|body| Observed::new(body, None)));
         }
         let started = Instant::now();
+        let request_bytes = http_body::Body::size_hint(request.body()).exact();
         let response = forward(&ctx.tunnel, ctx.connect_wait, id, request).await;
+        let status = response.status().as_u16();
         // The relay logs every request at info; here it is debug detail.
         debug!(
-            status = response.status().as_u16(),
+            status,
             head_us = started.elapsed().as_micros() as u64,
             "response head"
         );
-        Ok(response)
+        let done = ctx
+            .metrics
+            .as_ref()
+            .map(|metrics| metrics.answered(status, started, request_bytes));
+        Ok(response.map(|body| Observed::new(body, done)))
     }
     .instrument(span)
     .await

@@ -112,6 +112,8 @@ pub struct RelayLink {
     pub address: String,
     /// Its link's state.
     pub state: LinkState,
+    /// Connections this link has established so far (reconnects: all but the first).
+    pub established: u64,
 }
 
 impl RelayLink {
@@ -180,6 +182,7 @@ impl Tunnel {
             .map(|target| RelayLink {
                 address: target.address.clone(),
                 state: LinkState::Connecting { last_error: None },
+                established: 0,
             })
             .collect();
         let (links_tx, links) = watch::channel(initial);
@@ -427,6 +430,9 @@ impl Link {
     fn publish(&self, state: LinkState) {
         self.links.send_modify(|links| {
             if let Some(link) = links.get_mut(self.index) {
+                if matches!(state, LinkState::Up { .. }) {
+                    link.established += 1;
+                }
                 link.state = state;
             }
         });

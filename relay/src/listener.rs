@@ -383,6 +383,9 @@ fn handshake_failure_reason(error: &quinn::ConnectionError) -> &'static str {
                 Some(44) => "revoked",
                 Some(45) => "expired_certificate",
                 Some(48) => "unknown_ca",
+                // A chain whose signatures do not verify: a certificate
+                // from another CA that happens to share this CA's name.
+                Some(51) => "bad_signature",
                 Some(116) => "no_certificate",
                 Some(120) => "wrong_alpn",
                 Some(alert) if alert < 0x100 => "tls_other",
@@ -390,6 +393,12 @@ fn handshake_failure_reason(error: &quinn::ConnectionError) -> &'static str {
             }
         }
         quinn::ConnectionError::TimedOut => "timeout",
+        // The client sent a TLS alert: it refused the relay's certificate.
+        quinn::ConnectionError::ConnectionClosed(close)
+            if (0x100..0x200).contains(&u64::from(close.error_code)) =>
+        {
+            "client_refused_relay"
+        }
         quinn::ConnectionError::ConnectionClosed(_)
         | quinn::ConnectionError::ApplicationClosed(_) => "closed_by_peer",
         _ => "other",

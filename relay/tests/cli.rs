@@ -119,6 +119,22 @@ fn unknown_keys_and_bad_values_in_the_config_file_are_named() {
 }
 
 #[test]
+fn bad_client_tables_are_named() {
+    let error = config_error("[clients.alice]\nallow_path = [\"/v1/\"]\n", &[]);
+    assert!(error.contains("line 4"), "{error}");
+    assert!(error.contains("unknown field `allow_path`"), "{error}");
+    let error = config_error("[clients.alice]\nallow_paths = [\"v1/\"]\n", &[]);
+    assert!(
+        error.contains("`clients.alice.allow_paths`: each prefix must start with '/'"),
+        "{error}"
+    );
+    let error = config_error("[unlisted_clients]\nrequests_per_minute = 0\n", &[]);
+    assert!(error.contains("`requests_per_minute = 0`"), "{error}");
+    let error = config_error("clients = 3\n", &[]);
+    assert!(error.contains("unknown key `clients`"), "{error}");
+}
+
+#[test]
 fn list_shows_issued_clients_and_revoke_marks_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = dir.path().join("pki");

@@ -251,18 +251,14 @@ pub fn parse_with_config<P: clap::Parser>(
 /// One line for an error of serde-reading a section of the file: the
 /// message and the line it points at.
 pub fn section_error(path: &Path, text: &str, error: &toml::de::Error) -> String {
-    let line = error
-        .span()
-        .and_then(|span| text.get(..span.start))
-        .map(|before| before.matches('\n').count() + 1);
-    match line {
-        Some(line) => format!(
-            "{}: line {line}: {}",
-            path.display(),
-            error.message().trim()
-        ),
-        None => format!("{}: {}", path.display(), error.message().trim()),
-    }
+    let message = error.message().trim();
+    let Some(start) = error.span().map(|span| span.start) else {
+        return format!("{}: {message}", path.display());
+    };
+    let before = text.get(..start).unwrap_or_default();
+    let number = before.matches('\n').count() + 1;
+    let line = text.lines().nth(number - 1).unwrap_or_default().trim();
+    format!("{}: line {number} `{line}`: {message}", path.display())
 }
 
 /// Names the file key behind a parse error of the merged command line,

@@ -1,7 +1,9 @@
 //! Test support for passage's end-to-end tests: a mock upstream and a
 //! [`stack::TestStack`] that runs a real relay and client against it, and
-//! [`relays`] for tests where relays stop, die and come back.
+//! [`relays`] for tests where relays stop, die and come back, and
+//! [`secrets`], which watches every log line for keys.
 
 pub mod mock_upstream;
 pub mod relays;
+pub mod secrets;
 pub mod stack;

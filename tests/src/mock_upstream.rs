@@ -248,26 +248,43 @@ async fn chat(request: Request<Incoming>) -> Response<MockBody> {
     };
     let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     if parsed["stream"].as_bool() == Some(true) {
-        let stream = futures_util::stream::unfold(0usize, |index| async move {
-            if index > SSE_CHUNKS {
-                return None;
+        // With include_usage, the real API sends one more chunk: no
+        // choices, the usage of the whole stream.
+        let usage = (parsed["stream_options"]["include_usage"].as_bool() == Some(true)).then(|| {
+            serde_json::json!({
+                "id": "chatcmpl-mock",
+                "object": "chat.completion.chunk",
+                "choices": [],
+                "usage": {"prompt_tokens": 7, "completion_tokens": SSE_CHUNKS, "total_tokens": 7 + SSE_CHUNKS},
+            })
+            .to_string()
+        });
+        let stream = futures_util::stream::unfold(0usize, move |index| {
+            let usage = usage.clone();
+            async move {
+                if index > SSE_CHUNKS {
+                    return None;
+                }
+                if index > 0 {
+                    tokio::time::sleep(SSE_INTERVAL).await;
+                }
+                let event = if index == SSE_CHUNKS {
+                    match usage {
+                        Some(usage) => format!("data: {usage}\n\ndata: [DONE]\n\n"),
+                        None => "data: [DONE]\n\n".to_owned(),
+                    }
+                } else {
+                    let finish = (index == SSE_CHUNKS - 1).then_some("stop");
+                    format!(
+                        "data: {}\n\n",
+                        chunk_json(index, &format!("tok{index} "), finish)
+                    )
+                };
+                Some((
+                    Ok::<_, std::io::Error>(Frame::data(Bytes::from(event))),
+                    index + 1,
+                ))
             }
-            if index > 0 {
-                tokio::time::sleep(SSE_INTERVAL).await;
-            }
-            let event = if index == SSE_CHUNKS {
-                "data: [DONE]\n\n".to_owned()
-            } else {
-                let finish = (index == SSE_CHUNKS - 1).then_some("stop");
-                format!(
-                    "data: {}\n\n",
-                    chunk_json(index, &format!("tok{index} "), finish)
-                )
-            };
-            Some((
-                Ok::<_, std::io::Error>(Frame::data(Bytes::from(event))),
-                index + 1,
-            ))
         });
         return sse(BodyExt::boxed(StreamBody::new(stream)));
     }

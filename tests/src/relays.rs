@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -72,10 +73,46 @@ pub fn free_udp_port() -> SocketAddr {
         .expect("a free UDP port")
 }
 
+/// A TCP address on 127.0.0.1 that was free a moment ago.
+pub fn free_tcp_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free TCP port")
+}
+
+/// `GET http://addr/metrics`: the Prometheus text.
+pub async fn scrape(addr: SocketAddr) -> String {
+    let response = http_client()
+        .get(
+            format!("http://{addr}/metrics")
+                .parse()
+                .expect("metrics URL"),
+        )
+        .await
+        .expect("metrics answer");
+    assert_eq!(response.status(), 200);
+    let bytes = crate::stack::body_bytes(response).await;
+    String::from_utf8(bytes.to_vec()).expect("metrics are text")
+}
+
+/// The value of the sample `name{labels}` in Prometheus `text` (labels in
+/// the order the exposition writes them), if present.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// A relay running as a task of the test, stopped as SIGTERM stops one.
 pub struct InProcessRelay {
     /// Its UDP address.
     pub addr: SocketAddr,
+    /// Its metrics address, when the config asked for one.
+    pub metrics: Option<SocketAddr>,
     reload: ReloadHandle,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -95,14 +132,17 @@ impl InProcessRelay {
             pki.path(),
             UpstreamBase::parse(upstream).expect("upstream URL"),
         );
+        init_test_logging();
         adjust(&mut config);
         let relay = Relay::bind(config).expect("relay binds");
         let addr = relay.local_addr().expect("relay address");
+        let metrics = relay.metrics_addr();
         let reload = relay.reload_handle();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(relay.run(shutdown.clone()));
         InProcessRelay {
             addr,
+            metrics,
             reload,
             shutdown,
             task,
@@ -119,6 +159,11 @@ impl InProcessRelay {
         self.reload.reload();
     }
 
+    /// Puts a new policy in force (what SIGHUP does with a changed config file).
+    pub fn set_policy(&self, policy: passage_relay::policy::Policy) {
+        self.reload.set_policy(policy);
+    }
+
     /// Whether the relay has finished.
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
@@ -133,6 +178,7 @@ impl InProcessRelay {
 impl Drop for InProcessRelay {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        crate::secrets::assert_none_leaked();
     }
 }
 
@@ -153,47 +199,124 @@ pub fn relay_program() -> PathBuf {
     program
 }
 
-/// A real `passage-relay serve` process, killed outright when dropped.
+/// Extra settings for a [`RelayProcess`].
+#[derive(Debug, Clone)]
+pub struct RelayLaunch {
+    /// More arguments after `serve --pki DIR --listen ADDR --upstream URL`.
+    pub args: Vec<String>,
+    /// Environment variables to set (keys are registered as secrets).
+    pub env: Vec<(String, String)>,
+    /// `RUST_LOG` of the process.
+    pub rust_log: String,
+}
+
+impl Default for RelayLaunch {
+    fn default() -> Self {
+        RelayLaunch {
+            args: Vec::new(),
+            env: Vec::new(),
+            rust_log: "info".to_owned(),
+        }
+    }
+}
+
+/// A real `passage-relay serve` process, killed outright when dropped. Its
+/// log lines are kept (see [`RelayProcess::logs`]) and checked for secrets.
 pub struct RelayProcess {
     child: tokio::process::Child,
     /// Its UDP address.
     pub addr: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl RelayProcess {
     /// Starts `passage-relay serve` on `listen` and waits until it serves.
     pub async fn start(pki: &TestPki, listen: SocketAddr, upstream: &str) -> RelayProcess {
-        let mut child = tokio::process::Command::new(relay_program())
+        Self::launch(pki, listen, upstream, RelayLaunch::default()).await
+    }
+
+    /// Starts `passage-relay serve` with `launch`'s extras and waits until it serves.
+    pub async fn launch(
+        pki: &TestPki,
+        listen: SocketAddr,
+        upstream: &str,
+        launch: RelayLaunch,
+    ) -> RelayProcess {
+        let mut command = tokio::process::Command::new(relay_program());
+        command
             .arg("serve")
             .arg("--pki")
             .arg(pki.path())
             .args(["--listen", &listen.to_string(), "--upstream", upstream])
-            .env("RUST_LOG", "info")
+            .args(&launch.args)
+            .env("RUST_LOG", &launch.rust_log)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("passage-relay starts");
+            .kill_on_drop(true);
+        for (name, value) in &launch.env {
+            crate::secrets::register(value);
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("passage-relay starts");
         let stderr = child.stderr.take().expect("piped stderr");
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        let serving = tokio::time::timeout(Duration::from_secs(10), async {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (serving_tx, serving_rx) = tokio::sync::oneshot::channel();
+        let kept = logs.clone();
+        // Keep reading its log so it never blocks on a full pipe.
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            let mut serving = Some(serving_tx);
             while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("relay serving") {
-                    return true;
+                crate::secrets::scan(&line);
+                if line.contains("relay serving")
+                    && let Some(tx) = serving.take()
+                {
+                    let _ = tx.send(());
                 }
+                kept.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(line);
             }
-            false
-        })
-        .await;
+        });
+        let serving = tokio::time::timeout(Duration::from_secs(10), serving_rx).await;
         assert!(
-            matches!(serving, Ok(true)),
-            "passage-relay did not start serving"
+            matches!(serving, Ok(Ok(()))),
+            "passage-relay did not start serving: {:?}",
+            logs.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
         );
-        // Keep draining its log so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         RelayProcess {
             child,
             addr: listen,
+            logs,
+        }
+    }
+
+    /// Every log line the process wrote so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits up to `limit` for a log line containing every one of `parts`.
+    pub async fn wait_for_log(&self, parts: &[&str], limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = self
+                .logs()
+                .into_iter()
+                .find(|line| parts.iter().all(|part| line.contains(part)))
+            {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {parts:?} within {limit:?}; log: {:#?}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -213,10 +336,18 @@ impl RelayProcess {
     }
 }
 
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        crate::secrets::assert_none_leaked();
+    }
+}
+
 /// A passage client running in the test, with its own shutdown.
 pub struct LocalClient {
     /// Its local HTTP address.
     pub addr: SocketAddr,
+    /// Its metrics address, when the config asked for one.
+    pub metrics: Option<SocketAddr>,
     /// An app-like HTTP client.
     pub http: Client<HttpConnector, Full<Bytes>>,
     shutdown: CancellationToken,
@@ -232,10 +363,12 @@ impl LocalClient {
             .await
             .expect("client binds");
         let addr = client.local_addr().expect("client address");
+        let metrics = client.metrics_addr();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(client.run(shutdown.clone()));
         LocalClient {
             addr,
+            metrics,
             http: http_client(),
             shutdown,
             task,

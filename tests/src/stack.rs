@@ -57,17 +57,19 @@ pub struct TestStack {
 impl Drop for TestStack {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        crate::secrets::assert_none_leaked();
     }
 }
 
-/// Logs to the test output when `RUST_LOG` is set.
+/// Logs in-process components at info (or `RUST_LOG`) into the captured
+/// test output, every line checked for secrets.
 pub fn init_test_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_test_writer()
+        .with_writer(crate::secrets::CheckedWriter)
         .try_init();
 }
 
@@ -101,6 +103,10 @@ impl TestStack {
             dir.path().join("pki"),
             UpstreamBase::parse(&upstream_url).expect("upstream URL"),
         );
+        crate::secrets::register("app-key");
+        if let Some(key) = &options.api_key {
+            crate::secrets::register(key);
+        }
         relay_config.api_keys = options
             .api_key
             .clone()

@@ -11,6 +11,9 @@ use passage_tests::stack::body_json;
 async fn statuses(keys: &[&str], requests: usize) -> Vec<(u16, serde_json::Value)> {
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let pki = TestPki::new();
+    for key in keys {
+        passage_tests::secrets::register(key);
+    }
     let keys: Vec<ApiKey> = keys.iter().map(|k| ApiKey::new((*k).to_owned())).collect();
     let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), |config| {
         config.api_keys = keys;

@@ -1,0 +1,245 @@
+//! The client's Prometheus metrics (served with `--metrics ADDR`): requests
+//! and latency by status, time to the response head, bytes, open streams,
+//! and per relay the tunnel's RTT, state and reconnects.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::tunnel::Tunnel;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RelayLabel {
+    relay: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(passage_shared::metrics_http::latency_buckets())
+}
+
+/// The client's metrics and their registry.
+#[derive(Debug)]
+pub struct ClientMetrics {
+    registry: Registry,
+    requests: Family<StatusLabel, Counter>,
+    duration: Family<StatusLabel, Histogram, fn() -> Histogram>,
+    ttfb: Histogram,
+    bytes: Family<DirectionLabel, Counter>,
+    active_streams: Gauge,
+    rtt: Family<RelayLabel, Gauge<f64, AtomicU64>>,
+    up: Family<RelayLabel, Gauge>,
+    reconnects: Family<RelayLabel, Counter>,
+}
+
+impl Default for ClientMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ClientMetrics {
+    /// Makes the metrics, registered under the `passage_client` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("passage_client");
+        let requests = Family::<StatusLabel, Counter>::default();
+        registry.register("requests", "Requests answered, by status", requests.clone());
+        let duration = Family::<StatusLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from the request to the end of the response body, by status",
+            duration.clone(),
+        );
+        let ttfb = latency_histogram();
+        registry.register(
+            "time_to_first_byte_seconds",
+            "Time from the request to the response head",
+            ttfb.clone(),
+        );
+        let bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "body_bytes",
+            "Body bytes: up (request Content-Length), down (response body)",
+            bytes.clone(),
+        );
+        let active_streams = Gauge::default();
+        registry.register(
+            "active_streams",
+            "Request streams open in the tunnel",
+            active_streams.clone(),
+        );
+        let rtt = Family::<RelayLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "tunnel_rtt_seconds",
+            "The tunnel's round-trip time, by relay",
+            rtt.clone(),
+        );
+        let up = Family::<RelayLabel, Gauge>::default();
+        registry.register(
+            "tunnel_up",
+            "1 while the link to the relay is usable",
+            up.clone(),
+        );
+        let reconnects = Family::<RelayLabel, Counter>::default();
+        registry.register(
+            "tunnel_reconnects",
+            "Connections to the relay established after the first",
+            reconnects.clone(),
+        );
+        ClientMetrics {
+            registry,
+            requests,
+            duration,
+            ttfb,
+            bytes,
+            active_streams,
+            rtt,
+            up,
+            reconnects,
+        }
+    }
+
+    /// The metrics as OpenMetrics text, with the tunnel's figures as of now.
+    pub fn render(&self, tunnel: &Tunnel) -> String {
+        self.active_streams.set(tunnel.open_streams() as i64);
+        for link in tunnel.links() {
+            let label = RelayLabel {
+                relay: link.address.clone(),
+            };
+            let usable = link.usable();
+            self.up
+                .get_or_create(&label)
+                .set(i64::from(usable.is_some()));
+            if let Some((connection, _)) = usable {
+                self.rtt
+                    .get_or_create(&label)
+                    .set(connection.rtt().as_secs_f64());
+            }
+            let reconnects = self.reconnects.get_or_create(&label);
+            let total = link.established.saturating_sub(1);
+            reconnects.inc_by(total.saturating_sub(reconnects.get()));
+        }
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// Counts a response head sent to the app; the returned guard records
+    /// the duration when the response body ends or is dropped.
+    pub fn answered(
+        self: &Arc<Self>,
+        status: u16,
+        started: Instant,
+        request_bytes: Option<u64>,
+    ) -> RequestDone {
+        self.requests.get_or_create(&StatusLabel { status }).inc();
+        self.ttfb.observe(started.elapsed().as_secs_f64());
+        if let Some(bytes) = request_bytes {
+            self.bytes
+                .get_or_create(&DirectionLabel { direction: "up" })
+                .inc_by(bytes);
+        }
+        RequestDone {
+            metrics: self.clone(),
+            status,
+            started,
+            bytes: 0,
+        }
+    }
+}
+
+/// Records a request's duration and response bytes when dropped.
+#[derive(Debug)]
+pub struct RequestDone {
+    metrics: Arc<ClientMetrics>,
+    status: u16,
+    started: Instant,
+    bytes: u64,
+}
+
+impl Drop for RequestDone {
+    fn drop(&mut self) {
+        self.metrics
+            .duration
+            .get_or_create(&StatusLabel {
+                status: self.status,
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+        self.metrics
+            .bytes
+            .get_or_create(&DirectionLabel { direction: "down" })
+            .inc_by(self.bytes);
+    }
+}
+
+/// A response body that tells the metrics when it is done.
+#[derive(Debug)]
+pub struct Observed<B> {
+    inner: B,
+    done: Option<RequestDone>,
+}
+
+impl<B> Observed<B> {
+    /// Wraps `inner`; `done` (if metrics are on) records when the body ends.
+    pub fn new(inner: B, done: Option<RequestDone>) -> Self {
+        Observed { inner, done }
+    }
+}
+
+impl<B> http_body::Body for Observed<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        let next = Pin::new(&mut self.inner).poll_frame(cx);
+        match &next {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(done), Some(data)) = (self.done.as_mut(), frame.data_ref()) {
+                    done.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(_) => {
+                // The end (or an error): record now, not when hyper drops it.
+                self.done = None;
+            }
+            Poll::Pending => {}
+        }
+        next
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
