@@ -175,3 +175,23 @@ fn list_shows_issued_clients_and_revoke_marks_them() {
     let error = one_line_error(&relay(&["revoke", "--dir", pki, "--name", "carol"]));
     assert!(error.contains("no certificate of that name"), "{error}");
 }
+
+#[test]
+fn the_example_config_file_is_valid() {
+    // Everything in the example parses (flags and client tables); the
+    // relay then stops only because its PKI directory does not exist.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/relay.toml");
+    let output = Command::new(env!("CARGO_BIN_EXE_passage-relay"))
+        .args([
+            "serve",
+            "--config",
+            example,
+            "--pki",
+            "/nonexistent/passage-pki",
+        ])
+        .env("OPENAI_API_KEY", "sk-example-not-used")
+        .output()
+        .expect("passage-relay runs");
+    let error = one_line_error(&output);
+    assert!(error.contains("/nonexistent/passage-pki"), "{error}");
+}
