@@ -75,7 +75,7 @@ pub struct RequestFigures<'a> {
     pub model: Option<&'a str>,
     /// The status the app got (0: none, the client went away first).
     pub status: u16,
-    /// Whether the request failed (passage error, 5xx, cut short).
+    /// Whether the request failed (a passage error, an upstream 4xx/5xx, cut short).
     pub failed: bool,
     /// Seconds to the response head, if one was sent.
     pub ttfb_s: Option<f64>,
@@ -177,7 +177,7 @@ impl RelayMetrics {
         let usage_errors = Family::<ClientModel, Counter>::default();
         registry.register(
             "usage_errors",
-            "Failed requests by client and model",
+            "Requests that failed (passage or upstream 4xx/5xx, or cut short), by client and model",
             usage_errors.clone(),
         );
         let usage_tokens = Family::<ClientModelKind, Counter>::default();

@@ -55,33 +55,32 @@ pub struct PolicyError {
     pub message: String,
 }
 
-/// Which rule refused a request (named in the 403).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuleName {
-    /// `clients.NAME` or `unlisted_clients`.
-    pub table: String,
-}
-
-impl std::fmt::Display for RuleName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.table)
-    }
-}
-
 /// The rules in force for one client, with the table they came from.
 #[derive(Debug, Clone)]
 pub struct Applied {
     /// The rules.
     pub rules: Arc<ClientRules>,
-    /// Where they came from.
-    pub source: RuleName,
+    /// Where they came from (`clients.NAME` or `unlisted_clients`), named in refusals.
+    pub source: Arc<str>,
 }
 
 /// The checked policy a relay enforces; replaced whole on reload.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Policy {
-    clients: HashMap<String, Arc<ClientRules>>,
-    unlisted: Arc<ClientRules>,
+    clients: HashMap<String, Applied>,
+    unlisted: Applied,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            clients: HashMap::new(),
+            unlisted: Applied {
+                rules: Arc::default(),
+                source: "unlisted_clients".into(),
+            },
+        }
+    }
 }
 
 impl Policy {
@@ -96,33 +95,28 @@ impl Policy {
                     message: "not a client name (letters, digits, '.', '_', '-')".into(),
                 });
             }
-            check_rules(&format!("clients.{name}"), &rules)?;
-            clients.insert(name, Arc::new(rules));
+            let source = format!("clients.{name}");
+            check_rules(&source, &rules)?;
+            let applied = Applied {
+                rules: Arc::new(rules),
+                source: source.into(),
+            };
+            clients.insert(name, applied);
         }
         let unlisted = tables.unlisted_clients.unwrap_or_default();
         check_rules("unlisted_clients", &unlisted)?;
         Ok(Policy {
             clients,
-            unlisted: Arc::new(unlisted),
+            unlisted: Applied {
+                rules: Arc::new(unlisted),
+                source: "unlisted_clients".into(),
+            },
         })
     }
 
     /// The rules for `client`: its own table, else the unlisted clients'.
     pub fn rules_for(&self, client: &str) -> Applied {
-        match self.clients.get(client) {
-            Some(rules) => Applied {
-                rules: rules.clone(),
-                source: RuleName {
-                    table: format!("clients.{client}"),
-                },
-            },
-            None => Applied {
-                rules: self.unlisted.clone(),
-                source: RuleName {
-                    table: "unlisted_clients".into(),
-                },
-            },
-        }
+        self.clients.get(client).unwrap_or(&self.unlisted).clone()
     }
 }
 

@@ -163,7 +163,7 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
         let (failed, error): (bool, Option<String>) = match &outcome {
             Outcome::Complete => {
                 responder.get_mut().finish();
-                (status >= 500, None)
+                (status >= 400, None)
             }
             Outcome::UpstreamBrokeOff { reason } => {
                 responder.get_mut().finish();

@@ -433,6 +433,10 @@ async fn usage_lines_and_metrics_on_both_ends() {
         r#"passage_relay_time_to_first_byte_seconds_count{client="app"}"#,
         3.0,
     );
+    expect(
+        r#"passage_relay_usage_errors_total{client="app",model="unknown"}"#,
+        1.0,
+    );
     expect("passage_relay_active_streams", 0.0);
     expect("passage_relay_connections", 1.0);
 
