@@ -256,7 +256,7 @@ const MAX_TARGET_LEN: usize = 8 * 1024;
 
 /// Checks the fields of a request head that end up in logs: a short plain
 /// id, a valid method token, and a target with no control characters.
-fn check_head(head: &RequestHead) -> Result<(), ApiError> {
+pub fn check_head(head: &RequestHead) -> Result<(), ApiError> {
     let refuse = |code, message: &str| Err(ApiError::new(StatusCode::BAD_REQUEST, code, message));
     if head.id.is_empty()
         || head.id.len() > MAX_ID_LEN
