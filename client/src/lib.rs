@@ -6,6 +6,7 @@
 //! up, and [`forward`] moves one request onto a stream and its response back.
 
 pub mod forward;
+pub mod local_access;
 pub mod metrics;
 pub mod server;
 pub mod tunnel;
@@ -22,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::local_access::{LocalAccess, LocalAccessError};
 use crate::metrics::ClientMetrics;
 use crate::server::ServerContext;
 use crate::tunnel::{RelayTarget, Tunnel, TunnelSettings};
@@ -46,6 +48,23 @@ pub struct ClientConfig {
     pub tunnel: TunnelSettings,
     /// Address to serve Prometheus metrics on, if any.
     pub metrics: Option<SocketAddr>,
+    /// Whether `listen` may be an address other machines can reach
+    /// (then an access token is required).
+    pub allow_non_loopback: bool,
+    /// The token apps must send as their API key, if any.
+    pub access_token: Option<AccessToken>,
+    /// Origins whose browser (CORS) requests are allowed.
+    pub cors_origins: Vec<String>,
+}
+
+/// The local access token; never printed.
+#[derive(Clone)]
+pub struct AccessToken(pub String);
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AccessToken(<redacted>)")
+    }
 }
 
 impl ClientConfig {
@@ -59,6 +78,9 @@ impl ClientConfig {
             drain_timeout: Duration::from_secs(30),
             tunnel: TunnelSettings::default(),
             metrics: None,
+            allow_non_loopback: false,
+            access_token: None,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -77,10 +99,19 @@ pub enum ClientError {
     Quic(#[from] QuicSetupError),
     /// The local address is reachable from other machines.
     #[error(
-        "refusing to listen on {0}: passage-client serves loopback addresses only, \
-         since anyone who can reach it spends the relay's key"
+        "refusing to listen on {0}: anyone who can reach it spends the relay's key; \
+         to serve other machines, pass --allow-non-loopback with --access-token-env"
     )]
     NotLoopback(SocketAddr),
+    /// A non-loopback address without an access token.
+    #[error(
+        "refusing to listen on {0} without an access token: set --access-token-env \
+         so that only apps with the token can use it"
+    )]
+    NoAccessToken(SocketAddr),
+    /// The access token or a CORS origin is unusable.
+    #[error(transparent)]
+    LocalAccess(#[from] LocalAccessError),
     /// The metrics address could not be bound.
     #[error("cannot serve metrics on {addr}")]
     Metrics {
@@ -107,14 +138,24 @@ pub struct Client {
     targets: Vec<RelayTarget>,
     config: ClientConfig,
     metrics: Option<TcpListener>,
+    access: LocalAccess,
 }
 
 impl Client {
     /// Checks the bundle and binds the local listener.
     pub async fn bind(config: ClientConfig) -> Result<Client, ClientError> {
-        if !config.listen.ip().is_loopback() {
+        let loopback = config.listen.ip().is_loopback();
+        if !loopback && !config.allow_non_loopback {
             return Err(ClientError::NotLoopback(config.listen));
         }
+        if !loopback && config.access_token.is_none() {
+            return Err(ClientError::NoAccessToken(config.listen));
+        }
+        let access = LocalAccess::new(
+            loopback,
+            config.access_token.as_ref().map(|t| t.0.as_str()),
+            &config.cors_origins,
+        )?;
         let bundle = &config.bundle;
         let tls = client_tls_config(
             parse_cert(&bundle.ca_cert, "the CA certificate")?,
@@ -148,6 +189,7 @@ impl Client {
             targets,
             config,
             metrics,
+            access,
         })
     }
 
@@ -197,6 +239,7 @@ impl Client {
             client_name: self.config.bundle.name.clone(),
             connect_wait: self.config.connect_wait,
             metrics: metrics.as_ref().map(|(metrics, _)| metrics.clone()),
+            access: self.access,
         });
         server::serve(self.listener, ctx, self.config.drain_timeout, shutdown).await;
         if let Some((_, task)) = metrics {

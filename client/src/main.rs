@@ -43,6 +43,19 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
+        /// Environment variable holding a local access token (16+
+        /// characters): apps must then send it as their API key, and it
+        /// goes no further than this client.
+        #[arg(long, value_name = "VAR")]
+        access_token_env: Option<String>,
+        /// Allow --listen on an address other machines can reach (needs
+        /// --access-token-env).
+        #[arg(long)]
+        allow_non_loopback: bool,
+        /// A web origin (http://host:port) whose browser requests are
+        /// allowed, with CORS headers (repeatable); other origins get 403.
+        #[arg(long = "cors-origin", value_name = "ORIGIN")]
+        cors_origins: Vec<String>,
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -69,6 +82,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         relays,
         connect_wait,
         metrics,
+        access_token_env,
+        allow_non_loopback,
+        cors_origins,
         common,
     } = cli.command;
     passage_shared::process::init_logging();
@@ -81,6 +97,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.drain_timeout = common.drain_timeout();
     config.tunnel.transport = transport;
     config.metrics = metrics;
+    config.allow_non_loopback = allow_non_loopback;
+    config.cors_origins = cors_origins;
+    if let Some(var) = access_token_env {
+        let token = std::env::var(&var).with_context(|| {
+            format!("--access-token-env {var}: the variable is not set or not UTF-8")
+        })?;
+        config.access_token = Some(passage_client::AccessToken(token.trim().to_owned()));
+    }
     let runtime = common.runtime().context("starting the async runtime")?;
     runtime.block_on(async {
         let client = Client::bind(config)

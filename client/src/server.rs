@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::forward::{ResponseBody, forward};
+use crate::local_access::{LocalAccess, Verdict, add_headers};
 use crate::metrics::{ClientMetrics, Observed};
 use crate::tunnel::{LinkState, RelayLink, Tunnel, last_errors};
 
@@ -37,6 +38,8 @@ pub struct ServerContext {
     pub connect_wait: Duration,
     /// Metrics, when `--metrics` is on.
     pub metrics: Option<Arc<ClientMetrics>>,
+    /// Who may use the endpoint (Host, Origin, access token).
+    pub access: LocalAccess,
 }
 
 /// Accepts app connections until `shutdown` fires, then drains them.
@@ -104,8 +107,33 @@ async fn handle(
         path = %request.uri().path(),
     );
     async move {
+        let (mut parts, body) = request.into_parts();
+        let cors = match ctx
+            .access
+            .check(&parts.method, parts.uri.path(), &mut parts.headers)
+        {
+            Ok(Verdict::Forward(cors)) => cors,
+            Ok(Verdict::Answer(status, headers)) => {
+                let mut response = Response::new(Either::Left(Full::new(Bytes::new())));
+                *response.status_mut() = status;
+                *response.headers_mut() = headers;
+                return Ok(response.map(|body| Observed::new(body, None)));
+            }
+            Err(error) => {
+                warn!(
+                    status = error.status.as_u16(),
+                    code = error.code,
+                    "request refused locally"
+                );
+                let response = error.into_response::<Full<Bytes>>().map(Either::Left);
+                return Ok(response.map(|body| Observed::new(body, None)));
+            }
+        };
+        let request = Request::from_parts(parts, body);
         if request.method() == Method::GET && request.uri().path() == "/healthz" {
-            return Ok(health(&ctx.tunnel).map(|body| Observed::new(body, None)));
+            let mut response = health(&ctx.tunnel);
+            add_headers(response.headers_mut(), cors);
+            return Ok(response.map(|body| Observed::new(body, None)));
         }
         let started = Instant::now();
         let request_bytes = http_body::Body::size_hint(request.body()).exact();
@@ -121,6 +149,8 @@ async fn handle(
             .metrics
             .as_ref()
             .map(|metrics| metrics.answered(status, started, request_bytes));
+        let mut response = response;
+        add_headers(response.headers_mut(), cors);
         Ok(response.map(|body| Observed::new(body, done)))
     }
     .instrument(span)
