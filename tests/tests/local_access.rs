@@ -50,29 +50,24 @@ async fn setup(
 async fn a_rebound_dns_name_is_refused() {
     let (upstream, _relay, client, _pki) = setup(|_| {}).await;
     let before = upstream.request_count();
-    for host in ["attacker.example", "attacker.example:8710", "10.1.2.3:8710"] {
-        let response = request(
-            &client,
-            client.addr,
-            Method::GET,
-            "/v1/models",
-            &[("host", host)],
-        )
-        .await;
-        assert_eq!(response.status(), 403, "{host}");
-        let body = body_json(response).await;
-        assert_eq!(body["error"]["code"], "host_not_allowed");
-    }
-    for host in ["localhost:8710", "127.0.0.1", "[::1]:8710"] {
-        let response = request(
-            &client,
-            client.addr,
-            Method::GET,
-            "/v1/models",
-            &[("host", host)],
-        )
-        .await;
-        assert_eq!(response.status(), 200, "{host}");
+    let hosts = [
+        ("attacker.example", 403),
+        ("attacker.example:8710", 403),
+        ("10.1.2.3:8710", 403),
+        ("localhost:8710", 200),
+        ("127.0.0.1", 200),
+        ("[::1]:8710", 200),
+    ];
+    for (host, expected) in hosts {
+        let headers = [("host", host)];
+        let response = request(&client, client.addr, Method::GET, "/v1/models", &headers).await;
+        assert_eq!(response.status(), expected, "{host}");
+        if expected == 403 {
+            assert_eq!(
+                body_json(response).await["error"]["code"],
+                "host_not_allowed"
+            );
+        }
     }
     assert_eq!(
         upstream.request_count() - before,
