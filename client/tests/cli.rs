@@ -31,8 +31,29 @@ fn a_malformed_bundle_is_one_clear_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bundle.toml");
     std::fs::write(&path, "name = \"x\"\nrelays = []\n").expect("write");
+    set_mode(&path, 0o600);
     let error = one_line_error(&client(&["run", "--bundle", path.to_str().expect("utf-8")]));
     assert!(error.contains("is not valid"), "{error}");
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+#[test]
+fn a_bundle_others_can_read_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bundle.toml");
+    std::fs::write(&path, "name = \"x\"\nrelays = [\"127.0.0.1:1\"]\n").expect("write");
+    for mode in [0o644, 0o640, 0o604] {
+        set_mode(&path, mode);
+        let error = one_line_error(&client(&["run", "--bundle", path.to_str().expect("utf-8")]));
+        assert!(
+            error.contains(&format!("mode {mode:o}")) && error.contains("chmod 600"),
+            "{error}"
+        );
+    }
 }
 
 #[test]

@@ -195,3 +195,31 @@ fn the_example_config_file_is_valid() {
     let error = one_line_error(&output);
     assert!(error.contains("/nonexistent/passage-pki"), "{error}");
 }
+
+#[test]
+fn a_private_key_others_can_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().to_str().expect("utf-8 path");
+    assert!(relay(&["init", "--dir", pki]).status.success());
+    for key in ["relay.key", "ca.key"] {
+        let path = dir.path().join(key);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let error = if key == "relay.key" {
+            one_line_error(&relay(&["serve", "--pki", pki, "--listen", "127.0.0.1:0"]))
+        } else {
+            one_line_error(&relay(&[
+                "issue",
+                "--dir",
+                pki,
+                "--name",
+                "a",
+                "--relay",
+                "127.0.0.1:1",
+            ]))
+        };
+        assert!(error.contains(key) && error.contains("mode 644"), "{error}");
+        assert!(error.contains("chmod 600"), "{error}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+}

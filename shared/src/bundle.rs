@@ -39,6 +39,16 @@ pub enum BundleError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The file is readable by others (it holds the client key).
+    #[error(
+        "bundle {path} is readable by group or others (mode {mode:o}); it holds the client key: run chmod 600 on it"
+    )]
+    Exposed {
+        /// The bundle path.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The file is not a valid bundle.
     #[error("bundle {path} is not valid: {message}")]
     Invalid {
@@ -52,6 +62,10 @@ pub enum BundleError {
 impl Bundle {
     /// Reads and checks a bundle file.
     pub fn load(path: &Path) -> Result<Bundle, BundleError> {
+        crate::pki::check_private(path).map_err(|mode| BundleError::Exposed {
+            path: path.display().to_string(),
+            mode,
+        })?;
         let text = std::fs::read_to_string(path).map_err(|source| BundleError::Read {
             path: path.display().to_string(),
             source,

@@ -52,6 +52,17 @@ pub enum PkiError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A private key file is readable by others.
+    #[error(
+        "{} is readable by group or others (mode {mode:o}); it holds a private key: run chmod 600 on it",
+        path.display()
+    )]
+    Exposed {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A certificate or key could not be made or parsed.
     #[error("{context}: {message}")]
     Crypto {
@@ -212,7 +223,7 @@ impl PkiDir {
             validate_host(server_name)?;
         }
         let ca_pem = read_text(&self.ca_cert_path())?;
-        let ca_key_pem = read_text(&self.ca_key_path())?;
+        let ca_key_pem = read_private(&self.ca_key_path())?;
         let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(crypto("reading the CA key"))?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
             .map_err(crypto("reading the CA certificate"))?;
@@ -278,7 +289,7 @@ impl PkiDir {
                 &read_text(&self.relay_cert_path())?,
                 "the relay certificate",
             )?],
-            key: parse_key(&read_text(&self.relay_key_path())?, "the relay key")?,
+            key: parse_key(&read_private(&self.relay_key_path())?, "the relay key")?,
         })
     }
 }
@@ -341,6 +352,29 @@ fn create_private_dir(dir: &Path) -> Result<(), PkiError> {
 
 fn read_text(path: &Path) -> Result<String, PkiError> {
     fs::read_to_string(path).map_err(io_at(path))
+}
+
+/// Reads a file that holds a private key, refusing one that others could
+/// read too: a key that has been exposed must not be used unnoticed.
+fn read_private(path: &Path) -> Result<String, PkiError> {
+    check_private(path).map_err(|mode| PkiError::Exposed {
+        path: path.to_owned(),
+        mode,
+    })?;
+    read_text(path)
+}
+
+/// Ok unless the file at `path` is readable or writable by its group or
+/// others (then its mode, for the message). A file that cannot be
+/// inspected is left to the read that follows to report.
+pub fn check_private(path: &Path) -> Result<(), u32> {
+    use std::os::unix::fs::PermissionsExt;
+    match fs::metadata(path) {
+        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+            Err(meta.permissions().mode() & 0o777)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Makes a key pair and signs a leaf certificate for it: `params` brings
