@@ -58,10 +58,15 @@ async fn try_forward(
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let (parts, mut body) = request.into_parts();
-    // Only the path and query travel: an absolute-form target never chooses
-    // a destination, and authority-form (CONNECT) has nothing to forward.
+    // Only an origin-form path and query travel. An absolute-form target
+    // (`GET http://host/...`, what an app sends to a proxy) names another
+    // server: refused, not quietly redirected; authority-form (CONNECT)
+    // has nothing to forward.
+    let origin_form = parts.uri.scheme().is_none() && parts.uri.authority().is_none();
     let path_and_query = match parts.uri.path_and_query() {
-        Some(pq) if parts.method != Method::CONNECT && pq.as_str().starts_with('/') => {
+        Some(pq)
+            if origin_form && parts.method != Method::CONNECT && pq.as_str().starts_with('/') =>
+        {
             pq.as_str().to_owned()
         }
         _ => {

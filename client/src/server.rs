@@ -42,6 +42,34 @@ pub struct ServerContext {
     pub access: LocalAccess,
 }
 
+/// Most header lines a request may have.
+pub const MAX_REQUEST_HEADERS: usize = 100;
+/// Most bytes of header names and values a request may have.
+pub const MAX_REQUEST_HEADER_BYTES: usize = 64 * 1024;
+/// hyper's parser limits: above passage's, so passage's error is the one apps see.
+const HYPER_MAX_HEADERS: usize = 2 * MAX_REQUEST_HEADERS;
+const HYPER_MAX_BUF: usize = 4 * MAX_REQUEST_HEADER_BYTES;
+
+/// 431 if the request's head is over [`MAX_REQUEST_HEADERS`] or
+/// [`MAX_REQUEST_HEADER_BYTES`].
+fn check_head_size(headers: &http::HeaderMap) -> Result<(), ApiError> {
+    let bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if headers.len() > MAX_REQUEST_HEADERS || bytes > MAX_REQUEST_HEADER_BYTES {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request_header_fields_too_large",
+            format!(
+                "the request has {} header lines and {bytes} bytes of headers; passage accepts at most {MAX_REQUEST_HEADERS} lines and {MAX_REQUEST_HEADER_BYTES} bytes",
+                headers.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Accepts app connections until `shutdown` fires, then drains them.
 pub async fn serve(
     listener: TcpListener,
@@ -68,8 +96,12 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let service = service_fn(move |request| handle(request, ctx.clone()));
+        // hyper's own limits sit above passage's (checked in `handle`, with
+        // an OpenAI-shaped 431); past them hyper answers a bare 431.
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
+            .max_headers(HYPER_MAX_HEADERS)
+            .max_buf_size(HYPER_MAX_BUF)
             .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -108,10 +140,11 @@ async fn handle(
     );
     async move {
         let (mut parts, body) = request.into_parts();
-        let cors = match ctx
-            .access
-            .check(&parts.method, parts.uri.path(), &mut parts.headers)
-        {
+        let checked = check_head_size(&parts.headers).and_then(|()| {
+            ctx.access
+                .check(&parts.method, parts.uri.path(), &mut parts.headers)
+        });
+        let cors = match checked {
             Ok(Verdict::Forward(cors)) => cors,
             Ok(Verdict::Answer(status, headers)) => {
                 let mut response = Response::new(Either::Left(Full::new(Bytes::new())));

@@ -34,6 +34,10 @@ use crate::policy::Policy;
 use crate::stream::StreamContext;
 use crate::upstream::{ApiKey, UpstreamBase, UpstreamClient, UpstreamConfigError};
 
+/// Default largest request body: 1 GiB, room for any audio or file upload
+/// the API takes.
+pub const DEFAULT_MAX_BODY: u64 = 1024 * 1024 * 1024;
+
 /// Everything `passage-relay serve` needs.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -66,6 +70,10 @@ pub struct RelayConfig {
     pub model_scan_limit: usize,
     /// Address to serve Prometheus metrics on, if any.
     pub metrics: Option<SocketAddr>,
+    /// Largest request body accepted, in bytes (413 above it).
+    pub max_body: u64,
+    /// Request streams one client connection may have open at once.
+    pub max_streams_per_connection: u32,
 }
 
 impl RelayConfig {
@@ -86,6 +94,8 @@ impl RelayConfig {
             policy: Policy::default(),
             model_scan_limit: 1024 * 1024,
             metrics: None,
+            max_body: DEFAULT_MAX_BODY,
+            max_streams_per_connection: quic::MAX_CONCURRENT_STREAMS,
         }
     }
 }
@@ -159,7 +169,7 @@ impl Relay {
             identity.key,
             revocations.clone(),
         )?;
-        let server = quic::server_config(tls, config.transport)?;
+        let server = quic::server_config(tls, config.transport, config.max_streams_per_connection)?;
         let endpoint = quic::endpoint(config.listen, Some(server))?;
         let upstream = UpstreamClient::new(
             config.upstream,
@@ -184,6 +194,7 @@ impl Relay {
                 policy: std::sync::RwLock::new(Arc::new(config.policy)),
                 limits: crate::limits::Limits::default(),
                 model_scan_limit: config.model_scan_limit,
+                max_body: config.max_body,
                 metrics: metrics.as_ref().map(|(_, m)| m.clone()),
             }),
             metrics,

@@ -111,6 +111,13 @@ enum Command {
         /// client whose models are restricted (`allow_models`).
         #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
         model_scan_limit_kib: u64,
+        /// Largest request body accepted, in MiB (413 above it).
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+        max_body_mib: u64,
+        /// Request streams one client connection may have open at once;
+        /// more wait for a free one.
+        #[arg(long, default_value_t = passage_shared::quic::MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
+        max_streams_per_connection: u32,
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -153,6 +160,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             status_interval,
             metrics,
             model_scan_limit_kib,
+            max_body_mib,
+            max_streams_per_connection,
             upstream_http2,
             common,
         } => {
@@ -170,6 +179,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.status_interval = Duration::from_secs(status_interval);
             config.drain_timeout = common.drain_timeout();
             config.metrics = metrics;
+            config.max_body = max_body_mib * 1024 * 1024;
+            config.max_streams_per_connection = max_streams_per_connection;
             config.model_scan_limit = usize::try_from(model_scan_limit_kib * 1024)
                 .context("--model-scan-limit-kib is too large")?;
             common

@@ -55,6 +55,8 @@ pub struct StreamContext {
     pub limits: Limits,
     /// Most body bytes read to find the model of a client whose models are restricted.
     pub model_scan_limit: usize,
+    /// Largest request body accepted, in bytes.
+    pub max_body: u64,
     /// Metrics, when `--metrics` is on.
     pub metrics: Option<Arc<RelayMetrics>>,
 }
@@ -287,6 +289,27 @@ pub fn check_head(head: &RequestHead) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The head's `content-length`, if it has a valid one.
+fn declared_length(head: &RequestHead) -> Option<u64> {
+    head.headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(&h.value).ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The 413 for a body over `max` bytes.
+fn too_large(max: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request_too_large",
+        format!(
+            "the request body is larger than this relay accepts ({} MiB)",
+            max / (1024 * 1024)
+        ),
+    )
+}
+
 /// The head's `content-type`, if it has one that is text.
 fn content_type(head: &RequestHead) -> Option<&str> {
     head.headers
@@ -391,6 +414,11 @@ async fn serve(
         return refuse(error);
     }
     let body: UpstreamBody = if head.has_body {
+        if let Some(length) = declared_length(&head)
+            && length > ctx.max_body
+        {
+            return Outcome::Refused(too_large(ctx.max_body));
+        }
         let kind = BodyKind::of(content_type(&head));
         let limit = if applied.restricts_models() {
             ctx.model_scan_limit
@@ -408,7 +436,8 @@ async fn serve(
             return refuse(error);
         }
         let body = FrameBody::resume(frames, prefix.chunks, prefix.ended)
-            .counting(record.bytes_in.clone());
+            .counting(record.bytes_in.clone())
+            .limited(ctx.max_body);
         Either::Right(body)
     } else {
         // Dropping `frames` here is fine: a bodiless request sends only
@@ -446,6 +475,10 @@ async fn proxy(
     let response =
         match tokio::time::timeout(ctx.idle_read_timeout, ctx.upstream.send(request)).await {
             Ok(Ok(response)) => response,
+            Ok(Err(_)) if record.bytes_in.load(Ordering::Relaxed) > ctx.max_body => {
+                // The body crossed the limit and aborted the request.
+                return Outcome::Refused(too_large(ctx.max_body));
+            }
             Ok(Err(error)) => return Outcome::Refused(error),
             Err(_) => {
                 return Outcome::Refused(ApiError::new(

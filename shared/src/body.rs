@@ -33,6 +33,12 @@ pub enum BodyError {
     /// The stream ended without an `End` frame.
     #[error("stream ended before the body was complete")]
     Truncated,
+    /// The body grew past the limit set with [`FrameBody::limited`].
+    #[error("the body is larger than the limit of {limit} bytes")]
+    TooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
 }
 
 /// The body frames of one direction of a stream, as an `http_body::Body`.
@@ -44,6 +50,10 @@ pub struct FrameBody<R> {
     done: bool,
     /// Adds up the bytes of the chunks handed out, when set.
     counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// Bytes handed out so far.
+    seen: u64,
+    /// Most bytes the body may have.
+    limit: Option<u64>,
 }
 
 impl<R: AsyncRead + Unpin> FrameBody<R> {
@@ -60,18 +70,36 @@ impl<R: AsyncRead + Unpin> FrameBody<R> {
             pending: prefix.into(),
             done: ended,
             counter: None,
+            seen: 0,
+            limit: None,
         }
     }
 
-    /// Adds the length of every chunk this body hands out to `counter`.
+    /// Fails the body (so the message it belongs to is aborted) once it
+    /// grows past `limit` bytes.
+    pub fn limited(mut self, limit: u64) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
+    /// Adds the length of every chunk this body receives to `counter`
+    /// (including one that crosses the limit).
     pub fn counting(mut self, counter: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
         self.counter = Some(counter);
         self
     }
 
-    fn chunk(&self, data: Bytes) -> Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+    fn chunk(&mut self, data: Bytes) -> Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+        self.seen += data.len() as u64;
         if let Some(counter) = &self.counter {
             counter.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(limit) = self.limit
+            && self.seen > limit
+        {
+            self.done = true;
+            self.pending.clear();
+            return Poll::Ready(Some(Err(BodyError::TooLarge { limit })));
         }
         Poll::Ready(Some(Ok(http_body::Frame::data(data))))
     }

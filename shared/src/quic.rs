@@ -136,15 +136,16 @@ fn transport(
     Ok(transport)
 }
 
-/// The relay's QUIC server config; accepts up to [`MAX_CONCURRENT_STREAMS`]
-/// request streams per connection.
+/// The relay's QUIC server config; accepts up to `max_streams` request
+/// streams per connection at once (a client waits for more credit).
 pub fn server_config(
     tls: rustls::ServerConfig,
     tuning: TransportTuning,
+    max_streams: u32,
 ) -> Result<quinn::ServerConfig, QuicSetupError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport(tuning, MAX_CONCURRENT_STREAMS, 0)?));
+    config.transport_config(Arc::new(transport(tuning, max_streams, 0)?));
     Ok(config)
 }
 

@@ -166,6 +166,7 @@ async fn route(
         ("GET", "/v1/broken-sized") => broken_sized(),
         ("GET", "/download") => download(&request, record.clone()),
         ("GET", "/v1/keyed") => keyed(&request),
+        ("GET", "/v1/many-headers") => many_headers(query_u64(&request, "n").unwrap_or(300)),
         ("POST", "/sink") => sink(request).await,
         (_, p) if p.starts_with("/status/") || p.starts_with("/v1/status/") => status(p),
         _ => echo(request).await,
@@ -568,6 +569,18 @@ fn keyed(request: &Request<Incoming>) -> Response<MockBody> {
         StatusCode::OK,
         serde_json::json!({"authorization": authorization}),
     )
+}
+
+/// A small answer with `n` extra header lines.
+fn many_headers(n: u64) -> Response<MockBody> {
+    let mut response = json(StatusCode::OK, serde_json::json!({"headers": n}));
+    for i in 0..n {
+        let name = header::HeaderName::try_from(format!("x-extra-{i}")).expect("valid name");
+        response
+            .headers_mut()
+            .insert(name, header::HeaderValue::from_static("1"));
+    }
+    response
 }
 
 fn status(path: &str) -> Response<MockBody> {
