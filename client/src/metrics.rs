@@ -49,6 +49,8 @@ pub struct ClientMetrics {
     rtt: Family<RelayLabel, Gauge<f64, AtomicU64>>,
     up: Family<RelayLabel, Gauge>,
     reconnects: Family<RelayLabel, Counter>,
+    /// One render at a time: it brings the reconnect counters up to date.
+    rendering: std::sync::Mutex<()>,
 }
 
 impl Default for ClientMetrics {
@@ -117,11 +119,16 @@ impl ClientMetrics {
             rtt,
             up,
             reconnects,
+            rendering: std::sync::Mutex::new(()),
         }
     }
 
     /// The metrics as OpenMetrics text, with the tunnel's figures as of now.
     pub fn render(&self, tunnel: &Tunnel) -> String {
+        let _one_at_a_time = self
+            .rendering
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.active_streams.set(tunnel.open_streams() as i64);
         for link in tunnel.links() {
             let label = RelayLabel {

@@ -57,18 +57,20 @@ impl RollingCount {
                 break;
             }
             self.buckets.pop_front();
-            self.total -= tokens;
+            self.total = self.total.saturating_sub(tokens);
         }
     }
 
     fn add(&mut self, now: u64, tokens: u64) {
         self.expire(now);
-        let start = now - now % self.bucket;
+        // Never behind the newest bucket, so the buckets stay in order
+        // even if a caller's clock reading is a little old.
+        let start = (now - now % self.bucket).max(self.buckets.back().map_or(0, |b| b.0));
         match self.buckets.back_mut() {
-            Some((last, count)) if *last == start => *count += tokens,
+            Some((last, count)) if *last == start => *count = count.saturating_add(tokens),
             _ => self.buckets.push_back((start, tokens)),
         }
-        self.total += tokens;
+        self.total = self.total.saturating_add(tokens);
     }
 
     /// Seconds until the count is under `limit` again (None: it is now).
@@ -79,9 +81,13 @@ impl RollingCount {
             if total < limit {
                 break;
             }
-            total -= tokens;
+            total = total.saturating_sub(tokens);
             if total < limit {
-                return Some(start + self.bucket + self.window - now);
+                return Some(
+                    (start + self.bucket + self.window)
+                        .saturating_sub(now)
+                        .max(1),
+                );
             }
         }
         None
@@ -127,9 +133,11 @@ impl Admission {
         if tokens == 0 {
             return;
         }
-        let now = self.epoch.elapsed().as_secs();
-        lock(&self.state.tokens_minute).add(now, tokens);
-        lock(&self.state.tokens_day).add(now, tokens);
+        let mut minute = lock(&self.state.tokens_minute);
+        minute.add(self.epoch.elapsed().as_secs(), tokens);
+        drop(minute);
+        let mut day = lock(&self.state.tokens_day);
+        day.add(self.epoch.elapsed().as_secs(), tokens);
     }
 }
 
@@ -281,6 +289,20 @@ mod tests {
         assert_eq!(count.total, 50);
         assert_eq!(count.wait(89, 50), Some(2));
         assert_eq!(count.wait(91, 50), None);
+    }
+
+    #[test]
+    fn an_old_clock_reading_keeps_the_buckets_in_order() {
+        let mut count = RollingCount::new(60, 24 * 3600);
+        count.add(120, 10);
+        count.add(60, 10);
+        assert_eq!(
+            count.buckets.len(),
+            1,
+            "the late add joins the newest bucket"
+        );
+        assert_eq!(count.wait(120 + 24 * 3600 + 60, 5), None);
+        assert_eq!(count.total, 0);
     }
 
     #[test]

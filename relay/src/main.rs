@@ -299,7 +299,16 @@ fn serve(config: RelayConfig, common: &CommonArgs, file: Option<ConfigFile>) -> 
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading the config file and the revocation list");
-                reload_config(file.as_ref(), &reload);
+                // A reload that panics must not end the reloads that follow.
+                let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    reload_config(file.as_ref(), &reload);
+                }));
+                if attempt.is_err() {
+                    tracing::error!(
+                        "the reload failed unexpectedly; the previous config stays in force"
+                    );
+                    reload.reload();
+                }
             }
         });
         relay.run(shutdown).await;

@@ -15,8 +15,8 @@ use prometheus_client::registry::Registry;
 
 use crate::usage::Usage;
 
-/// Most distinct model labels kept; further models count as `other`, so a
-/// client cannot grow the metrics without bound.
+/// Most distinct model labels kept; further models count as `other`, so
+/// the metrics cannot grow without bound.
 const MAX_MODELS: usize = 256;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -241,13 +241,15 @@ impl RelayMetrics {
             .inc();
     }
 
-    /// The label for `model`: itself while fewer than [`MAX_MODELS`] are known.
-    fn model_label(&self, model: Option<&str>) -> String {
+    /// The label for `model`: itself once the upstream has answered a
+    /// request for it with success (so made-up names never become
+    /// labels) and while fewer than [`MAX_MODELS`] are known; else `other`.
+    fn model_label(&self, model: Option<&str>, succeeded: bool) -> String {
         let Some(model) = model else {
             return "unknown".to_owned();
         };
         let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
-        if models.contains(model) || models.len() < MAX_MODELS {
+        if models.contains(model) || (succeeded && models.len() < MAX_MODELS) {
             models.insert(model.to_owned());
             model.to_owned()
         } else {
@@ -281,7 +283,7 @@ impl RelayMetrics {
                 })
                 .inc_by(count);
         }
-        let model = self.model_label(figures.model);
+        let model = self.model_label(figures.model, (200..300).contains(&figures.status));
         let by_model = ClientModel {
             client: client.clone(),
             model: model.clone(),
@@ -312,5 +314,42 @@ impl RelayMetrics {
                 })
                 .inc_by(count);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figures(model: &str, status: u16) -> RequestFigures<'_> {
+        RequestFigures {
+            client: "app",
+            model: Some(model),
+            status,
+            failed: status >= 400,
+            ttfb_s: None,
+            duration_s: 0.1,
+            bytes_in: 0,
+            bytes_out: 0,
+            usage: None,
+        }
+    }
+
+    #[test]
+    fn only_models_the_upstream_served_become_labels() {
+        let metrics = RelayMetrics::new();
+        metrics.record(&figures("made-up-model", 404));
+        metrics.record(&figures("gpt-4o-mini", 200));
+        metrics.record(&figures("gpt-4o-mini", 429));
+        let text = metrics.render();
+        assert!(!text.contains("made-up-model"), "{text}");
+        assert!(
+            text.contains(r#"passage_relay_usage_errors_total{client="app",model="other"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"passage_relay_usage_errors_total{client="app",model="gpt-4o-mini"} 1"#),
+            "{text}"
+        );
     }
 }

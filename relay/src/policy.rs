@@ -141,7 +141,7 @@ fn check_rules(table: &str, rules: &ClientRules) -> Result<(), PolicyError> {
         }
     }
     for pattern in rules.allow_models.iter().flatten() {
-        if pattern.is_empty() || pattern[..pattern.len() - 1].contains('*') {
+        if pattern.is_empty() || pattern.strip_suffix('*').unwrap_or(pattern).contains('*') {
             return Err(refuse(
                 "allow_models",
                 "each model must be a name, or a prefix followed by one '*' at the end",
@@ -297,6 +297,8 @@ mod tests {
         assert_eq!(error.rule, "unlisted_clients.allow_models");
         let error = policy("[clients.\"a b\"]\n").expect_err("refused");
         assert_eq!(error.rule, "clients.a b");
+        let error = policy("[clients.a]\nallow_models = [\"gpt-ü\", \"*\"]\n").map(|_| ());
+        assert!(error.is_ok(), "a multi-byte name and a lone '*' are fine");
         let error = policy("[clients.a]\ntokens_per_day = 0\n").expect_err("refused");
         assert_eq!(error.rule, "clients.a.tokens_per_day");
         assert!(toml::from_str::<PolicyTables>("[clients.a]\nallow_path = []\n").is_err());

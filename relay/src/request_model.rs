@@ -1,6 +1,7 @@
-//! Finds the model a request asks for in (a bounded prefix of) its body:
-//! the top-level `model` field of a JSON body, or the `model` field of a
-//! multipart form (audio uploads), without reading past the prefix.
+//! Finds the model a request asks for in its body: the top-level `model`
+//! field of a whole JSON body, or the `model` field of a multipart form
+//! (audio uploads), which [`MultipartScanner`] follows through the whole
+//! upload with bounded memory.
 
 use serde::Deserialize;
 
@@ -17,6 +18,8 @@ pub enum BodyKind {
     Json,
     /// `multipart/form-data` with this boundary: the model is a form field.
     Multipart(String),
+    /// A multipart type whose boundary is missing or given twice.
+    BadMultipart,
     /// Anything else: no model can be found.
     Other,
 }
@@ -34,16 +37,21 @@ impl BodyKind {
         {
             return BodyKind::Json;
         }
-        if mime == "multipart/form-data" {
-            let boundary = params.find_map(|param| {
-                let (name, value) = param.split_once('=')?;
-                name.trim()
-                    .eq_ignore_ascii_case("boundary")
-                    .then(|| value.trim().trim_matches('"').to_owned())
-            });
-            if let Some(boundary) = boundary.filter(|b| !b.is_empty()) {
-                return BodyKind::Multipart(boundary);
-            }
+        if mime.starts_with("multipart/") {
+            let boundaries: Vec<String> = params
+                .filter_map(|param| {
+                    let (name, value) = param.split_once('=')?;
+                    name.trim()
+                        .eq_ignore_ascii_case("boundary")
+                        .then(|| value.trim().trim_matches('"').to_owned())
+                })
+                .collect();
+            return match boundaries.as_slice() {
+                [one] if !one.is_empty() && one.len() <= 70 && mime == "multipart/form-data" => {
+                    BodyKind::Multipart(one.clone())
+                }
+                _ => BodyKind::BadMultipart,
+            };
         }
         BodyKind::Other
     }
@@ -55,38 +63,173 @@ pub fn json_model(body: &[u8]) -> Option<String> {
     serde_json::from_slice::<ModelField>(body).ok()?.model
 }
 
-/// The value of the `model` field of a multipart form, if that part ends
-/// within `prefix`; None also when the prefix holds two of them (which one
-/// the upstream takes is its business, so neither is trusted).
-pub fn multipart_model(prefix: &[u8], boundary: &str) -> Option<String> {
-    let delimiter = format!("--{boundary}");
-    let text = std::str::from_utf8(prefix).unwrap_or_else(|e| {
-        // Uploaded files are binary; the fields before them are text.
-        std::str::from_utf8(&prefix[..e.valid_up_to()]).unwrap_or_default()
-    });
-    let mut parts = text.split(delimiter.as_str()).skip(1);
-    // The last piece may be a part cut off by the prefix: only whole parts count.
-    let mut current = parts.next();
-    let mut found = None;
-    for next in parts {
-        let part = current?;
-        let Some((headers, value)) = part.trim_start_matches("\r\n").split_once("\r\n\r\n") else {
-            break;
-        };
-        let named_model = headers.lines().any(|line| {
-            let line = line.to_ascii_lowercase();
-            line.starts_with("content-disposition:")
-                && line.split(';').any(|p| p.trim() == "name=\"model\"")
-        });
-        if named_model {
-            if found.is_some() {
-                return None;
-            }
-            found = Some(value.strip_suffix("\r\n").unwrap_or(value).to_owned());
+/// Longest part header block accepted in a model-checked multipart body.
+const MAX_PART_HEADERS: usize = 16 * 1024;
+/// Longest model value kept; a longer one names no model.
+const MAX_MODEL_VALUE: usize = 256;
+
+/// Why a multipart body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MultipartError {
+    /// More than one part is named `model`.
+    #[error("the form has more than one `model` field")]
+    SecondModel,
+    /// A part's headers run past [`MAX_PART_HEADERS`].
+    #[error("a form part's headers are longer than {MAX_PART_HEADERS} bytes")]
+    LongHeaders,
+}
+
+#[derive(Debug)]
+enum ScanState {
+    /// Looking for the next delimiter; `Some` while inside a `model` part.
+    Body { value: Option<Vec<u8>> },
+    /// Reading a part's header block.
+    Headers,
+    /// After the closing delimiter.
+    Done,
+}
+
+/// Follows a `multipart/form-data` body chunk by chunk, with bounded
+/// memory, and notes every part named `model` (quoted, unquoted or
+/// `name*=` names, any case): the first one's value is the request's
+/// model, and a second one anywhere in the body is an error, since which
+/// of two the upstream takes is its business.
+#[derive(Debug)]
+pub struct MultipartScanner {
+    /// `\r\n--BOUNDARY`: what precedes every part.
+    delimiter: Vec<u8>,
+    state: ScanState,
+    /// Unscanned bytes kept from the last chunk.
+    carry: Vec<u8>,
+    models: usize,
+    model: Option<String>,
+}
+
+impl MultipartScanner {
+    /// A scanner for a body with this boundary.
+    pub fn new(boundary: &str) -> Self {
+        MultipartScanner {
+            delimiter: format!("\r\n--{boundary}").into_bytes(),
+            state: ScanState::Body { value: None },
+            // The first delimiter may open the body without a line break.
+            carry: b"\r\n".to_vec(),
+            models: 0,
+            model: None,
         }
-        current = Some(next);
     }
-    found
+
+    /// The value of the first `model` part, once that part is complete.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// Scans the next chunk of the body.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), MultipartError> {
+        let mut buf = std::mem::take(&mut self.carry);
+        buf.extend_from_slice(chunk);
+        let mut pos = 0;
+        loop {
+            match &mut self.state {
+                ScanState::Done => return Ok(()),
+                ScanState::Body { value } => match find(&buf[pos..], &self.delimiter) {
+                    Some(at) => {
+                        if let Some(mut bytes) = value.take() {
+                            keep(&mut bytes, &buf[pos..pos + at]);
+                            self.complete_model(bytes);
+                        }
+                        pos += at + self.delimiter.len();
+                        self.state = ScanState::Headers;
+                    }
+                    None => {
+                        // Keep what could be the start of a delimiter.
+                        let safe = buf.len().saturating_sub(self.delimiter.len() - 1).max(pos);
+                        if let Some(bytes) = value {
+                            keep(bytes, &buf[pos..safe]);
+                        }
+                        self.carry = buf[safe..].to_vec();
+                        return Ok(());
+                    }
+                },
+                ScanState::Headers => {
+                    let rest = &buf[pos..];
+                    if rest.len() < 2 {
+                        self.carry = rest.to_vec();
+                        return Ok(());
+                    }
+                    if rest.starts_with(b"--") {
+                        self.state = ScanState::Done;
+                        return Ok(());
+                    }
+                    match find(rest, b"\r\n\r\n") {
+                        Some(end) => {
+                            let named_model = names_model(&rest[..end]);
+                            pos += end + 4;
+                            if named_model {
+                                self.models += 1;
+                                if self.models > 1 {
+                                    return Err(MultipartError::SecondModel);
+                                }
+                            }
+                            self.state = ScanState::Body {
+                                value: named_model.then(Vec::new),
+                            };
+                        }
+                        None if rest.len() > MAX_PART_HEADERS => {
+                            return Err(MultipartError::LongHeaders);
+                        }
+                        None => {
+                            self.carry = rest.to_vec();
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn complete_model(&mut self, bytes: Vec<u8>) {
+        if bytes.len() <= MAX_MODEL_VALUE {
+            self.model = String::from_utf8(bytes).ok();
+        }
+    }
+}
+
+/// Appends `more` to a model value, up to one byte past the longest kept
+/// (so an over-long value is known to be one).
+fn keep(value: &mut Vec<u8>, more: &[u8]) {
+    let room = (MAX_MODEL_VALUE + 1).saturating_sub(value.len());
+    value.extend_from_slice(&more[..more.len().min(room)]);
+}
+
+/// Whether a part's header block names the part `model`.
+fn names_model(headers: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(headers);
+    text.split("\r\n").any(|line| {
+        let Some((name, value)) = line.split_once(':') else {
+            return false;
+        };
+        name.trim().eq_ignore_ascii_case("content-disposition")
+            && value.split(';').skip(1).any(|param| {
+                let Some((key, value)) = param.split_once('=') else {
+                    return false;
+                };
+                let key = key.trim().to_ascii_lowercase();
+                let value = value.trim().trim_matches('"');
+                match key.as_str() {
+                    "name" => value.eq_ignore_ascii_case("model"),
+                    // RFC 5987: charset'language'value
+                    "name*" => value
+                        .rsplit('\'')
+                        .next()
+                        .is_some_and(|v| v.eq_ignore_ascii_case("model")),
+                    _ => false,
+                }
+            })
+    })
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -103,7 +246,6 @@ mod tests {
             BodyKind::of(Some("multipart/form-data; boundary=\"abc\"")),
             BodyKind::Multipart("abc".into())
         );
-        assert_eq!(BodyKind::of(Some("multipart/form-data")), BodyKind::Other);
         assert_eq!(BodyKind::of(Some("text/plain")), BodyKind::Other);
         assert_eq!(BodyKind::of(None), BodyKind::Other);
     }
@@ -127,18 +269,86 @@ mod tests {
         assert_eq!(json_model(b"{\"model\":\"gpt"), None);
     }
 
+    fn scan(
+        body: &str,
+        boundary: &str,
+        split: usize,
+    ) -> (Result<(), MultipartError>, Option<String>) {
+        let mut scanner = MultipartScanner::new(boundary);
+        let (a, b) = body.as_bytes().split_at(split.min(body.len()));
+        let result = scanner.feed(a).and_then(|()| scanner.feed(b));
+        (result, scanner.model().map(str::to_owned))
+    }
+
     #[test]
-    fn the_multipart_model_is_found_before_the_file() {
-        let body = "--XY\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XY\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF";
-        assert_eq!(
-            multipart_model(body.as_bytes(), "XY").as_deref(),
-            Some("whisper-1")
-        );
+    fn the_multipart_model_is_found_wherever_the_chunks_split() {
+        let body = "--XY\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XY\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--XY--\r\n";
+        for split in 0..body.len() {
+            assert_eq!(
+                scan(body, "XY", split),
+                (Ok(()), Some("whisper-1".into())),
+                "split {split}"
+            );
+        }
         let cut = "--XY\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhis";
-        assert_eq!(multipart_model(cut.as_bytes(), "XY"), None);
+        assert_eq!(
+            scan(cut, "XY", 10).1,
+            None,
+            "an unfinished part names nothing yet"
+        );
+    }
+
+    #[test]
+    fn a_second_model_part_anywhere_is_refused() {
+        for second in [
+            "name=\"model\"",
+            "name=model",
+            "NAME=\"Model\"",
+            "name*=utf-8''model",
+        ] {
+            let body = format!(
+                "--XY\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\na\r\n--XY\r\nContent-Disposition: form-data; name=\"pad\"\r\n\r\n{}\r\n--XY\r\nContent-Disposition: form-data; {second}\r\n\r\nb\r\n--XY--",
+                "p".repeat(5000)
+            );
+            for split in [7, 100, 3000, body.len() - 20] {
+                assert_eq!(
+                    scan(&body, "XY", split).0,
+                    Err(MultipartError::SecondModel),
+                    "{second} split {split}"
+                );
+            }
+        }
         let other = "--XY\r\nContent-Disposition: form-data; name=\"modelx\"\r\n\r\nv\r\n--XY--";
-        assert_eq!(multipart_model(other.as_bytes(), "XY"), None);
-        let twice = "--XY\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\na\r\n--XY\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nb\r\n--XY--";
-        assert_eq!(multipart_model(twice.as_bytes(), "XY"), None);
+        assert_eq!(scan(other, "XY", 5), (Ok(()), None));
+        let long_headers = format!("--XY\r\nX: {}", "h".repeat(20_000));
+        assert_eq!(
+            scan(&long_headers, "XY", 9).0,
+            Err(MultipartError::LongHeaders)
+        );
+        let long_value = format!(
+            "--XY\r\nContent-Disposition: form-data; name=model\r\n\r\n{}\r\n--XY--",
+            "m".repeat(300)
+        );
+        assert_eq!(
+            scan(&long_value, "XY", 50),
+            (Ok(()), None),
+            "too long to be a model"
+        );
+    }
+
+    #[test]
+    fn duplicate_or_missing_boundaries_are_bad() {
+        assert_eq!(
+            BodyKind::of(Some("multipart/form-data; boundary=A; boundary=B")),
+            BodyKind::BadMultipart
+        );
+        assert_eq!(
+            BodyKind::of(Some("multipart/form-data")),
+            BodyKind::BadMultipart
+        );
+        assert_eq!(
+            BodyKind::of(Some("multipart/mixed; boundary=A")),
+            BodyKind::BadMultipart
+        );
     }
 }

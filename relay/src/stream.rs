@@ -20,10 +20,12 @@ use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use http::header::{CONTENT_LENGTH, HeaderValue};
 use http_body_util::{BodyExt, Either, Empty};
-use passage_shared::body::{FrameBody, INLINE_WAIT, encode_whole_body, is_inline, send_data};
+use passage_shared::body::{
+    FrameBody, INLINE_WAIT, Inspector, encode_whole_body, is_inline, send_data,
+};
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::{
-    Frame, FrameCodec, FrameError, RequestHead, ResponseHead, StreamFailure, encode_frame,
+    Frame, FrameCodec, FrameError, Header, RequestHead, ResponseHead, StreamFailure, encode_frame,
     frame_reader, frame_writer, reset_code,
 };
 use passage_shared::http_map::headers_to_wire;
@@ -32,10 +34,10 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::limits::Limits;
+use crate::limits::{Admission, Limits};
 use crate::metrics::{RelayMetrics, RequestFigures};
 use crate::policy::{Applied, Policy};
-use crate::request_model::{BodyKind, json_model, multipart_model};
+use crate::request_model::{BodyKind, MultipartScanner, json_model};
 use crate::upstream::{UpstreamBody, UpstreamClient};
 use crate::usage::{Usage, UsageTap};
 use passage_shared::error_chain;
@@ -59,6 +61,8 @@ pub struct StreamContext {
     pub max_body: u64,
     /// Metrics, when `--metrics` is on.
     pub metrics: Option<Arc<RelayMetrics>>,
+    /// Bytes of request bodies that may be held back at once ([`PREFIX_BUDGET`]).
+    pub prefix_budget: tokio::sync::Semaphore,
 }
 
 impl StreamContext {
@@ -79,10 +83,21 @@ impl StreamContext {
     }
 }
 
-/// Most body bytes of an unrestricted client's JSON request read ahead to
-/// name its model in the usage line; bodies this small arrive with their
-/// head, so reading them costs no wait.
+/// Most body bytes of an unrestricted client's JSON request kept (as it
+/// streams past, never held back) to name its model in the usage line.
 const ACCOUNTING_SCAN_LIMIT: usize = 64 * 1024;
+
+/// Bytes of request bodies all model-restricted requests together may hold
+/// back while the relay looks for their model.
+pub const PREFIX_BUDGET: usize = 64 * 1024 * 1024;
+
+/// A JSON body's chunks, kept as they stream past (shared handles, no
+/// copies) while the body is small enough to name its model afterwards.
+#[derive(Debug, Default)]
+struct JsonCopy {
+    chunks: Vec<Bytes>,
+    len: usize,
+}
 
 /// What the usage line and the metrics say about one request.
 #[derive(Debug, Default)]
@@ -94,6 +109,65 @@ struct RequestRecord {
     bytes_in: Arc<AtomicU64>,
     bytes_out: u64,
     usage: Option<Usage>,
+    /// Watches the response for its usage (taken by `finish`).
+    tap: Option<UsageTap>,
+    /// The rate-limit admission: in flight until the record drops.
+    admission: Option<Admission>,
+    /// Whether the request's tokens were counted against its limits.
+    charged: bool,
+    /// An unrestricted client's JSON body, for its model.
+    json_copy: Option<Arc<std::sync::Mutex<JsonCopy>>>,
+    /// Why an inspector aborted the request body, if one did.
+    body_refusal: Arc<std::sync::Mutex<Option<ApiError>>>,
+}
+
+impl RequestRecord {
+    /// Ends the response's usage tap and counts the request's tokens
+    /// against its limits (once): the usage the upstream reported, or,
+    /// without one, an estimate from the bytes.
+    fn charge(&mut self) {
+        if self.charged {
+            return;
+        }
+        self.charged = true;
+        let estimate = self
+            .tap
+            .as_ref()
+            .map(|tap| tap.estimate(self.bytes_in.load(Ordering::Relaxed), self.bytes_out));
+        if self.usage.is_none() {
+            self.usage = self.tap.take().and_then(UsageTap::finish);
+        }
+        let Some(admission) = &self.admission else {
+            return;
+        };
+        let tokens = match (self.usage, estimate) {
+            (Some(usage), _) => usage.total(),
+            (None, Some(estimate)) if (200..300).contains(&self.status) => estimate,
+            _ => 0,
+        };
+        admission.record_tokens(tokens);
+    }
+
+    /// The model the body named, if it can be shown: known from the body
+    /// (or its copy) and a plain name of at most 64 characters.
+    fn shown_model(&mut self) -> Option<&str> {
+        if self.model.is_none()
+            && let Some(copy) = self.json_copy.take()
+        {
+            let copy = copy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if copy.len as u64 == self.bytes_in.load(Ordering::Relaxed) {
+                self.model = json_model(&copy.chunks.concat());
+            }
+        }
+        self.model.as_deref().filter(|model| {
+            model.len() <= 64
+                && model.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/')
+                })
+        })
+    }
 }
 
 type Responder = FramedWrite<BoxSend, FrameCodec>;
@@ -138,6 +212,9 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
     // The head's fields go into log lines: check them before they do.
     if let Err(error) = check_head(&head) {
         warn!(client = %client, code = error.code, message = %error.message, "request refused");
+        if let Some(metrics) = &ctx.metrics {
+            metrics.refused(&client, error.code);
+        }
         if send_api_error(&mut responder, error).await.is_ok() {
             responder.get_mut().finish();
         }
@@ -186,13 +263,15 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
                 (false, Some("client went away; upstream call dropped".to_owned()))
             }
         };
+        record.charge();
         let duration = started.elapsed();
         let bytes_in = record.bytes_in.load(Ordering::Relaxed);
+        let model = record.shown_model().map(str::to_owned);
         if let Some(metrics) = &ctx.metrics {
             metrics.active_streams.dec();
             metrics.record(&RequestFigures {
                 client: &client,
-                model: record.model.as_deref(),
+                model: model.as_deref(),
                 status,
                 failed,
                 ttfb_s: record.ttfb.map(|t| t.as_secs_f64()),
@@ -202,7 +281,7 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
                 usage: record.usage,
             });
         }
-        log_request(&outcome, status, &record, bytes_in, duration, error.as_deref());
+        log_request(&outcome, status, &record, model.as_deref(), duration, error.as_deref());
     }
     .instrument(span)
     .await
@@ -218,11 +297,12 @@ fn log_request(
     outcome: &Outcome,
     status: u16,
     record: &RequestRecord,
-    bytes_in: u64,
+    model: Option<&str>,
     duration: Duration,
     error: Option<&str>,
 ) {
-    let model = record.model.as_deref().unwrap_or("-");
+    let model = model.unwrap_or("-");
+    let bytes_in = record.bytes_in.load(Ordering::Relaxed);
     let ttfb_ms = record.ttfb.map(millis);
     let duration_ms = millis(duration);
     let prompt_tokens = record.usage.map(|u| u.prompt_tokens);
@@ -328,26 +408,23 @@ struct BodyPrefix {
 }
 
 impl BodyPrefix {
-    /// The model the prefix names, for a body of `kind`.
-    fn model(&self, kind: &BodyKind) -> Option<String> {
-        let whole = || match self.chunks.as_slice() {
-            [one] => one.clone(),
-            many => Bytes::from(many.concat()),
-        };
-        match kind {
-            BodyKind::Json if self.ended => json_model(&whole()),
-            BodyKind::Multipart(boundary) => multipart_model(&whole(), boundary),
-            _ => None,
+    /// The model a whole JSON body names.
+    fn json_model(&self) -> Option<String> {
+        match self.chunks.as_slice() {
+            [one] => json_model(one),
+            many => json_model(&many.concat()),
         }
     }
 }
 
-/// Reads body frames until `limit` bytes or the body's end, each frame
-/// within `wait`.
+/// Reads body frames until `limit` bytes, the body's end, or `enough`
+/// says so after a chunk (an `Err` from it refuses the request); each
+/// frame must come within `wait`.
 async fn read_prefix(
     frames: &mut FramedRead<BoxRecv, FrameCodec>,
     limit: usize,
     wait: Duration,
+    mut enough: impl FnMut(&Bytes) -> Result<bool, ApiError>,
 ) -> Result<BodyPrefix, ApiError> {
     let mut prefix = BodyPrefix::default();
     let refuse =
@@ -356,7 +433,11 @@ async fn read_prefix(
         match tokio::time::timeout(wait, frames.next()).await {
             Ok(Some(Ok(Frame::Data(data)))) => {
                 prefix.len += data.len();
+                let done = enough(&data)?;
                 prefix.chunks.push(data);
+                if done {
+                    break;
+                }
             }
             Ok(Some(Ok(Frame::End))) => {
                 prefix.ended = true;
@@ -394,9 +475,9 @@ async fn read_prefix(
 /// Applies the client's rules and limits, then proxies; returns how it ended.
 #[allow(clippy::too_many_arguments)]
 async fn serve(
-    head: RequestHead,
+    mut head: RequestHead,
     path: &str,
-    mut frames: FramedRead<BoxRecv, FrameCodec>,
+    frames: FramedRead<BoxRecv, FrameCodec>,
     responder: &mut Responder,
     ctx: &StreamContext,
     client: &Arc<str>,
@@ -410,59 +491,218 @@ async fn serve(
         }
         Outcome::Refused(error)
     };
-    if let Err(error) = applied.check_path(client, path) {
+    if let Err(error) = check_path_form(path, applied.rules.allow_paths.is_some())
+        .and_then(|()| applied.check_path(client, path))
+    {
         return refuse(error);
     }
-    let body: UpstreamBody = if head.has_body {
-        if let Some(length) = declared_length(&head)
-            && length > ctx.max_body
-        {
-            return Outcome::Refused(too_large(ctx.max_body));
-        }
-        let kind = BodyKind::of(content_type(&head));
-        let limit = if applied.restricts_models() {
-            ctx.model_scan_limit
-        } else if kind == BodyKind::Json {
-            ACCOUNTING_SCAN_LIMIT
-        } else {
-            0
-        };
-        let prefix = match read_prefix(&mut frames, limit, ctx.head_timeout).await {
-            Ok(prefix) => prefix,
-            Err(error) => return Outcome::Refused(error),
-        };
-        record.model = prefix.model(&kind);
-        if let Err(error) = applied.check_model(client, record.model.as_deref()) {
-            return refuse(error);
-        }
-        let body = FrameBody::resume(frames, prefix.chunks, prefix.ended)
-            .counting(record.bytes_in.clone())
-            .limited(ctx.max_body);
-        Either::Right(body)
-    } else {
-        // Dropping `frames` here is fine: a bodiless request sends only
-        // `End` after its head, and the client does not wait on it.
-        Either::Left(Empty::<Bytes>::new())
-    };
-    let admission = if applied.rules.has_limits() {
+    if applied.rules.has_limits() {
         match ctx.limits.admit(client, &applied) {
-            Ok(admission) => Some(admission),
+            Ok(admission) => record.admission = Some(admission),
+            Err(error) => return refuse(error),
+        }
+    }
+    if applied.rules.tokens_per_minute.is_some() || applied.rules.tokens_per_day.is_some() {
+        // A compressed answer hides its usage; the limits need to read it.
+        head.headers
+            .retain(|h| !h.name.eq_ignore_ascii_case("accept-encoding"));
+        head.headers.push(Header {
+            name: "accept-encoding".into(),
+            value: Bytes::from_static(b"identity"),
+        });
+    }
+    let (body, permit) = if head.has_body {
+        match request_body(&head, frames, ctx, client, &applied, record).await {
+            Ok(body) => body,
             Err(error) => return refuse(error),
         }
     } else {
-        None
+        // Dropping `frames` here is fine: a bodiless request sends only
+        // `End` after its head, and the client does not wait on it.
+        (Either::Left(Empty::<Bytes>::new()), None)
     };
-    let outcome = proxy(head, body, responder, ctx, record, started).await;
-    if let (Some(admission), Some(usage)) = (&admission, record.usage) {
-        admission.record_tokens(usage.total());
+    proxy(head, body, permit, responder, ctx, record, started).await
+}
+
+/// Refuses path forms that a prefix rule or the upstream could read as
+/// another path: backslashes and encoded slashes always, and empty
+/// segments (`//`) when path rules apply.
+fn check_path_form(path: &str, has_path_rules: bool) -> Result<(), ApiError> {
+    let lowered = path.to_ascii_lowercase();
+    let ambiguous = path.contains('\\')
+        || lowered.contains("%5c")
+        || lowered.contains("%2f")
+        || (has_path_rules && path.contains("//"));
+    if ambiguous {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_target",
+            "the request path must not contain backslashes, encoded slashes or (under path rules) empty segments",
+        ));
     }
-    outcome
+    Ok(())
+}
+
+/// The upstream body of a request that has one, after the body checks:
+/// size, and for a model-restricted client the model (read from a prefix
+/// held back under [`PREFIX_BUDGET`], whose permit is returned with it).
+async fn request_body<'a>(
+    head: &RequestHead,
+    mut frames: FramedRead<BoxRecv, FrameCodec>,
+    ctx: &'a StreamContext,
+    client: &str,
+    applied: &Applied,
+    record: &mut RequestRecord,
+) -> Result<(UpstreamBody, Option<tokio::sync::SemaphorePermit<'a>>), ApiError> {
+    if let Some(length) = declared_length(head)
+        && length > ctx.max_body
+    {
+        return Err(too_large(ctx.max_body));
+    }
+    let content_types = head
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-type"))
+        .count();
+    if content_types > 1 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_content_type",
+            "the request has more than one Content-Type header",
+        ));
+    }
+    let kind = BodyKind::of(content_type(head));
+    if !applied.restricts_models() {
+        // Nothing is held back: a JSON body's chunks are kept as they pass,
+        // only to name its model in the usage line.
+        let mut body = FrameBody::new(frames)
+            .counting(record.bytes_in.clone())
+            .limited(ctx.max_body);
+        if kind == BodyKind::Json {
+            let copy = Arc::new(std::sync::Mutex::new(JsonCopy::default()));
+            record.json_copy = Some(copy.clone());
+            body = body.inspect(Inspector(Box::new(move |chunk: &Bytes| {
+                let mut copy = copy
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                copy.len += chunk.len();
+                if copy.len <= ACCOUNTING_SCAN_LIMIT {
+                    copy.chunks.push(chunk.clone());
+                } else {
+                    copy.chunks.clear();
+                }
+                Ok(())
+            })));
+        }
+        return Ok((Either::Right(body), None));
+    }
+    let unreadable = |why: &str| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "model_not_allowed",
+            format!(
+                "client '{client}' may only use the models of rule {}.allow_models, and {why}",
+                applied.source
+            ),
+        )
+    };
+    let mut scanner = match &kind {
+        BodyKind::Json => None,
+        BodyKind::Multipart(boundary) => Some(MultipartScanner::new(boundary)),
+        BodyKind::BadMultipart => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_content_type",
+                "a multipart body needs exactly one boundary and the form-data type",
+            ));
+        }
+        BodyKind::Other => {
+            return Err(unreadable(
+                "a body that is neither JSON nor a multipart form names no model",
+            ));
+        }
+    };
+    let budget = ctx.model_scan_limit.min(PREFIX_BUDGET);
+    let permit = match tokio::time::timeout(
+        ctx.head_timeout,
+        ctx.prefix_budget
+            .acquire_many(u32::try_from(budget).unwrap_or(u32::MAX)),
+    )
+    .await
+    {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "relay_busy",
+                "the relay is checking too many request bodies at once; retry shortly",
+            ));
+        }
+    };
+    let multipart_refusal = |e: crate::request_model::MultipartError| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "model_not_allowed",
+            format!("client '{client}': {e}"),
+        )
+    };
+    let prefix = read_prefix(
+        &mut frames,
+        budget,
+        ctx.head_timeout,
+        |chunk| match &mut scanner {
+            Some(scanner) => {
+                scanner.feed(chunk).map_err(multipart_refusal)?;
+                Ok(scanner.model().is_some())
+            }
+            None => Ok(false),
+        },
+    )
+    .await?;
+    record.model = match &scanner {
+        Some(scanner) => scanner.model().map(str::to_owned),
+        None if prefix.ended => prefix.json_model(),
+        None => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "model_check_body_too_large",
+                format!(
+                    "client '{client}' is under a model rule, and this JSON body is larger than the {} KiB the relay reads to find its model (--model-scan-limit-kib)",
+                    budget / 1024
+                ),
+            ));
+        }
+    };
+    applied.check_model(client, record.model.as_deref())?;
+    let mut body = FrameBody::resume(frames, prefix.chunks, prefix.ended)
+        .counting(record.bytes_in.clone())
+        .limited(ctx.max_body);
+    if let Some(mut scanner) = scanner {
+        // The rest of the form streams on, watched for a second `model`.
+        let refusal = record.body_refusal.clone();
+        let client = client.to_owned();
+        body = body.inspect(Inspector(Box::new(move |chunk: &Bytes| {
+            scanner.feed(chunk).map_err(|e| {
+                let error = ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "model_not_allowed",
+                    format!("client '{client}': {e}"),
+                );
+                *refusal
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
+                e.to_string()
+            })
+        })));
+    }
+    Ok((Either::Right(body), Some(permit)))
 }
 
 /// The request's straight path; returns how it ended.
 async fn proxy(
     head: RequestHead,
     body: UpstreamBody,
+    permit: Option<tokio::sync::SemaphorePermit<'_>>,
     responder: &mut Responder,
     ctx: &StreamContext,
     record: &mut RequestRecord,
@@ -479,7 +719,15 @@ async fn proxy(
                 // The body crossed the limit and aborted the request.
                 return Outcome::Refused(too_large(ctx.max_body));
             }
-            Ok(Err(error)) => return Outcome::Refused(error),
+            Ok(Err(error)) => {
+                // An inspector may have aborted the body on purpose.
+                let refusal = record
+                    .body_refusal
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                return Outcome::Refused(refusal.unwrap_or(error));
+            }
             Err(_) => {
                 return Outcome::Refused(ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -492,16 +740,18 @@ async fn proxy(
             }
         };
 
+    // The prefix held back has gone upstream with the request.
+    drop(permit);
     let (parts, mut body) = response.into_parts();
     ctx.upstream.report(key, parts.status, &parts.headers);
     let status = parts.status.as_u16();
-    let mut tap = UsageTap::for_response(
+    let tap = record.tap.insert(UsageTap::for_response(
         parts.status,
         parts
             .headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
-    );
+    ));
     let head = Frame::ResponseHead(ResponseHead {
         status,
         headers: headers_to_wire(&parts.headers),
@@ -528,12 +778,12 @@ async fn proxy(
         match tokio::time::timeout(INLINE_WAIT, whole).await {
             Ok(Ok(())) => {
                 record.ttfb = Some(started.elapsed());
+                record.bytes_out = bytes;
+                // Counted before the app has its answer, so its next
+                // request already meets the new count.
+                record.charge();
                 return match responder.get_mut().write_all(&batch).await {
-                    Ok(()) => {
-                        record.bytes_out = bytes;
-                        record.usage = tap.finish();
-                        Outcome::Complete
-                    }
+                    Ok(()) => Outcome::Complete,
                     Err(_) => Outcome::ClientGone,
                 };
             }
@@ -573,7 +823,9 @@ async fn proxy(
                     continue;
                 };
                 record.bytes_out += data.len() as u64;
-                tap.observe(&data);
+                if let Some(tap) = &mut record.tap {
+                    tap.observe(&data);
+                }
                 if send_data(responder, data).await.is_err() {
                     return Outcome::ClientGone;
                 }
@@ -583,10 +835,10 @@ async fn proxy(
                 return fail(responder, "upstream_body_failed", reason).await;
             }
             None => {
+                record.charge();
                 if responder.send(Frame::End).await.is_err() {
                     return Outcome::ClientGone;
                 }
-                record.usage = tap.finish();
                 return Outcome::Complete;
             }
         }

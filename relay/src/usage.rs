@@ -78,9 +78,22 @@ fn parse(json: &[u8]) -> Option<Usage> {
 #[derive(Debug)]
 pub enum UsageTap {
     /// A JSON body: its chunks, until it ends or grows past the bound.
-    Json { chunks: Vec<Bytes>, len: usize },
-    /// An event stream: the line being assembled and the last usage seen.
-    Sse { line: Vec<u8>, usage: Option<Usage> },
+    Json {
+        /// The chunks so far (shared handles).
+        chunks: Vec<Bytes>,
+        /// Their total length.
+        len: usize,
+    },
+    /// An event stream: the line being assembled, the last usage seen,
+    /// and how many `data:` lines passed.
+    Sse {
+        /// The line being assembled.
+        line: Vec<u8>,
+        /// The last usage seen.
+        usage: Option<Usage>,
+        /// `data:` lines seen (about one per generated token).
+        events: u64,
+    },
     /// A body that carries no usage passage can read.
     Ignored,
 }
@@ -103,6 +116,7 @@ impl UsageTap {
             "text/event-stream" => UsageTap::Sse {
                 line: Vec::new(),
                 usage: None,
+                events: 0,
             },
             _ => UsageTap::Ignored,
         }
@@ -119,7 +133,11 @@ impl UsageTap {
                     chunks.push(data.clone());
                 }
             }
-            UsageTap::Sse { line, usage } => {
+            UsageTap::Sse {
+                line,
+                usage,
+                events,
+            } => {
                 let mut rest = &data[..];
                 while let Some(end) = rest.iter().position(|&b| b == b'\n') {
                     let complete: &[u8] = if line.is_empty() {
@@ -128,6 +146,9 @@ impl UsageTap {
                         line.extend_from_slice(&rest[..end]);
                         line
                     };
+                    if complete.starts_with(b"data:") {
+                        *events += 1;
+                    }
                     if let Some(found) = sse_line_usage(complete) {
                         *usage = Some(found);
                     }
@@ -151,9 +172,23 @@ impl UsageTap {
                 [one] => parse(one),
                 many => parse(&many.concat()),
             },
-            UsageTap::Sse { line, usage } => sse_line_usage(&line).or(usage),
+            UsageTap::Sse { line, usage, .. } => sse_line_usage(&line).or(usage),
             UsageTap::Ignored => None,
         }
+    }
+}
+
+impl UsageTap {
+    /// Tokens to charge a rate limit when the upstream reported none (a
+    /// stream without its usage chunk, a response cut short, a body too big
+    /// to search): about four bytes of request per prompt token, and one
+    /// token per event of a stream or four bytes of any other response.
+    pub fn estimate(&self, bytes_in: u64, bytes_out: u64) -> u64 {
+        let completion = match self {
+            UsageTap::Sse { events, .. } => *events,
+            _ => bytes_out / 4,
+        };
+        (bytes_in / 4).saturating_add(completion)
     }
 }
 

@@ -33,6 +33,9 @@ pub enum BodyError {
     /// The stream ended without an `End` frame.
     #[error("stream ended before the body was complete")]
     Truncated,
+    /// The inspector set with [`FrameBody::inspect`] refused the body.
+    #[error("the body was refused: {0}")]
+    Refused(String),
     /// The body grew past the limit set with [`FrameBody::limited`].
     #[error("the body is larger than the limit of {limit} bytes")]
     TooLarge {
@@ -54,6 +57,21 @@ pub struct FrameBody<R> {
     seen: u64,
     /// Most bytes the body may have.
     limit: Option<u64>,
+    /// Looks at every chunk read from the stream (not the prefix).
+    inspector: Option<Inspector>,
+}
+
+/// A check run on each body chunk read from the stream; an `Err` aborts
+/// the body with [`BodyError::Refused`].
+pub struct Inspector(pub Box<InspectFn>);
+
+/// What an [`Inspector`] runs: `Err(why)` refuses the body.
+pub type InspectFn = dyn FnMut(&Bytes) -> Result<(), String> + Send;
+
+impl std::fmt::Debug for Inspector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Inspector")
+    }
 }
 
 impl<R: AsyncRead + Unpin> FrameBody<R> {
@@ -72,7 +90,15 @@ impl<R: AsyncRead + Unpin> FrameBody<R> {
             counter: None,
             seen: 0,
             limit: None,
+            inspector: None,
         }
+    }
+
+    /// Shows every chunk read from the stream from now on (not the prefix
+    /// given to [`FrameBody::resume`]) to `inspector` before handing it out.
+    pub fn inspect(mut self, inspector: Inspector) -> Self {
+        self.inspector = Some(inspector);
+        self
     }
 
     /// Fails the body (so the message it belongs to is aborted) once it
@@ -121,7 +147,16 @@ impl<R: AsyncRead + Unpin> http_body::Body for FrameBody<R> {
         }
         let next = ready!(self.frames.poll_next_unpin(cx));
         let result = match next {
-            Some(Ok(Frame::Data(bytes))) => return self.chunk(bytes),
+            Some(Ok(Frame::Data(bytes))) => {
+                let verdict = match &mut self.inspector {
+                    Some(inspector) => (inspector.0)(&bytes),
+                    None => Ok(()),
+                };
+                match verdict {
+                    Ok(()) => return self.chunk(bytes),
+                    Err(why) => BodyError::Refused(why),
+                }
+            }
             Some(Ok(Frame::End)) => {
                 self.done = true;
                 return Poll::Ready(None);

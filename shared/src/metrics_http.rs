@@ -14,6 +14,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+/// Most metrics connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 16;
+
 /// Renders the current metrics as OpenMetrics text.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
@@ -38,6 +41,7 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: Cancellation
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics at http://{addr}/metrics");
     }
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -50,6 +54,10 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: Cancellation
                 }
             },
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            // Scrapers are few; more connections than this are not.
+            continue;
+        };
         let render = render.clone();
         let service =
             hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
@@ -59,7 +67,10 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: Cancellation
                 }
             });
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

@@ -2,7 +2,8 @@
 //! app Authorization value they use; every log line produced in-process
 //! (through [`crate::stack::init_test_logging`]) and every line a real
 //! relay process writes is searched for them. A leak is recorded and
-//! fails the test whose stack, relay or process sees it.
+//! fails the next test of the binary whose stack, relay or process
+//! checks (usually the one that leaked; the message quotes the line).
 
 use std::sync::Mutex;
 
@@ -40,7 +41,8 @@ pub fn assert_none_leaked() {
     if std::thread::panicking() {
         return;
     }
-    let leaks = lock(&LEAKS);
+    // Taken, so one leak fails one test (with the line), not every later one.
+    let leaks = std::mem::take(&mut *lock(&LEAKS));
     assert!(
         leaks.is_empty(),
         "a secret appeared in {} log line(s), e.g.: {}",

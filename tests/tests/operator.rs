@@ -245,7 +245,10 @@ async fn rate_limits_answer_429_with_retry_after() {
         .insert("tokens".into(), rules(|r| r.tokens_per_minute = Some(15)));
     tables
         .clients
-        .insert("streamer".into(), rules(|r| r.tokens_per_day = Some(5)));
+        .insert("streamer".into(), rules(|r| r.tokens_per_day = Some(16)));
+    tables
+        .clients
+        .insert("estimated".into(), rules(|r| r.tokens_per_day = Some(16)));
     let policy = Policy::new(tables).expect("valid policy");
     let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), |config| {
         config.policy = policy;
@@ -316,31 +319,28 @@ async fn rate_limits_answer_429_with_retry_after() {
         "tokens_per_minute_exceeded"
     );
 
-    // Tokens per day from the SSE usage chunk: a stream without one counts
-    // nothing; one with it (17 tokens) puts the client over its 5.
-    let streamer = client_for(&pki, "streamer", relay.addr).await;
-    for include_usage in [false, true] {
+    // Tokens per day from a stream: its usage chunk (17 tokens) when it
+    // asked for one, else an estimate (a quarter of the request's bytes
+    // plus one per event, here about 40); either puts the client over its
+    // limit of 16. The relay counts them before the stream's last frame.
+    for (name, include_usage) in [("streamer", true), ("estimated", false)] {
+        let streamer = client_for(&pki, name, relay.addr).await;
         let response = streamer
             .post_json("/v1/chat/completions", &chat_stream("m", include_usage))
             .await
             .expect("answer");
-        assert_eq!(response.status(), 200, "include_usage {include_usage}");
+        assert_eq!(response.status(), 200, "{name}");
         let mut body = response.into_body();
         let (events, outcome) = read_to_end(&mut body, WAIT).await;
         assert!(outcome.is_ok(), "{outcome:?}");
         assert!(String::from_utf8_lossy(&events).contains("[DONE]"));
+        let refused = streamer.get("/v1/models").await.expect("answer");
+        assert_eq!(refused.status(), 429, "{name}");
+        assert_eq!(
+            body_json(refused).await["error"]["code"],
+            "tokens_per_day_exceeded"
+        );
     }
-    // The relay counts the tokens as the stream ends, just after the app
-    // read its last event.
-    let refused = eventually("the stream's usage was not counted", || async {
-        let response = streamer.get("/v1/models").await.expect("answer");
-        (response.status() == 429).then_some(response)
-    })
-    .await;
-    assert_eq!(
-        body_json(refused).await["error"]["code"],
-        "tokens_per_day_exceeded"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -604,6 +604,11 @@ async fn the_upstream_key_never_reaches_a_log_line_or_the_metrics() {
         500
     );
     drop(after_first_event(client.get("/v1/endless").await.expect("answer")).await);
+    // The app's own key, which the relay's replaces.
+    let app_key = "sk-app-own-key-custody-91c3";
+    passage_tests::secrets::register(app_key);
+    let (status, _) = answer(with_key(&client, "/v1/models", app_key).await).await;
+    assert_eq!(status, 200);
     let mut limited = false;
     for _ in 0..10 {
         if client.get("/v1/models").await.expect("answer").status() == 429 {
@@ -629,8 +634,206 @@ async fn the_upstream_key_never_reaches_a_log_line_or_the_metrics() {
     );
     assert!(!metrics.contains(KEY), "the key is in the metrics");
     assert!(
-        !metrics.contains("Bearer"),
+        !metrics.contains("Bearer") && !metrics.contains(app_key),
         "an Authorization value is in the metrics"
     );
+    assert!(
+        !logs.iter().any(|line| line.contains(app_key)),
+        "the app's key is in the log"
+    );
+
+    // Without a relay key the app's key passes through: still never logged.
+    let passing = RelayProcess::launch(
+        &pki,
+        free_udp_port(),
+        &upstream.url(),
+        RelayLaunch {
+            rust_log: "trace".into(),
+            ..RelayLaunch::default()
+        },
+    )
+    .await;
+    let client = client_for(&pki, "app", passing.addr).await;
+    let keyed = with_key(&client, "/v1/keyed", app_key)
+        .await
+        .expect("answer");
+    assert_eq!(
+        body_json(keyed).await["authorization"],
+        format!("Bearer {app_key}")
+    );
+    assert_eq!(
+        answer(with_key(&client, "/v1/status/401", app_key).await)
+            .await
+            .0,
+        401
+    );
+    let logs = passing.logs();
+    assert!(
+        !logs.iter().any(|line| line.contains(app_key)),
+        "the app's key is in the log"
+    );
     passage_tests::secrets::assert_none_leaked();
+}
+
+/// `GET path` with the app's own API key.
+async fn with_key(
+    client: &LocalClient,
+    path: &str,
+    key: &str,
+) -> Result<Response<Incoming>, String> {
+    let request = Request::get(client.url(path))
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    client
+        .http
+        .request(request)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// A multipart upload whose form is `parts` (name header parameter, value).
+async fn form(
+    client: &LocalClient,
+    content_type: &str,
+    parts: &[(&str, String)],
+) -> (u16, serde_json::Value) {
+    let mut body = String::new();
+    for (name, value) in parts {
+        body.push_str(&format!(
+            "--XYZ\r\nContent-Disposition: form-data; {name}\r\n\r\n{value}\r\n"
+        ));
+    }
+    body.push_str("--XYZ--\r\n");
+    let request = Request::post(client.url("/v1/files"))
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    answer(
+        client
+            .http
+            .request(request)
+            .await
+            .map_err(|e| e.to_string()),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_and_path_rules_resist_tricks() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let pki = TestPki::new();
+    let mut tables = PolicyTables::default();
+    tables.clients.insert(
+        "app".into(),
+        rules(|r| {
+            r.allow_paths = Some(vec![
+                "/v1/files".into(),
+                "/v1/chat/".into(),
+                "/v1/echo".into(),
+            ]);
+            r.allow_models = Some(vec!["whisper-1".into()]);
+            r.tokens_per_day = Some(1_000_000);
+        }),
+    );
+    let policy = Policy::new(tables).expect("valid policy");
+    let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), |config| {
+        config.policy = policy;
+        config.model_scan_limit = 4 * 1024;
+    });
+    let client = client_for(&pki, "app", relay.addr).await;
+    let multipart = "multipart/form-data; boundary=XYZ";
+    let model = |value: &str| ("name=\"model\"", value.to_owned());
+
+    let (status, body) = form(
+        &client,
+        multipart,
+        &[
+            model("whisper-1"),
+            ("name=\"file\"; filename=\"a.wav\"", "RIFF".into()),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    // A second model field, far past what the relay reads ahead, in any
+    // spelling: the upload is cut off and refused.
+    for second in ["name=\"model\"", "name=model", "name*=utf-8''model"] {
+        let pad = ("name=\"pad\"", "p".repeat(256 * 1024));
+        let (status, body) = form(
+            &client,
+            multipart,
+            &[
+                model("whisper-1"),
+                pad,
+                (second, "gpt-4o-transcribe".into()),
+            ],
+        )
+        .await;
+        assert_eq!(status, 403, "{second}: {body}");
+        assert_eq!(body["error"]["code"], "model_not_allowed");
+    }
+    // Two boundaries, one per parser.
+    let (status, body) = form(
+        &client,
+        "multipart/form-data; boundary=AAA; boundary=XYZ",
+        &[model("x")],
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_content_type");
+
+    // A JSON body too big to check, and a body that names no model.
+    let big = serde_json::json!({"messages": [{"role": "user", "content": "x".repeat(8 * 1024)}], "model": "whisper-1"});
+    let (status, body) = answer(client.post_json("/v1/chat/completions", &big).await).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "model_check_body_too_large");
+    let request = Request::post(client.url("/v1/chat/completions"))
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from_static(b"model=whisper-1")))
+        .expect("request");
+    let (status, _) = answer(
+        client
+            .http
+            .request(request)
+            .await
+            .map_err(|e| e.to_string()),
+    )
+    .await;
+    assert_eq!(status, 403);
+
+    // Paths a prefix rule could misread.
+    for path in [
+        "/v1/chat/..%2ffiles",
+        "/v1/chat/%2e%2e%5cfiles",
+        "/v1/chat//../files",
+        "/v1/files%2F..%2Fadmin",
+    ] {
+        let (status, body) = answer(client.get(path).await).await;
+        assert_eq!(status, 400, "{path}: {body}");
+    }
+
+    // Token limits need readable usage: the upstream is asked for none
+    // of the compression the app offered.
+    let request = Request::get(client.url("/v1/echo"))
+        .header("accept-encoding", "gzip, br")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let (status, echo) = answer(
+        client
+            .http
+            .request(request)
+            .await
+            .map_err(|e| e.to_string()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let encodings: Vec<&serde_json::Value> = echo["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .filter(|h| h[0] == "accept-encoding")
+        .map(|h| &h[1])
+        .collect();
+    assert_eq!(encodings, ["identity"]);
 }
