@@ -348,7 +348,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains(r#"passage_relay_usage_errors_total{client="app",model="gpt-4o-mini"} 1"#),
+            text.contains(
+                r#"passage_relay_usage_errors_total{client="app",model="gpt-4o-mini"} 1"#
+            ),
             "{text}"
         );
     }

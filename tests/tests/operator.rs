@@ -692,6 +692,18 @@ async fn with_key(
         .map_err(|e| e.to_string())
 }
 
+/// Sends a prepared request to the client; status and JSON body.
+async fn send(client: &LocalClient, request: Request<Full<Bytes>>) -> (u16, serde_json::Value) {
+    answer(
+        client
+            .http
+            .request(request)
+            .await
+            .map_err(|e| e.to_string()),
+    )
+    .await
+}
+
 /// A multipart upload whose form is `parts` (name header parameter, value).
 async fn form(
     client: &LocalClient,
@@ -709,14 +721,7 @@ async fn form(
         .header("content-type", content_type)
         .body(Full::new(Bytes::from(body)))
         .expect("request");
-    answer(
-        client
-            .http
-            .request(request)
-            .await
-            .map_err(|e| e.to_string()),
-    )
-    .await
+    send(&client, request).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -792,14 +797,7 @@ async fn model_and_path_rules_resist_tricks() {
         .header("content-type", "text/plain")
         .body(Full::new(Bytes::from_static(b"model=whisper-1")))
         .expect("request");
-    let (status, _) = answer(
-        client
-            .http
-            .request(request)
-            .await
-            .map_err(|e| e.to_string()),
-    )
-    .await;
+    let (status, _) = send(&client, request).await;
     assert_eq!(status, 403);
 
     // Paths a prefix rule could misread.
@@ -819,14 +817,7 @@ async fn model_and_path_rules_resist_tricks() {
         .header("accept-encoding", "gzip, br")
         .body(Full::new(Bytes::new()))
         .expect("request");
-    let (status, echo) = answer(
-        client
-            .http
-            .request(request)
-            .await
-            .map_err(|e| e.to_string()),
-    )
-    .await;
+    let (status, echo) = send(&client, request).await;
     assert_eq!(status, 200);
     let encodings: Vec<&serde_json::Value> = echo["headers"]
         .as_array()
