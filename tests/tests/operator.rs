@@ -721,7 +721,7 @@ async fn form(
         .header("content-type", content_type)
         .body(Full::new(Bytes::from(body)))
         .expect("request");
-    send(&client, request).await
+    send(client, request).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
