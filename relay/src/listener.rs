@@ -274,7 +274,9 @@ async fn connection(
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
-            failed("dropped");
+            // The first packet may already fail the handshake (no common
+            // protocol): counted by the same reasons.
+            failed(handshake_failure_reason(&e));
             warn!(%remote, error = %e, "connection attempt dropped");
             return;
         }
@@ -380,6 +382,8 @@ fn handshake_failure_reason(error: &quinn::ConnectionError) -> &'static str {
             // QUIC carries TLS alerts as codes 0x100 + alert (RFC 9001 4.8).
             match code.checked_sub(0x100) {
                 Some(42) => "bad_certificate",
+                // Right CA, wrong kind: e.g. a server certificate.
+                Some(43) => "not_a_client_certificate",
                 Some(44) => "revoked",
                 Some(45) => "expired_certificate",
                 Some(48) => "unknown_ca",
