@@ -69,3 +69,67 @@ fn a_keep_alive_longer_than_the_idle_timeout_is_refused() {
     ]));
     assert!(error.contains("--keep-alive"), "{error}");
 }
+
+#[test]
+fn the_example_config_file_is_valid() {
+    // Every key parses; the client then stops only at the missing bundle.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/client.toml");
+    let error = one_line_error(&client(&[
+        "run",
+        "--config",
+        example,
+        "--bundle",
+        "/nonexistent/bundle.toml",
+    ]));
+    assert!(
+        error.contains("cannot read bundle /nonexistent/bundle.toml"),
+        "{error}"
+    );
+}
+
+#[test]
+fn serving_other_machines_needs_the_flag_and_a_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let relay = env!("CARGO_BIN_EXE_passage-client").replace("passage-client", "passage-relay");
+    let pki_arg = pki.to_str().expect("utf-8");
+    let made = Command::new(&relay)
+        .args(["init", "--dir", pki_arg])
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        // The relay binary is built by `cargo test --workspace`; alone, skip.
+        return;
+    }
+    let issued = Command::new(&relay)
+        .args([
+            "issue",
+            "--dir",
+            pki_arg,
+            "--name",
+            "a",
+            "--relay",
+            "127.0.0.1:1",
+        ])
+        .status()
+        .expect("issue");
+    assert!(issued.success());
+    let bundle = pki.join("clients/a.toml");
+    let bundle = bundle.to_str().expect("utf-8");
+    let error = one_line_error(&client(&[
+        "run",
+        "--bundle",
+        bundle,
+        "--listen",
+        "0.0.0.0:0",
+    ]));
+    assert!(error.contains("--allow-non-loopback"), "{error}");
+    let error = one_line_error(&client(&[
+        "run",
+        "--bundle",
+        bundle,
+        "--listen",
+        "0.0.0.0:0",
+        "--allow-non-loopback",
+    ]));
+    assert!(error.contains("--access-token-env"), "{error}");
+}
