@@ -127,11 +127,7 @@ async fn broken_streams_end_alone() {
         ("an end before the head", encode(&[Frame::End]), true),
         ("a truncated head", cut, true),
         ("a head never finished", whole[..3].to_vec(), false),
-        (
-            "a go-away from a client",
-            encode(&[Frame::GoAway]),
-            true,
-        ),
+        ("a go-away from a client", encode(&[Frame::GoAway]), true),
     ];
     for (what, bytes, finish) in cases {
         let ended = exchange(&connection, &bytes, finish).await;
