@@ -22,9 +22,9 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-/// Whether `name` (lower case) is a hop-by-hop header by definition.
+/// Whether `name` (in any case) is a hop-by-hop header by definition.
 pub fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.contains(&name)
+    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
 /// The end-to-end headers of `headers`, in order, ready for a frame.
@@ -101,6 +101,28 @@ pub fn extend_from_wire(headers: &mut HeaderMap, wire: Vec<Header>) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_names_in_any_case_are_dropped() {
+        let mut headers = HeaderMap::new();
+        let wire = vec![
+            Header {
+                name: "keEp-alive".into(),
+                value: bytes::Bytes::from_static(b"1"),
+            },
+            Header {
+                name: "Transfer-Encoding".into(),
+                value: bytes::Bytes::from_static(b"chunked"),
+            },
+            Header {
+                name: "x-kept".into(),
+                value: bytes::Bytes::from_static(b"1"),
+            },
+        ];
+        extend_from_wire(&mut headers, wire).expect("valid");
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-kept"));
+    }
 
     #[test]
     fn hop_by_hop_headers_are_dropped_and_the_rest_kept_in_order() {
