@@ -190,29 +190,27 @@ impl Limits {
         let rules = &applied.rules;
         let state = self.state(client);
         let now = self.epoch.elapsed().as_secs();
-        if let Some(limit) = rules.tokens_per_minute
-            && let Some(wait) = lock(&state.tokens_minute).wait(now, limit)
-        {
-            let what = format!("{limit} tokens per minute");
-            return Err(too_many(
-                client,
-                applied,
+        let windows = [
+            (
+                rules.tokens_per_minute,
+                &state.tokens_minute,
+                "minute",
                 "tokens_per_minute_exceeded",
-                &what,
-                wait,
-            ));
-        }
-        if let Some(limit) = rules.tokens_per_day
-            && let Some(wait) = lock(&state.tokens_day).wait(now, limit)
-        {
-            let what = format!("{limit} tokens per day");
-            return Err(too_many(
-                client,
-                applied,
+            ),
+            (
+                rules.tokens_per_day,
+                &state.tokens_day,
+                "day",
                 "tokens_per_day_exceeded",
-                &what,
-                wait,
-            ));
+            ),
+        ];
+        for (limit, window, per, code) in windows {
+            if let Some(limit) = limit
+                && let Some(wait) = lock(window).wait(now, limit)
+            {
+                let what = format!("{limit} tokens per {per}");
+                return Err(too_many(client, applied, code, &what, wait));
+            }
         }
         let in_flight = state.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
         // From here on, dropping the admission undoes the count.

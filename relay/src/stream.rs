@@ -158,7 +158,7 @@ impl RequestRecord {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if copy.len as u64 == self.bytes_in.load(Ordering::Relaxed) {
-                self.model = json_model(&copy.chunks.concat());
+                self.model = chunks_json_model(&copy.chunks);
             }
         }
         self.model.as_deref().filter(|model| {
@@ -410,10 +410,16 @@ struct BodyPrefix {
 impl BodyPrefix {
     /// The model a whole JSON body names.
     fn json_model(&self) -> Option<String> {
-        match self.chunks.as_slice() {
-            [one] => json_model(one),
-            many => json_model(&many.concat()),
-        }
+        chunks_json_model(&self.chunks)
+    }
+}
+
+/// The model a whole JSON body, held as chunks, names (copying only when
+/// there is more than one chunk).
+fn chunks_json_model(chunks: &[Bytes]) -> Option<String> {
+    match chunks {
+        [one] => json_model(one),
+        many => json_model(&many.concat()),
     }
 }
 
