@@ -9,8 +9,6 @@
 
 #![no_main]
 
-use std::sync::OnceLock;
-
 use bytes::Bytes;
 use http::StatusCode;
 use libfuzzer_sys::fuzz_target;
@@ -33,11 +31,6 @@ fn chunks(len: usize, seed: u16) -> Vec<(usize, usize)> {
         at += size;
     }
     out
-}
-
-fn skip_known() -> bool {
-    static SKIP: OnceLock<bool> = OnceLock::new();
-    *SKIP.get_or_init(|| std::env::var_os("PASSAGE_FUZZ_SKIP_KNOWN").is_some_and(|v| v == "1"))
 }
 
 /// Feeds `parts` to a scanner, stopping at the first error as the relay does.
@@ -91,13 +84,10 @@ fuzz_target!(|data: &[u8]| {
 
     let one = scan(&boundary, &[body]);
     let many = scan(&boundary, &parts);
-    // Known finding (regressions/body_scanners-long-headers-chunking.bin):
-    // the part-header limit only bites when a header block spans chunks.
-    // PASSAGE_FUZZ_SKIP_KNOWN=1 lets a run look past it for more.
-    let known_long_headers =
-        skip_known() && one.0.is_ok() && many.0 == Err(MultipartError::LongHeaders);
+    // regressions/body_scanners-long-headers-chunking*.bin: the part-header
+    // limit once bit only when a header block spanned chunks.
     assert!(
-        known_long_headers || one == many,
+        one == many,
         "multipart scan depends on chunking (boundary {boundary:?}, chunks {:?}): \
          whole {one:?}, chunked {many:?}",
         parts.iter().map(|p| p.len()).collect::<Vec<_>>()

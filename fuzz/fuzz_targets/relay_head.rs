@@ -21,11 +21,6 @@ fn base() -> &'static UpstreamBase {
     BASE.get_or_init(|| UpstreamBase::parse("https://api.openai.com/base").expect("valid base"))
 }
 
-fn skip_known() -> bool {
-    static SKIP: OnceLock<bool> = OnceLock::new();
-    *SKIP.get_or_init(|| std::env::var_os("PASSAGE_FUZZ_SKIP_KNOWN").is_some_and(|v| v == "1"))
-}
-
 fn check(head: &RequestHead) {
     let mut map = HeaderMap::new();
     let extended = extend_from_wire(&mut map, head.headers.clone());
@@ -33,18 +28,8 @@ fn check(head: &RequestHead) {
         assert!(head.headers.len() <= MAX_HEADERS);
         assert!(map.len() <= head.headers.len());
         for name in map.keys() {
-            // Known finding (regressions/relay_head-hop-by-hop-case*.bin):
-            // a hop-by-hop name sent in other than lower case gets through.
-            // PASSAGE_FUZZ_SKIP_KNOWN=1 lets a run look past it for more.
-            let known_case_bug = skip_known()
-                && head
-                    .headers
-                    .iter()
-                    .any(|h| h.name != name.as_str() && h.name.eq_ignore_ascii_case(name.as_str()));
-            assert!(
-                !is_hop_by_hop(name.as_str()) || known_case_bug,
-                "hop-by-hop {name} kept"
-            );
+            // regressions/relay_head-hop-by-hop-case*.bin: names in any case.
+            assert!(!is_hop_by_hop(name.as_str()), "hop-by-hop {name} kept");
         }
     }
 

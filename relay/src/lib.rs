@@ -195,7 +195,7 @@ impl Relay {
                 limits: crate::limits::Limits::default(),
                 model_scan_limit: config.model_scan_limit,
                 max_body: config.max_body,
-                prefix_budget: tokio::sync::Semaphore::new(crate::stream::PREFIX_BUDGET),
+                prefix_budget: Arc::new(tokio::sync::Semaphore::new(crate::stream::PREFIX_BUDGET)),
                 metrics: metrics.as_ref().map(|(_, m)| m.clone()),
             }),
             metrics,

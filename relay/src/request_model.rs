@@ -83,8 +83,9 @@ pub enum MultipartError {
 enum ScanState {
     /// Looking for the next delimiter; `Some` while inside a `model` part.
     Body { value: Option<Vec<u8>> },
-    /// Reading a part's header block.
-    Headers,
+    /// Reading a part's header block; the first `searched` bytes of the
+    /// carried block hold no complete `\r\n\r\n`.
+    Headers { searched: usize },
     /// After the closing delimiter.
     Done,
 }
@@ -96,8 +97,8 @@ enum ScanState {
 /// of two the upstream takes is its business.
 #[derive(Debug)]
 pub struct MultipartScanner {
-    /// `\r\n--BOUNDARY`: what precedes every part.
-    delimiter: Vec<u8>,
+    /// Finds `\r\n--BOUNDARY`, what precedes every part.
+    delimiter: memchr::memmem::Finder<'static>,
     state: ScanState,
     /// Unscanned bytes kept from the last chunk.
     carry: Vec<u8>,
@@ -109,7 +110,8 @@ impl MultipartScanner {
     /// A scanner for a body with this boundary.
     pub fn new(boundary: &str) -> Self {
         MultipartScanner {
-            delimiter: format!("\r\n--{boundary}").into_bytes(),
+            delimiter: memchr::memmem::Finder::new(format!("\r\n--{boundary}").as_bytes())
+                .into_owned(),
             state: ScanState::Body { value: None },
             // The first delimiter may open the body without a line break.
             carry: b"\r\n".to_vec(),
@@ -131,18 +133,21 @@ impl MultipartScanner {
         loop {
             match &mut self.state {
                 ScanState::Done => return Ok(()),
-                ScanState::Body { value } => match find(&buf[pos..], &self.delimiter) {
+                ScanState::Body { value } => match self.delimiter.find(&buf[pos..]) {
                     Some(at) => {
                         if let Some(mut bytes) = value.take() {
                             keep(&mut bytes, &buf[pos..pos + at]);
                             self.complete_model(bytes);
                         }
-                        pos += at + self.delimiter.len();
-                        self.state = ScanState::Headers;
+                        pos += at + self.delimiter.needle().len();
+                        self.state = ScanState::Headers { searched: 0 };
                     }
                     None => {
                         // Keep what could be the start of a delimiter.
-                        let safe = buf.len().saturating_sub(self.delimiter.len() - 1).max(pos);
+                        let safe = buf
+                            .len()
+                            .saturating_sub(self.delimiter.needle().len() - 1)
+                            .max(pos);
                         if let Some(bytes) = value {
                             keep(bytes, &buf[pos..safe]);
                         }
@@ -150,7 +155,7 @@ impl MultipartScanner {
                         return Ok(());
                     }
                 },
-                ScanState::Headers => {
+                ScanState::Headers { searched } => {
                     let rest = &buf[pos..];
                     if rest.len() < 2 {
                         self.carry = rest.to_vec();
@@ -160,7 +165,15 @@ impl MultipartScanner {
                         self.state = ScanState::Done;
                         return Ok(());
                     }
-                    match find(rest, b"\r\n\r\n") {
+                    // Resume where the last search stopped, less the three
+                    // bytes a terminator could have been cut after.
+                    let from = searched.saturating_sub(3);
+                    match find(&rest[from..], b"\r\n\r\n").map(|at| from + at) {
+                        // The limit is on the block's own length, so it
+                        // bites the same however the body is chunked.
+                        Some(end) if end > MAX_PART_HEADERS => {
+                            return Err(MultipartError::LongHeaders);
+                        }
                         Some(end) => {
                             let named_model = names_model(&rest[..end]);
                             pos += end + 4;
@@ -174,10 +187,13 @@ impl MultipartScanner {
                                 value: named_model.then(Vec::new),
                             };
                         }
-                        None if rest.len() > MAX_PART_HEADERS => {
+                        // A terminator found later would start at
+                        // `rest.len() - 3` or after: already too far.
+                        None if rest.len() > MAX_PART_HEADERS + 3 => {
                             return Err(MultipartError::LongHeaders);
                         }
                         None => {
+                            *searched = rest.len();
                             self.carry = rest.to_vec();
                             return Ok(());
                         }
@@ -228,8 +244,9 @@ fn names_model(headers: &[u8]) -> bool {
     })
 }
 
+/// Where `needle` first starts in `haystack`.
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(haystack, needle)
 }
 
 #[cfg(test)]
@@ -334,6 +351,42 @@ mod tests {
             (Ok(()), None),
             "too long to be a model"
         );
+    }
+
+    #[test]
+    fn the_part_header_limit_does_not_depend_on_chunking() {
+        // `len` counts from after the boundary to the blank line,
+        // the boundary line's own line break included.
+        let block = |len: usize| {
+            let head = "\r\nContent-Disposition: form-data; name=\"model\"\r\nX-Pad: ";
+            format!(
+                "--XY{head}{}\r\n\r\nm\r\n--XY--",
+                "p".repeat(len - head.len())
+            )
+        };
+        for (len, expected) in [
+            (MAX_PART_HEADERS, (Ok(()), Some("m".to_owned()))),
+            (
+                MAX_PART_HEADERS + 1,
+                (Err(MultipartError::LongHeaders), None),
+            ),
+        ] {
+            let body = block(len);
+            for split in [0, 6, 100, len, len + 6, len + 8, len + 10, body.len()] {
+                assert_eq!(
+                    scan(&body, "XY", split),
+                    expected,
+                    "len {len} split {split}"
+                );
+            }
+            let mut scanner = MultipartScanner::new("XY");
+            let bytewise = body.as_bytes().chunks(1).try_for_each(|b| scanner.feed(b));
+            assert_eq!(
+                (bytewise, scanner.model().map(str::to_owned)),
+                expected,
+                "len {len} byte by byte"
+            );
+        }
     }
 
     #[test]

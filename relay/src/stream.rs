@@ -21,7 +21,7 @@ use http::StatusCode;
 use http::header::{CONTENT_LENGTH, HeaderValue};
 use http_body_util::{BodyExt, Either, Empty};
 use passage_shared::body::{
-    FrameBody, INLINE_WAIT, Inspector, encode_whole_body, is_inline, send_data,
+    FrameBody, INLINE_WAIT, Inspector, PrefixHold, encode_whole_body, is_inline, send_data,
 };
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::{
@@ -62,7 +62,7 @@ pub struct StreamContext {
     /// Metrics, when `--metrics` is on.
     pub metrics: Option<Arc<RelayMetrics>>,
     /// Bytes of request bodies that may be held back at once ([`PREFIX_BUDGET`]).
-    pub prefix_budget: tokio::sync::Semaphore,
+    pub prefix_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl StreamContext {
@@ -423,9 +423,10 @@ fn chunks_json_model(chunks: &[Bytes]) -> Option<String> {
     }
 }
 
-/// Reads body frames until `limit` bytes, the body's end, or `enough`
-/// says so after a chunk (an `Err` from it refuses the request); each
-/// frame must come within `wait`.
+/// Reads body frames until more than `limit` bytes (so a body of exactly
+/// `limit` bytes is read with its end), the body's end, or `enough` says
+/// so after a chunk (an `Err` from it refuses the request); each frame
+/// must come within `wait`.
 async fn read_prefix(
     frames: &mut FramedRead<BoxRecv, FrameCodec>,
     limit: usize,
@@ -435,7 +436,7 @@ async fn read_prefix(
     let mut prefix = BodyPrefix::default();
     let refuse =
         |message: String| ApiError::new(StatusCode::BAD_REQUEST, "request_body_failed", message);
-    while prefix.len < limit {
+    while prefix.len <= limit {
         match tokio::time::timeout(wait, frames.next()).await {
             Ok(Some(Ok(Frame::Data(data)))) => {
                 prefix.len += data.len();
@@ -517,7 +518,7 @@ async fn serve(
             value: Bytes::from_static(b"identity"),
         });
     }
-    let (body, permit) = if head.has_body {
+    let body = if head.has_body {
         match request_body(&head, frames, ctx, client, &applied, record).await {
             Ok(body) => body,
             Err(error) => return refuse(error),
@@ -525,42 +526,44 @@ async fn serve(
     } else {
         // Dropping `frames` here is fine: a bodiless request sends only
         // `End` after its head, and the client does not wait on it.
-        (Either::Left(Empty::<Bytes>::new()), None)
+        Either::Left(Empty::<Bytes>::new())
     };
-    proxy(head, body, permit, responder, ctx, record, started).await
+    proxy(head, body, responder, ctx, record, started).await
 }
 
 /// Refuses path forms that a prefix rule or the upstream could read as
-/// another path: backslashes and encoded slashes always, and empty
-/// segments (`//`) when path rules apply.
+/// another path: backslashes always, and under path rules also encoded
+/// slashes or backslashes and empty segments (`//`). Without path rules an
+/// encoded slash is left alone: it can only name another path on the same
+/// upstream, and some model ids need one.
 fn check_path_form(path: &str, has_path_rules: bool) -> Result<(), ApiError> {
     let lowered = path.to_ascii_lowercase();
     let ambiguous = path.contains('\\')
-        || lowered.contains("%5c")
-        || lowered.contains("%2f")
-        || (has_path_rules && path.contains("//"));
+        || (has_path_rules
+            && (lowered.contains("%2f") || lowered.contains("%5c") || path.contains("//")));
     if ambiguous {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_request_target",
-            "the request path must not contain backslashes, encoded slashes or (under path rules) empty segments",
+            "the request path must not contain backslashes, or (under path rules) encoded slashes or empty segments",
         ));
     }
     Ok(())
 }
 
 /// The upstream body of a request that has one, after the body checks:
-/// size, and for a model-restricted client the model (read from a prefix
-/// held back under [`PREFIX_BUDGET`], whose permit is returned with it).
-async fn request_body<'a>(
+/// size, and for a model-restricted client the model, read from a prefix
+/// held back under [`PREFIX_BUDGET`] until it has gone upstream.
+async fn request_body(
     head: &RequestHead,
     mut frames: FramedRead<BoxRecv, FrameCodec>,
-    ctx: &'a StreamContext,
+    ctx: &StreamContext,
     client: &str,
     applied: &Applied,
     record: &mut RequestRecord,
-) -> Result<(UpstreamBody, Option<tokio::sync::SemaphorePermit<'a>>), ApiError> {
-    if let Some(length) = declared_length(head)
+) -> Result<UpstreamBody, ApiError> {
+    let declared = declared_length(head);
+    if let Some(length) = declared
         && length > ctx.max_body
     {
         return Err(too_large(ctx.max_body));
@@ -600,7 +603,7 @@ async fn request_body<'a>(
                 Ok(())
             })));
         }
-        return Ok((Either::Right(body), None));
+        return Ok(Either::Right(body));
     }
     let unreadable = |why: &str| {
         ApiError::new(
@@ -628,11 +631,31 @@ async fn request_body<'a>(
             ));
         }
     };
-    let budget = ctx.model_scan_limit.min(PREFIX_BUDGET);
+    let scan_limit = ctx.model_scan_limit.min(PREFIX_BUDGET);
+    let json_too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "model_check_body_too_large",
+            format!(
+                "client '{client}' is under a model rule, and this JSON body is larger than the {} KiB the relay reads to find its model (--model-scan-limit-kib)",
+                scan_limit / 1024
+            ),
+        )
+    };
+    // Reserve what the body says it needs, not the whole scan limit, so
+    // small requests do not crowd each other out.
+    let limit = match declared {
+        Some(length) if length > scan_limit as u64 && kind == BodyKind::Json => {
+            return Err(json_too_large());
+        }
+        Some(length) => usize::try_from(length).map_or(scan_limit, |n| n.min(scan_limit)),
+        None => scan_limit,
+    };
     let permit = match tokio::time::timeout(
         ctx.head_timeout,
         ctx.prefix_budget
-            .acquire_many(u32::try_from(budget).unwrap_or(u32::MAX)),
+            .clone()
+            .acquire_many_owned(u32::try_from(limit).unwrap_or(u32::MAX)),
     )
     .await
     {
@@ -654,7 +677,7 @@ async fn request_body<'a>(
     };
     let prefix = read_prefix(
         &mut frames,
-        budget,
+        limit,
         ctx.head_timeout,
         |chunk| match &mut scanner {
             Some(scanner) => {
@@ -665,22 +688,24 @@ async fn request_body<'a>(
         },
     )
     .await?;
+    if prefix.len as u64 > ctx.max_body {
+        return Err(too_large(ctx.max_body));
+    }
+    if declared.is_some_and(|length| prefix.len as u64 > length) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "request_body_failed",
+            "the request body is longer than its Content-Length",
+        ));
+    }
     record.model = match &scanner {
         Some(scanner) => scanner.model().map(str::to_owned),
         None if prefix.ended => prefix.json_model(),
-        None => {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "model_check_body_too_large",
-                format!(
-                    "client '{client}' is under a model rule, and this JSON body is larger than the {} KiB the relay reads to find its model (--model-scan-limit-kib)",
-                    budget / 1024
-                ),
-            ));
-        }
+        None => return Err(json_too_large()),
     };
     applied.check_model(client, record.model.as_deref())?;
     let mut body = FrameBody::resume(frames, prefix.chunks, prefix.ended)
+        .hold_until_prefix_sent(PrefixHold(Box::new(permit)))
         .counting(record.bytes_in.clone())
         .limited(ctx.max_body);
     if let Some(mut scanner) = scanner {
@@ -701,14 +726,13 @@ async fn request_body<'a>(
             })
         })));
     }
-    Ok((Either::Right(body), Some(permit)))
+    Ok(Either::Right(body))
 }
 
 /// The request's straight path; returns how it ended.
 async fn proxy(
     head: RequestHead,
     body: UpstreamBody,
-    permit: Option<tokio::sync::SemaphorePermit<'_>>,
     responder: &mut Responder,
     ctx: &StreamContext,
     record: &mut RequestRecord,
@@ -746,8 +770,6 @@ async fn proxy(
             }
         };
 
-    // The prefix held back has gone upstream with the request.
-    drop(permit);
     let (parts, mut body) = response.into_parts();
     ctx.upstream.report(key, parts.status, &parts.headers);
     let status = parts.status.as_u16();

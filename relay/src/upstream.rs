@@ -150,10 +150,17 @@ impl std::fmt::Display for UpstreamBase {
     }
 }
 
-/// Whether a path has a `.` or `..` segment, literally or percent-encoded.
+/// Whether a path has a `.` or `..` segment, literally or percent-encoded,
+/// with segments split also at backslashes and encoded slashes, as an
+/// upstream that decodes them would split them.
 fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
+    let lowered = path
+        .to_ascii_lowercase()
+        .replace("%2f", "/")
+        .replace("%5c", "/")
+        .replace('\\', "/");
+    lowered.split('/').any(|segment| {
+        let decoded = segment.replace("%2e", ".");
         decoded == "." || decoded == ".."
     })
 }
@@ -349,12 +356,20 @@ mod tests {
             "/../admin",
             "/v1/%2e%2E/x",
             "/v1/./x",
+            "/v1/chat/..%2ffiles",
+            "/v1/%2E.%5Cadmin",
         ] {
             assert!(
                 upstream_request(&base, None, head(target, &[]), ()).is_err(),
                 "{target}"
             );
         }
+        let encoded = upstream_request(&base, None, head("/v1/models/org%2Fmodel..1", &[]), ())
+            .expect("an encoded slash that makes no dot segment");
+        assert_eq!(
+            encoded.uri(),
+            "https://api.openai.com/base/v1/models/org%2Fmodel..1"
+        );
     }
 
     #[test]

@@ -59,6 +59,18 @@ pub struct FrameBody<R> {
     limit: Option<u64>,
     /// Looks at every chunk read from the stream (not the prefix).
     inspector: Option<Inspector>,
+    /// Kept until the prefix has been handed out, then dropped.
+    prefix_hold: Option<PrefixHold>,
+}
+
+/// Something (a memory reservation) that a [`FrameBody`] keeps only while
+/// it still holds its prefix; see [`FrameBody::hold_until_prefix_sent`].
+pub struct PrefixHold(pub Box<dyn Send>);
+
+impl std::fmt::Debug for PrefixHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrefixHold")
+    }
 }
 
 /// A check run on each body chunk read from the stream; an `Err` aborts
@@ -91,7 +103,15 @@ impl<R: AsyncRead + Unpin> FrameBody<R> {
             seen: 0,
             limit: None,
             inspector: None,
+            prefix_hold: None,
         }
+    }
+
+    /// Keeps `hold` until the prefix given to [`FrameBody::resume`] has been
+    /// handed out (or the body is dropped), then drops it.
+    pub fn hold_until_prefix_sent(mut self, hold: PrefixHold) -> Self {
+        self.prefix_hold = Some(hold);
+        self
     }
 
     /// Shows every chunk read from the stream from now on (not the prefix
@@ -142,6 +162,8 @@ impl<R: AsyncRead + Unpin> http_body::Body for FrameBody<R> {
         if let Some(chunk) = self.pending.pop_front() {
             return self.chunk(chunk);
         }
+        // Asked for more: the prefix is out.
+        self.prefix_hold = None;
         if self.done {
             return Poll::Ready(None);
         }

@@ -161,7 +161,7 @@ async fn route(
             endless(record, interval)
         }
         ("GET", "/v1/stamped") => stamped(&request),
-        ("GET", "/v1/slow-head") => slow_head(record).await,
+        (_, "/v1/slow-head") => slow_head(record).await,
         ("GET", "/v1/broken") => broken(),
         ("GET", "/v1/broken-sized") => broken_sized(),
         ("GET", "/download") => download(&request, record.clone()),

@@ -107,6 +107,7 @@ async fn no_request_makes_passage_connect_anywhere_but_the_upstream() {
         "GET /../v1/models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".to_owned(),
         "GET /v1/%2e%2E/admin HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".to_owned(),
         "GET /v1/./models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".to_owned(),
+        "GET /v1/x/..%2Fadmin HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".to_owned(),
     ];
     for head in &refused {
         let (status, body) = raw(client.addr, head, b"").await;
@@ -150,7 +151,16 @@ async fn no_request_makes_passage_connect_anywhere_but_the_upstream() {
         "it reached the configured upstream"
     );
 
-    assert_eq!(upstream.request_count() - before, 2);
+    // An encoded slash that makes no dot segment is a path like any other
+    // (some model ids need one) when no path rule applies.
+    let encoded =
+        "GET /v1/echo/org%2Fmodel HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let (status, body) = raw(client.addr, encoded, b"").await;
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).expect("echo JSON");
+    assert_eq!(echo["path"], "/v1/echo/org%2Fmodel");
+
+    assert_eq!(upstream.request_count() - before, 3);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         elsewhere.connections.load(Ordering::SeqCst),

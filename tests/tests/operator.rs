@@ -802,6 +802,13 @@ async fn model_and_path_rules_resist_tricks() {
     let (status, body) = answer(client.post_json("/v1/chat/completions", &big).await).await;
     assert_eq!(status, 413, "{body}");
     assert_eq!(body["error"]["code"], "model_check_body_too_large");
+    // A JSON body of exactly the scan limit is read whole.
+    let mut exact = serde_json::json!({"model": "whisper-1", "pad": ""});
+    let room = 4 * 1024 - exact.to_string().len();
+    exact["pad"] = "p".repeat(room).into();
+    assert_eq!(exact.to_string().len(), 4 * 1024);
+    let (status, body) = answer(client.post_json("/v1/echo", &exact).await).await;
+    assert_eq!(status, 200, "{body}");
     let request = Request::post(client.url("/v1/chat/completions"))
         .header("content-type", "text/plain")
         .body(Full::new(Bytes::from_static(b"model=whisper-1")))
@@ -836,4 +843,53 @@ async fn model_and_path_rules_resist_tricks() {
         .map(|h| &h[1])
         .collect();
     assert_eq!(encodings, ["identity"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_checks_reserve_only_what_a_body_needs() {
+    // 80 requests waiting on their answers, each under a model rule with
+    // the default 1 MiB scan limit: reserving the limit per request would
+    // let only 64 through the relay's 64 MiB read-ahead budget.
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let pki = TestPki::new();
+    let mut tables = PolicyTables::default();
+    tables.clients.insert(
+        "app".into(),
+        rules(|r| r.allow_models = Some(vec!["gpt-4o-mini".into()])),
+    );
+    let policy = Policy::new(tables).expect("valid policy");
+    let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), |config| {
+        config.policy = policy;
+    });
+    let client = std::sync::Arc::new(client_for(&pki, "app", relay.addr).await);
+    let waiting: Vec<_> = (0..80)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .post_json("/v1/slow-head", &chat("gpt-4o-mini"))
+                    .await
+            })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while upstream
+        .record
+        .requests
+        .load(std::sync::atomic::Ordering::SeqCst)
+        < 80
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 80 requests reached the upstream",
+            upstream
+                .record
+                .requests
+                .load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for task in waiting {
+        task.abort();
+    }
 }
