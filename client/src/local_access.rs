@@ -6,23 +6,28 @@
 //!   127.0.0.1 still sends its own name);
 //! - a request with an `Origin` (a browser's cross-origin request) is
 //!   refused unless that origin is on the CORS allow-list, which then gets
-//!   the CORS headers and its preflights answered here;
-//! - with an access token, every request but `GET /healthz` must carry it
-//!   as its API key (`Authorization: Bearer TOKEN`); it is removed before
-//!   the request goes on. Listening beyond loopback requires one.
+//!   the CORS headers on every answer and its preflights answered here;
+//!   every answer says `Vary: Origin` and carries no CORS header but
+//!   passage's, so a browser cache cannot hand one origin's answer to
+//!   another;
+//! - with an access token, every request must carry it as its API key
+//!   (`Authorization: Bearer TOKEN`); it is removed before the request goes
+//!   on. `GET /healthz` without it answers only up or down. Listening
+//!   beyond loopback requires a token.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use passage_shared::error_body::ApiError;
+use passage_shared::loopback_host::is_loopback_host;
 
 /// The local access rules of a running client.
 #[derive(Clone, Default)]
 pub struct LocalAccess {
-    /// `Authorization` value apps must send (`Bearer TOKEN`), if set.
-    token: Option<HeaderValue>,
+    /// The token apps must send as their API key, if set.
+    token: Option<Vec<u8>>,
     /// Whether `Host` must name this machine (the listener is on loopback).
     loopback_hosts_only: bool,
-    /// Origins whose browser requests are allowed (exact `scheme://host[:port]`).
+    /// Origins whose browser requests are allowed ([`normalize_origin`]d).
     cors_origins: Vec<HeaderValue>,
 }
 
@@ -43,17 +48,29 @@ pub enum LocalAccessError {
     #[error("the access token must be at least 16 visible ASCII characters")]
     BadToken,
     /// A CORS origin is not `scheme://host[:port]`.
-    #[error("CORS origin {0:?} is not of the form http(s)://host[:port]")]
+    #[error("CORS origin {0:?} is not of the form scheme://host[:port]")]
     BadOrigin(String),
 }
 
 /// What the guard decided about one request.
 #[derive(Debug)]
+pub struct Decision {
+    /// CORS headers for the answer, whatever it is (empty unless the
+    /// request came from an allowed origin); see [`finish_headers`].
+    pub cors: HeaderMap,
+    /// What to do with the request.
+    pub verdict: Result<Verdict, ApiError>,
+}
+
+/// What to do with a request the guard let in.
+#[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Forward it; add these headers to its response (CORS).
-    Forward(HeaderMap),
-    /// Answer here (a CORS preflight) with this status and headers.
-    Answer(StatusCode, HeaderMap),
+    /// Forward it (or, for `GET /healthz`, answer it with all the detail).
+    Forward,
+    /// `GET /healthz` without the access token: answer up or down only.
+    HealthOnly,
+    /// A CORS preflight: answer 204 here.
+    Preflight,
 }
 
 const PREFLIGHT_MAX_AGE_S: u32 = 600;
@@ -67,30 +84,18 @@ impl LocalAccess {
         cors_origins: &[String],
     ) -> Result<LocalAccess, LocalAccessError> {
         let token = match token {
-            Some(token) => {
-                if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
-                    return Err(LocalAccessError::BadToken);
-                }
-                let mut value = HeaderValue::try_from(format!("Bearer {token}"))
-                    .map_err(|_| LocalAccessError::BadToken)?;
-                value.set_sensitive(true);
-                Some(value)
+            Some(token) if token.len() >= 16 && token.bytes().all(|b| b.is_ascii_graphic()) => {
+                Some(token.as_bytes().to_vec())
             }
+            Some(_) => return Err(LocalAccessError::BadToken),
             None => None,
         };
         let cors_origins = cors_origins
             .iter()
             .map(|origin| {
-                let trimmed = origin.trim_end_matches('/');
-                let valid = (trimmed.starts_with("http://") || trimmed.starts_with("https://"))
-                    && trimmed.split("://").nth(1).is_some_and(|rest| {
-                        !rest.is_empty() && !rest.contains('/') && !rest.contains('@')
-                    });
-                if !valid {
-                    return Err(LocalAccessError::BadOrigin(origin.clone()));
-                }
-                HeaderValue::try_from(trimmed.to_ascii_lowercase())
-                    .map_err(|_| LocalAccessError::BadOrigin(origin.clone()))
+                normalize_origin(origin)
+                    .and_then(|normal| HeaderValue::try_from(normal).ok())
+                    .ok_or_else(|| LocalAccessError::BadOrigin(origin.clone()))
             })
             .collect::<Result<_, _>>()?;
         Ok(LocalAccess {
@@ -105,13 +110,20 @@ impl LocalAccess {
         self.token.is_some()
     }
 
-    /// Checks a request; on success the token (if any) has been removed
-    /// from `headers`. `GET /healthz` needs no token.
-    pub fn check(
+    /// Checks a request; when it may go on, the token (if any) has been
+    /// removed from `headers`.
+    pub fn check(&self, method: &Method, path: &str, headers: &mut HeaderMap) -> Decision {
+        let mut cors = HeaderMap::new();
+        let verdict = self.decide(method, path, headers, &mut cors);
+        Decision { cors, verdict }
+    }
+
+    fn decide(
         &self,
         method: &Method,
         path: &str,
         headers: &mut HeaderMap,
+        cors: &mut HeaderMap,
     ) -> Result<Verdict, ApiError> {
         if self.loopback_hosts_only
             && let Some(host) = headers.get(header::HOST)
@@ -123,13 +135,13 @@ impl LocalAccess {
                 "passage-client serves this machine only: the Host header must be localhost or a loopback address",
             ));
         }
-        let mut cors = HeaderMap::new();
         if let Some(origin) = headers.get(header::ORIGIN) {
-            let lowered = origin
-                .to_str()
-                .map(str::to_ascii_lowercase)
-                .unwrap_or_default();
-            let Some(allowed) = self.cors_origins.iter().find(|o| *o == lowered.as_str()) else {
+            let normal = origin.to_str().ok().and_then(normalize_origin);
+            let Some(allowed) = self
+                .cors_origins
+                .iter()
+                .find(|o| normal.as_deref().is_some_and(|n| *o == n))
+            else {
                 return Err(ApiError::new(
                     StatusCode::FORBIDDEN,
                     "origin_not_allowed",
@@ -137,7 +149,6 @@ impl LocalAccess {
                 ));
             };
             cors.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed.clone());
-            cors.insert(header::VARY, HeaderValue::from_static("Origin"));
             if method == Method::OPTIONS
                 && let Some(requested) = headers.get(header::ACCESS_CONTROL_REQUEST_METHOD)
             {
@@ -151,60 +162,104 @@ impl LocalAccess {
                     header::ACCESS_CONTROL_MAX_AGE,
                     HeaderValue::from(PREFLIGHT_MAX_AGE_S),
                 );
-                return Ok(Verdict::Answer(StatusCode::NO_CONTENT, cors));
+                return Ok(Verdict::Preflight);
+            }
+            // Apps read the request id, rate-limit and processing headers.
+            cors.insert(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static("*"),
+            );
+        }
+        let Some(token) = &self.token else {
+            return Ok(Verdict::Forward);
+        };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| bearer(value.as_bytes()))
+            .is_some_and(|given| constant_time_eq(given, token));
+        if !presented {
+            if method == Method::GET && path == "/healthz" {
+                return Ok(Verdict::HealthOnly);
+            }
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_access_token",
+                "this passage-client needs its access token as the API key (Authorization: Bearer TOKEN)",
+            ));
+        }
+        headers.remove(header::AUTHORIZATION);
+        // Some SDKs send the key a second time under these names.
+        for name in ["api-key", "x-api-key"] {
+            let copies = headers
+                .get_all(name)
+                .iter()
+                .any(|value| constant_time_eq(value.as_bytes(), token));
+            if copies {
+                headers.remove(name);
             }
         }
-        if let Some(token) = &self.token
-            && !(method == Method::GET && path == "/healthz")
-        {
-            let presented = headers.get(header::AUTHORIZATION);
-            if !presented.is_some_and(|value| constant_time_eq(value.as_bytes(), token.as_bytes()))
-            {
-                return Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid_access_token",
-                    "this passage-client needs its access token as the API key (Authorization: Bearer TOKEN)",
-                ));
-            }
-            headers.remove(header::AUTHORIZATION);
-        }
-        Ok(Verdict::Forward(cors))
+        Ok(Verdict::Forward)
     }
 }
 
-/// Adds the CORS headers a verdict asked for to a response's headers.
-pub fn add_headers(target: &mut HeaderMap, extra: HeaderMap) {
-    let mut last: Option<HeaderName> = None;
-    for (name, value) in extra {
-        if let Some(name) = name {
-            last = Some(name);
-        }
-        if let Some(name) = &last {
-            target.insert(name.clone(), value);
-        }
-    }
+/// The credentials of a `Bearer` authorization value (scheme in any case).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    (scheme.eq_ignore_ascii_case(b"bearer ")).then(|| rest.trim_ascii())
 }
 
-/// Whether a `Host` value names this machine: `localhost` (or a name
-/// under it), an IPv4 loopback address or `[::1]`, with any port.
-fn is_loopback_host(host: &[u8]) -> bool {
-    let Ok(host) = std::str::from_utf8(host) else {
-        return false;
-    };
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        match rest.split_once(']') {
-            Some((inside, port)) if port.is_empty() || port.starts_with(':') => inside,
-            _ => return false,
-        }
-    } else {
-        host.rsplit_once(':').map_or(host, |(name, _)| name)
-    };
-    let name = name.trim_end_matches('.').to_ascii_lowercase();
-    if name == "localhost" || name.ends_with(".localhost") {
-        return true;
+/// An origin as browsers send it: lower case, no trailing `/`, no default
+/// port; `None` unless it is `scheme://host[:port]` (any scheme, so
+/// extension and app origins can be allowed too).
+pub fn normalize_origin(origin: &str) -> Option<String> {
+    let lowered = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+    let (scheme, authority) = lowered.split_once("://")?;
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    let authority_ok = !authority.is_empty()
+        && !authority
+            .chars()
+            .any(|c| matches!(c, '/' | '@' | '?' | '#' | '\\') || !c.is_ascii_graphic());
+    if !scheme_ok || !authority_ok {
+        return None;
     }
-    name.parse::<std::net::IpAddr>()
-        .is_ok_and(|ip| ip.is_loopback())
+    let default_port = match scheme {
+        "http" => Some(":80"),
+        "https" => Some(":443"),
+        _ => None,
+    };
+    let authority = default_port
+        .and_then(|port| authority.strip_suffix(port))
+        .unwrap_or(authority);
+    Some(format!("{scheme}://{authority}"))
+}
+
+/// Sets the CORS headers of an answer: drops any `access-control-*` header
+/// it came with (only passage's allow-list speaks for this endpoint), adds
+/// `cors`, and adds `Origin` to its `Vary`.
+pub fn finish_headers(target: &mut HeaderMap, cors: &HeaderMap) {
+    let foreign: Vec<HeaderName> = target
+        .keys()
+        .filter(|name| name.as_str().starts_with("access-control-"))
+        .cloned()
+        .collect();
+    for name in foreign {
+        target.remove(name);
+    }
+    for (name, value) in cors {
+        target.append(name.clone(), value.clone());
+    }
+    let varies = target.get_all(header::VARY).iter().any(|value| {
+        value.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|n| n.trim() == "*" || n.trim().eq_ignore_ascii_case("origin"))
+        })
+    });
+    if !varies {
+        target.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
 }
 
 /// Compares two byte strings in time that depends only on their lengths.
@@ -228,43 +283,22 @@ mod tests {
     }
 
     #[test]
-    fn loopback_hosts_are_recognised() {
-        for host in [
-            "localhost",
-            "localhost:8710",
-            "127.0.0.1:8710",
-            "127.9.9.9",
-            "[::1]:8710",
-            "[::1]",
-            "app.localhost:1",
-            "LOCALHOST.",
-        ] {
-            assert!(is_loopback_host(host.as_bytes()), "{host}");
-        }
-        for host in [
-            "evil.example",
-            "evil.example:8710",
-            "10.0.0.1:8710",
-            "[::2]:1",
-            "localhost.evil.example",
-            "127.0.0.1.nip.io",
-            "[::1]x",
-        ] {
-            assert!(!is_loopback_host(host.as_bytes()), "{host}");
-        }
-    }
-
-    #[test]
     fn a_rebound_name_is_refused_on_loopback() {
         let access = LocalAccess::new(true, None, &[]).expect("valid");
         let mut map = headers(&[("host", "attacker.example:8710")]);
         let refused = access
             .check(&Method::POST, "/v1/chat/completions", &mut map)
+            .verdict
             .expect_err("refused");
         assert_eq!(refused.status, StatusCode::FORBIDDEN);
         assert_eq!(refused.code, "host_not_allowed");
         let mut map = headers(&[("host", "127.0.0.1:8710")]);
-        assert!(access.check(&Method::POST, "/v1/x", &mut map).is_ok());
+        assert!(
+            access
+                .check(&Method::POST, "/v1/x", &mut map)
+                .verdict
+                .is_ok()
+        );
     }
 
     #[test]
@@ -272,10 +306,15 @@ mod tests {
         let access =
             LocalAccess::new(true, None, &["http://localhost:3000/".into()]).expect("valid");
         let mut map = headers(&[("host", "localhost"), ("origin", "http://evil.example")]);
-        let refused = access
-            .check(&Method::POST, "/v1/x", &mut map)
-            .expect_err("refused");
-        assert_eq!(refused.code, "origin_not_allowed");
+        let refused = access.check(&Method::POST, "/v1/x", &mut map);
+        assert_eq!(
+            refused.verdict.expect_err("refused").code,
+            "origin_not_allowed"
+        );
+        assert!(
+            refused.cors.is_empty(),
+            "a refused origin gets no CORS headers"
+        );
         let mut map = headers(&[
             ("host", "localhost"),
             ("origin", "http://localhost:3000"),
@@ -285,20 +324,64 @@ mod tests {
                 "authorization, content-type",
             ),
         ]);
-        let Ok(Verdict::Answer(status, cors)) = access.check(&Method::OPTIONS, "/v1/x", &mut map)
-        else {
-            panic!("a preflight is answered here");
-        };
-        assert_eq!(status, StatusCode::NO_CONTENT);
+        let decision = access.check(&Method::OPTIONS, "/v1/x", &mut map);
+        assert_eq!(decision.verdict.expect("answered"), Verdict::Preflight);
         assert_eq!(
-            cors[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            decision.cors[header::ACCESS_CONTROL_ALLOW_ORIGIN],
             "http://localhost:3000"
         );
         assert_eq!(
-            cors[header::ACCESS_CONTROL_ALLOW_HEADERS],
+            decision.cors[header::ACCESS_CONTROL_ALLOW_HEADERS],
             "authorization, content-type"
         );
         assert!(LocalAccess::new(true, None, &["localhost:3000".into()]).is_err());
+    }
+
+    #[test]
+    fn origins_are_compared_as_browsers_send_them() {
+        assert_eq!(
+            normalize_origin("HTTPS://App.Example:443/").as_deref(),
+            Some("https://app.example")
+        );
+        assert_eq!(
+            normalize_origin("http://app.example:80").as_deref(),
+            Some("http://app.example")
+        );
+        assert_eq!(
+            normalize_origin("http://app.example:443").as_deref(),
+            Some("http://app.example:443")
+        );
+        assert_eq!(
+            normalize_origin("chrome-extension://abcdefghijklmnop").as_deref(),
+            Some("chrome-extension://abcdefghijklmnop")
+        );
+        for bad in [
+            "null",
+            "app.example",
+            "https://",
+            "https://a.example/path",
+            "https://user@a.example",
+            "1http://a.example",
+        ] {
+            assert_eq!(normalize_origin(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_answer_varies_on_origin_and_keeps_only_passage_cors() {
+        let mut answer = headers(&[
+            ("access-control-allow-origin", "*"),
+            ("access-control-allow-credentials", "true"),
+            ("vary", "Accept-Encoding"),
+        ]);
+        finish_headers(&mut answer, &HeaderMap::new());
+        assert!(answer.get("access-control-allow-origin").is_none());
+        assert!(answer.get("access-control-allow-credentials").is_none());
+        let vary: Vec<_> = answer.get_all(header::VARY).iter().collect();
+        assert_eq!(vary, ["Accept-Encoding", "Origin"]);
+        let mut answer = headers(&[("vary", "origin")]);
+        finish_headers(&mut answer, &HeaderMap::new());
+        assert_eq!(answer.get_all(header::VARY).iter().count(), 1);
     }
 
     #[test]
@@ -310,16 +393,42 @@ mod tests {
         ]);
         let refused = access
             .check(&Method::GET, "/v1/models", &mut map)
+            .verdict
             .expect_err("refused");
         assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
-        let mut map = headers(&[("authorization", "Bearer local-token-0123456789")]);
-        assert!(access.check(&Method::GET, "/v1/models", &mut map).is_ok());
+        let mut map = headers(&[
+            ("authorization", "bearer  local-token-0123456789"),
+            ("api-key", "local-token-0123456789"),
+            ("x-api-key", "another-key"),
+        ]);
+        assert_eq!(
+            access
+                .check(&Method::GET, "/v1/models", &mut map)
+                .verdict
+                .expect("allowed"),
+            Verdict::Forward
+        );
         assert!(
-            map.get(header::AUTHORIZATION).is_none(),
+            map.get(header::AUTHORIZATION).is_none() && map.get("api-key").is_none(),
             "the token never leaves"
         );
+        assert_eq!(map["x-api-key"], "another-key");
         let mut map = headers(&[]);
-        assert!(access.check(&Method::GET, "/healthz", &mut map).is_ok());
+        assert_eq!(
+            access
+                .check(&Method::GET, "/healthz", &mut map)
+                .verdict
+                .expect("answered"),
+            Verdict::HealthOnly
+        );
+        let mut map = headers(&[("authorization", "Bearer local-token-0123456789")]);
+        assert_eq!(
+            access
+                .check(&Method::GET, "/healthz", &mut map)
+                .verdict
+                .expect("answered"),
+            Verdict::Forward
+        );
         assert!(LocalAccess::new(false, Some("short"), &[]).is_err());
         assert!(!format!("{access:?}").contains("local-token"));
     }

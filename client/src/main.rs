@@ -52,7 +52,7 @@ enum Command {
         /// --access-token-env).
         #[arg(long)]
         allow_non_loopback: bool,
-        /// A web origin (http://host:port) whose browser requests are
+        /// A web origin (scheme://host[:port]) whose browser requests are
         /// allowed, with CORS headers (repeatable); other origins get 403.
         #[arg(long = "cors-origin", value_name = "ORIGIN")]
         cors_origins: Vec<String>,

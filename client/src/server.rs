@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::forward::{ResponseBody, forward};
-use crate::local_access::{LocalAccess, Verdict, add_headers};
+use crate::local_access::{LocalAccess, Verdict, finish_headers};
 use crate::metrics::{ClientMetrics, Observed};
 use crate::tunnel::{LinkState, RelayLink, Tunnel, last_errors};
 
@@ -140,33 +140,37 @@ async fn handle(
     );
     async move {
         let (mut parts, body) = request.into_parts();
-        let checked = check_head_size(&parts.headers).and_then(|()| {
-            ctx.access
-                .check(&parts.method, parts.uri.path(), &mut parts.headers)
-        });
-        let cors = match checked {
-            Ok(Verdict::Forward(cors)) => cors,
-            Ok(Verdict::Answer(status, headers)) => {
+        let decision = ctx
+            .access
+            .check(&parts.method, parts.uri.path(), &mut parts.headers);
+        let cors = decision.cors;
+        let local = |mut response: Response<ResponseBody>| {
+            finish_headers(response.headers_mut(), &cors);
+            Ok(response.map(|body| Observed::new(body, None)))
+        };
+        let verdict = decision
+            .verdict
+            .and_then(|verdict| check_head_size(&parts.headers).map(|()| verdict));
+        match verdict {
+            Ok(Verdict::Forward) => {}
+            Ok(Verdict::Preflight) => {
                 let mut response = Response::new(Either::Left(Full::new(Bytes::new())));
-                *response.status_mut() = status;
-                *response.headers_mut() = headers;
-                return Ok(response.map(|body| Observed::new(body, None)));
+                *response.status_mut() = StatusCode::NO_CONTENT;
+                return local(response);
             }
+            Ok(Verdict::HealthOnly) => return local(health(&ctx.tunnel, false)),
             Err(error) => {
                 warn!(
                     status = error.status.as_u16(),
                     code = error.code,
                     "request refused locally"
                 );
-                let response = error.into_response::<Full<Bytes>>().map(Either::Left);
-                return Ok(response.map(|body| Observed::new(body, None)));
+                return local(error.into_response::<Full<Bytes>>().map(Either::Left));
             }
-        };
+        }
         let request = Request::from_parts(parts, body);
         if request.method() == Method::GET && request.uri().path() == "/healthz" {
-            let mut response = health(&ctx.tunnel);
-            add_headers(response.headers_mut(), cors);
-            return Ok(response.map(|body| Observed::new(body, None)));
+            return local(health(&ctx.tunnel, true));
         }
         let started = Instant::now();
         let request_bytes = http_body::Body::size_hint(request.body()).exact();
@@ -183,7 +187,7 @@ async fn handle(
             .as_ref()
             .map(|metrics| metrics.answered(status, started, request_bytes));
         let mut response = response;
-        add_headers(response.headers_mut(), cors);
+        finish_headers(response.headers_mut(), &cors);
         Ok(response.map(|body| Observed::new(body, done)))
     }
     .instrument(span)
@@ -191,18 +195,16 @@ async fn handle(
 }
 
 /// `GET /healthz`: 200 while a relay is up, 503 (OpenAI-shaped, with the
-/// reason) otherwise. Both carry the detail: each relay's link, the
-/// request streams open and the live tasks of this process.
-fn health(tunnel: &Tunnel) -> Response<ResponseBody> {
+/// reason) otherwise. With `detail` (the caller may know), both carry each
+/// relay's address and link, the request streams open and the live tasks
+/// of this process; without it, only the status.
+fn health(tunnel: &Tunnel, detail: bool) -> Response<ResponseBody> {
     let links = tunnel.links();
-    let relays: Vec<serde_json::Value> = links.iter().map(link_detail).collect();
-    let tasks = tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks();
     let up = links
         .iter()
         .find_map(|link| link.usable().map(|(connection, _)| (link, connection)));
     let (status, mut body) = match up {
+        Some(_) if !detail => (StatusCode::OK, serde_json::json!({"status": "ok"})),
         Some((link, connection)) => (
             StatusCode::OK,
             serde_json::json!({
@@ -226,7 +228,10 @@ fn health(tunnel: &Tunnel) -> Response<ResponseBody> {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "tunnel_unavailable",
                     match last_errors(&links) {
-                        Some(errors) => format!("the tunnel to the relay is down: {errors}"),
+                        Some(errors) if detail => {
+                            format!("the tunnel to the relay is down: {errors}")
+                        }
+                        Some(_) => "the tunnel to the relay is down".to_owned(),
                         None => "the tunnel to the relay is not up yet".to_owned(),
                     },
                 )
@@ -235,9 +240,15 @@ fn health(tunnel: &Tunnel) -> Response<ResponseBody> {
             (error.status, body)
         }
     };
-    body["relays"] = relays.into();
-    body["open_streams"] = tunnel.open_streams().into();
-    body["tasks"] = tasks.into();
+    if detail {
+        let relays: Vec<serde_json::Value> = links.iter().map(link_detail).collect();
+        body["relays"] = relays.into();
+        body["open_streams"] = tunnel.open_streams().into();
+        body["tasks"] = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+            .into();
+    }
     let mut response = Response::new(Either::Left(Full::new(Bytes::from(body.to_string()))));
     *response.status_mut() = status;
     response.headers_mut().insert(

@@ -11,6 +11,7 @@ pub mod config_file;
 pub mod error_body;
 pub mod frame;
 pub mod http_map;
+pub mod loopback_host;
 pub mod metrics_http;
 pub mod pki;
 pub mod process;

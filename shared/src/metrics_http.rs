@@ -1,5 +1,7 @@
 //! `--metrics ADDR`: a small HTTP endpoint that serves Prometheus text
-//! (OpenMetrics) at `GET /metrics`, for both programs.
+//! (OpenMetrics) at `GET /metrics`, for both programs. On a loopback
+//! address it answers only requests whose `Host` names this machine, so a
+//! web page cannot read it through a rebound DNS name.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,6 +15,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
+
+use crate::loopback_host::is_loopback_host;
 
 /// Most metrics connections served at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 16;
@@ -38,9 +42,10 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Serves `render`'s output at `/metrics` on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, render: Render, shutdown: CancellationToken) {
-    if let Ok(addr) = listener.local_addr() {
+    let loopback = listener.local_addr().is_ok_and(|addr| {
         info!(%addr, "metrics at http://{addr}/metrics");
-    }
+        addr.ip().is_loopback()
+    });
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
@@ -62,8 +67,21 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: Cancellation
         let service =
             hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let render = render.clone();
+                let foreign_host = loopback
+                    && request
+                        .headers()
+                        .get(header::HOST)
+                        .is_some_and(|host| !is_loopback_host(host.as_bytes()));
                 async move {
-                    Ok::<_, Infallible>(answer(request.method(), request.uri().path(), &render))
+                    Ok::<_, Infallible>(if foreign_host {
+                        plain(
+                            StatusCode::FORBIDDEN,
+                            "text/plain",
+                            Bytes::from_static(b"the Host header must name this machine\n"),
+                        )
+                    } else {
+                        answer(request.method(), request.uri().path(), &render)
+                    })
                 }
             });
         tokio::spawn(async move {
@@ -96,6 +114,10 @@ fn answer(method: &Method, path: &str, render: &Render) -> Response<Full<Bytes>>
     } else {
         (StatusCode::OK, CONTENT_TYPE, Bytes::from(render()))
     };
+    plain(status, content_type, body)
+}
+
+fn plain(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     response.headers_mut().insert(

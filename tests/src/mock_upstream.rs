@@ -21,6 +21,8 @@
 //! - `GET [/v1]/status/CODE`: an error response with `retry-after: 7`;
 //! - `GET /v1/keyed`: 429 (`retry-after: 60`) when the Authorization holds
 //!   "limited", else 200 naming the Authorization it got;
+//! - `GET /v1/open-cors`: 200 with CORS headers that allow every origin and
+//!   `vary: accept-encoding` (what a public API may send);
 //! - anything else: echoes method, target, headers and a body digest as JSON.
 
 use std::convert::Infallible;
@@ -166,6 +168,7 @@ async fn route(
         ("GET", "/v1/broken-sized") => broken_sized(),
         ("GET", "/download") => download(&request, record.clone()),
         ("GET", "/v1/keyed") => keyed(&request),
+        ("GET", "/v1/open-cors") => open_cors(),
         ("GET", "/v1/many-headers") => many_headers(query_u64(&request, "n").unwrap_or(300)),
         ("POST", "/sink") => sink(request).await,
         (_, p) if p.starts_with("/status/") || p.starts_with("/v1/status/") => status(p),
@@ -181,6 +184,20 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<MockBody> {
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
     );
+    response
+}
+
+/// An answer whose CORS headers let any origin read it.
+fn open_cors() -> Response<MockBody> {
+    let mut response = json(StatusCode::OK, serde_json::json!({"open": true}));
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("access-control-allow-origin", "*"),
+        ("access-control-allow-credentials", "true"),
+        ("vary", "accept-encoding"),
+    ] {
+        headers.insert(name, header::HeaderValue::from_static(value));
+    }
     response
 }
 

@@ -66,18 +66,34 @@ impl Default for TestPki {
     }
 }
 
-/// A UDP port on 127.0.0.1 that was free a moment ago.
+/// A free port on 127.0.0.1 for a listener a test starts later. It is
+/// picked below Linux's ephemeral range (32768 and up), so no socket bound
+/// to port 0 meanwhile (every QUIC client endpoint) can take it, and never
+/// twice in one test process; `free` says whether it is free now.
+fn unused_port(free: impl Fn(SocketAddr) -> bool) -> SocketAddr {
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..1000 {
+        let port = fastrand::u16(20_000..32_000);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if !handed_out.contains(&port) && free(addr) {
+            handed_out.push(port);
+            return addr;
+        }
+    }
+    panic!("no free port on 127.0.0.1 between 20000 and 32000");
+}
+
+/// A UDP address on 127.0.0.1 that was free a moment ago.
 pub fn free_udp_port() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|socket| socket.local_addr())
-        .expect("a free UDP port")
+    unused_port(|addr| std::net::UdpSocket::bind(addr).is_ok())
 }
 
 /// A TCP address on 127.0.0.1 that was free a moment ago.
 pub fn free_tcp_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free TCP port")
+    unused_port(|addr| std::net::TcpListener::bind(addr).is_ok())
 }
 
 /// `GET http://addr/metrics`: the Prometheus text.

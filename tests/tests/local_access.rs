@@ -79,7 +79,11 @@ async fn a_rebound_dns_name_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browsers_need_an_allowed_origin_and_get_correct_cors() {
     let (upstream, _relay, client, _pki) = setup(|config| {
-        config.cors_origins = vec!["http://localhost:3000".into()];
+        config.cors_origins = vec![
+            "http://localhost:3000".into(),
+            "https://app.example:443/".into(),
+            "chrome-extension://abcdefghijklmnop".into(),
+        ];
     })
     .await;
     let before = upstream.request_count();
@@ -144,7 +148,64 @@ async fn browsers_need_an_allowed_origin_and_get_correct_cors() {
         "http://localhost:3000"
     );
     assert_eq!(allowed.headers()["vary"], "Origin");
+    assert_eq!(
+        allowed.headers()["access-control-expose-headers"],
+        "*",
+        "apps may read x-request-id and the rate-limit headers"
+    );
     assert_eq!(upstream.request_count() - before, 1);
+
+    // Origins as browsers send them: no default port, any scheme.
+    for origin in ["https://app.example", "chrome-extension://abcdefghijklmnop"] {
+        let allowed = request(
+            &client,
+            client.addr,
+            Method::GET,
+            "/v1/models",
+            &[("origin", origin)],
+        )
+        .await;
+        assert_eq!(allowed.status(), 200, "{origin}");
+        assert_eq!(allowed.headers()["access-control-allow-origin"], origin);
+    }
+
+    // The upstream's own CORS headers never reach a browser, with or
+    // without an Origin, and every answer varies on Origin, so a cached
+    // answer to a plain request is not one for a page elsewhere.
+    for origin in [None, Some("http://localhost:3000")] {
+        let headers: Vec<(&str, &str)> = origin.iter().map(|o| ("origin", *o)).collect();
+        let answer = request(&client, client.addr, Method::GET, "/v1/open-cors", &headers).await;
+        assert_eq!(answer.status(), 200);
+        let allow: Vec<_> = answer
+            .headers()
+            .get_all("access-control-allow-origin")
+            .iter()
+            .collect();
+        assert_eq!(allow, origin.iter().collect::<Vec<_>>(), "{origin:?}");
+        assert!(
+            !answer
+                .headers()
+                .contains_key("access-control-allow-credentials")
+        );
+        let vary: Vec<_> = answer.headers().get_all("vary").iter().collect();
+        assert_eq!(vary, ["accept-encoding", "Origin"], "{origin:?}");
+    }
+
+    // passage's own answers (here the refusal of a rebound Host) vary on
+    // Origin too.
+    let local = request(
+        &client,
+        client.addr,
+        Method::GET,
+        "/v1/models",
+        &[
+            ("origin", "http://localhost:3000"),
+            ("host", "evil.example"),
+        ],
+    )
+    .await;
+    assert_eq!(local.status(), 403);
+    assert_eq!(local.headers()["vary"], "Origin");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,6 +232,7 @@ async fn beyond_loopback_the_access_token_is_required_and_kept_local() {
         config.listen = wide;
         config.allow_non_loopback = true;
         config.access_token = Some(AccessToken(TOKEN.into()));
+        config.cors_origins = vec!["http://localhost:3000".into()];
     })
     .await;
     // The listener is on 0.0.0.0; reach it over loopback.
@@ -194,28 +256,65 @@ async fn beyond_loopback_the_access_token_is_required_and_kept_local() {
             "invalid_access_token"
         );
     }
+    // A browser app from an allowed origin can read why it was refused.
+    let response = request(
+        &client,
+        target,
+        Method::GET,
+        "/v1/models",
+        &[("origin", "http://localhost:3000")],
+    )
+    .await;
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "http://localhost:3000"
+    );
     assert_eq!(
         upstream.request_count(),
         before,
         "nothing without the token reached the upstream"
     );
 
-    let bearer = format!("Bearer {TOKEN}");
+    // The token as the API key, in any case of the scheme, and again
+    // under `api-key` as some SDKs send it: none of it leaves the client.
+    let lower_bearer = format!("bearer {TOKEN}");
     let response = request(
         &client,
         target,
         Method::POST,
         "/v1/echo",
-        &[("authorization", &bearer)],
+        &[("authorization", &lower_bearer), ("api-key", TOKEN)],
     )
     .await;
     assert_eq!(response.status(), 200);
     let echo = body_json(response).await;
     let headers = echo["headers"].as_array().expect("headers").clone();
     assert!(
-        !headers.iter().any(|h| h[0] == "authorization"),
+        !headers
+            .iter()
+            .any(|h| h[0] == "authorization" || h[0] == "api-key"),
         "the access token never leaves the client: {headers:?}"
     );
+
+    // Without the token, health says up or down and nothing more.
     let health = request(&client, target, Method::GET, "/healthz", &[]).await;
     assert_eq!(health.status(), 200, "health needs no token");
+    let bare = body_json(health).await;
+    assert_eq!(bare, serde_json::json!({"status": "ok"}));
+    let bearer = format!("Bearer {TOKEN}");
+    let health = request(
+        &client,
+        target,
+        Method::GET,
+        "/healthz",
+        &[("authorization", &bearer)],
+    )
+    .await;
+    let detail = body_json(health).await;
+    assert_eq!(
+        detail["relays"][0]["address"],
+        relay.addr.to_string(),
+        "{detail}"
+    );
 }

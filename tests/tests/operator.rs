@@ -452,8 +452,20 @@ async fn usage_lines_and_metrics_on_both_ends() {
     })
     .await;
 
-    // The client's metrics.
-    let text = scrape(client.metrics.expect("client metrics on")).await;
+    // The client's metrics, on loopback: only for a Host naming this
+    // machine, so a page on a rebound DNS name cannot read them.
+    let client_metrics = client.metrics.expect("client metrics on");
+    let rebound = passage_tests::stack::http_client()
+        .request(
+            Request::get(format!("http://{client_metrics}/metrics"))
+                .header("host", "attacker.example")
+                .body(Full::new(Bytes::new()))
+                .expect("request"),
+        )
+        .await
+        .expect("an answer");
+    assert_eq!(rebound.status(), 403);
+    let text = scrape(client_metrics).await;
     let relay_label = format!("{{relay=\"{}\"}}", relay.addr);
     assert_eq!(
         sample(&text, r#"passage_client_requests_total{status="200"}"#),
