@@ -90,31 +90,15 @@ fn the_example_config_file_is_valid() {
 #[test]
 fn serving_other_machines_needs_the_flag_and_a_token() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let pki = dir.path().join("pki");
-    let relay = env!("CARGO_BIN_EXE_passage-client").replace("passage-client", "passage-relay");
-    let pki_arg = pki.to_str().expect("utf-8");
-    let made = Command::new(&relay)
-        .args(["init", "--dir", pki_arg])
-        .status();
-    if !made.is_ok_and(|s| s.success()) {
-        // The relay binary is built by `cargo test --workspace`; alone, skip.
-        return;
-    }
-    let issued = Command::new(&relay)
-        .args([
-            "issue",
-            "--dir",
-            pki_arg,
-            "--name",
-            "a",
-            "--relay",
-            "127.0.0.1:1",
-        ])
-        .status()
+    let pki = passage_shared::pki::PkiDir::new(dir.path().join("pki"));
+    pki.init(&[]).expect("PKI init");
+    let issued = pki
+        .issue_client("a", &["127.0.0.1:1".to_owned()], None, 1)
         .expect("issue");
-    assert!(issued.success());
-    let bundle = pki.join("clients/a.toml");
-    let bundle = bundle.to_str().expect("utf-8");
+    let path = dir.path().join("a.toml");
+    let text = issued.to_toml().expect("bundle TOML");
+    passage_shared::pki::write_new_file(&path, text.as_bytes(), 0o600).expect("write bundle");
+    let bundle = path.to_str().expect("utf-8");
     let error = one_line_error(&client(&[
         "run",
         "--bundle",

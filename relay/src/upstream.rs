@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use passage_shared::body::FrameBody;
+use passage_shared::body::{BodyError, FrameBody};
 use passage_shared::error_body::ApiError;
 use passage_shared::error_chain;
 use passage_shared::frame::RequestHead;
@@ -234,6 +234,8 @@ impl UpstreamClient {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
+            // passage's own limit on header lines, not hyper's 100.
+            .http1_max_headers(passage_shared::http_map::MAX_HEADERS)
             .http2_only(http2_only)
             .build(https);
         Ok(UpstreamClient { base, keys, client })
@@ -276,7 +278,25 @@ impl UpstreamClient {
     ) -> Result<Response<Incoming>, ApiError> {
         self.client.request(request).await.map_err(|e| {
             let detail = error_chain(&e);
-            if e.is_connect() {
+            let too_large =
+                find_source::<hyper::Error>(&e).is_some_and(hyper::Error::is_parse_too_large);
+            if let Some(body_error) = find_source::<BodyError>(&e) {
+                // The app's side broke the body it was sending.
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "request_body_failed",
+                    format!("the request body failed: {body_error}"),
+                )
+            } else if too_large {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "invalid_upstream_response",
+                    format!(
+                        "the upstream's response head is larger than passage forwards (at most {} header lines): {detail}",
+                        passage_shared::http_map::MAX_HEADERS
+                    ),
+                )
+            } else if e.is_connect() {
                 ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     "upstream_unreachable",
@@ -294,6 +314,20 @@ impl UpstreamClient {
             }
         })
     }
+}
+
+/// The first error of type `T` in `error`'s chain of sources.
+fn find_source<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if let Some(found) = current.downcast_ref::<T>() {
+            return Some(found);
+        }
+        next = current.source();
+    }
+    None
 }
 
 #[cfg(test)]

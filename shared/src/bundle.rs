@@ -8,6 +8,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::pki::PrivateRead;
+
 /// Contents of a client bundle file.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,13 +64,15 @@ pub enum BundleError {
 impl Bundle {
     /// Reads and checks a bundle file.
     pub fn load(path: &Path) -> Result<Bundle, BundleError> {
-        crate::pki::check_private(path).map_err(|mode| BundleError::Exposed {
-            path: path.display().to_string(),
-            mode,
-        })?;
-        let text = std::fs::read_to_string(path).map_err(|source| BundleError::Read {
-            path: path.display().to_string(),
-            source,
+        let text = crate::pki::read_private_text(path).map_err(|e| match e {
+            PrivateRead::Exposed(mode) => BundleError::Exposed {
+                path: path.display().to_string(),
+                mode,
+            },
+            PrivateRead::Io(source) => BundleError::Read {
+                path: path.display().to_string(),
+                source,
+            },
         })?;
         let invalid = |message: String| BundleError::Invalid {
             path: path.display().to_string(),

@@ -357,24 +357,42 @@ fn read_text(path: &Path) -> Result<String, PkiError> {
 /// Reads a file that holds a private key, refusing one that others could
 /// read too: a key that has been exposed must not be used unnoticed.
 fn read_private(path: &Path) -> Result<String, PkiError> {
-    check_private(path).map_err(|mode| PkiError::Exposed {
-        path: path.to_owned(),
-        mode,
-    })?;
-    read_text(path)
+    match read_private_text(path) {
+        Ok(text) => Ok(text),
+        Err(PrivateRead::Exposed(mode)) => Err(PkiError::Exposed {
+            path: path.to_owned(),
+            mode,
+        }),
+        Err(PrivateRead::Io(source)) => Err(io_at(path)(source)),
+    }
 }
 
-/// Ok unless the file at `path` is readable or writable by its group or
-/// others (then its mode, for the message). A file that cannot be
-/// inspected is left to the read that follows to report.
-pub fn check_private(path: &Path) -> Result<(), u32> {
+/// Why [`read_private_text`] read nothing.
+#[derive(Debug)]
+pub enum PrivateRead {
+    /// The file is readable or writable by its group or others: its mode.
+    Exposed(u32),
+    /// Opening or reading it failed.
+    Io(std::io::Error),
+}
+
+/// Reads a text file that must be private to its owner. The mode is read
+/// from the open file, so the file checked is the file read.
+pub fn read_private_text(path: &Path) -> Result<String, PrivateRead> {
+    use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
-    match fs::metadata(path) {
-        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
-            Err(meta.permissions().mode() & 0o777)
-        }
-        _ => Ok(()),
+    let mut file = fs::File::open(path).map_err(PrivateRead::Io)?;
+    let mode = file
+        .metadata()
+        .map_err(PrivateRead::Io)?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(PrivateRead::Exposed(mode & 0o777));
     }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(PrivateRead::Io)?;
+    Ok(text)
 }
 
 /// Makes a key pair and signs a leaf certificate for it: `params` brings
