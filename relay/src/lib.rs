@@ -5,6 +5,7 @@
 //! request, [`upstream`] is the HTTP client for the configured upstream, and
 //! [`pki_cmd`] implements `init`, `issue`, `revoke` and `list`.
 
+pub mod body_prefix;
 pub mod keys;
 pub mod limits;
 pub mod listener;
@@ -195,7 +196,9 @@ impl Relay {
                 limits: crate::limits::Limits::default(),
                 model_scan_limit: config.model_scan_limit,
                 max_body: config.max_body,
-                prefix_budget: Arc::new(tokio::sync::Semaphore::new(crate::stream::PREFIX_BUDGET)),
+                prefix_budget: crate::body_prefix::PrefixBudget::new(
+                    crate::body_prefix::PREFIX_BUDGET,
+                ),
                 metrics: metrics.as_ref().map(|(_, m)| m.clone()),
             }),
             metrics,

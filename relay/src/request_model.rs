@@ -100,7 +100,8 @@ pub struct MultipartScanner {
     /// Finds `\r\n--BOUNDARY`, what precedes every part.
     delimiter: memchr::memmem::Finder<'static>,
     state: ScanState,
-    /// Unscanned bytes kept from the last chunk.
+    /// Unscanned bytes kept from the last chunk; the next chunk is
+    /// appended to it.
     carry: Vec<u8>,
     models: usize,
     model: Option<String>,
@@ -151,14 +152,16 @@ impl MultipartScanner {
                         if let Some(bytes) = value {
                             keep(bytes, &buf[pos..safe]);
                         }
-                        self.carry = buf[safe..].to_vec();
+                        buf.drain(..safe);
+                        self.carry = buf;
                         return Ok(());
                     }
                 },
                 ScanState::Headers { searched } => {
                     let rest = &buf[pos..];
                     if rest.len() < 2 {
-                        self.carry = rest.to_vec();
+                        buf.drain(..pos);
+                        self.carry = buf;
                         return Ok(());
                     }
                     if rest.starts_with(b"--") {
@@ -194,7 +197,10 @@ impl MultipartScanner {
                         }
                         None => {
                             *searched = rest.len();
-                            self.carry = rest.to_vec();
+                            // Keep the buffer (and its capacity): no copy
+                            // of the block per chunk.
+                            buf.drain(..pos);
+                            self.carry = buf;
                             return Ok(());
                         }
                     }

@@ -28,12 +28,13 @@ use passage_shared::frame::{
     Frame, FrameCodec, FrameError, Header, RequestHead, ResponseHead, StreamFailure, encode_frame,
     frame_reader, frame_writer, reset_code,
 };
-use passage_shared::http_map::headers_to_wire;
+use passage_shared::http_map::{MAX_HEADERS, headers_to_wire};
 use passage_shared::transport::{BoxRecv, BoxSend};
 use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::body_prefix::{PREFIX_BUDGET, PrefixBudget, read_prefix, reservation};
 use crate::limits::{Admission, Limits};
 use crate::metrics::{RelayMetrics, RequestFigures};
 use crate::policy::{Applied, Policy};
@@ -61,8 +62,8 @@ pub struct StreamContext {
     pub max_body: u64,
     /// Metrics, when `--metrics` is on.
     pub metrics: Option<Arc<RelayMetrics>>,
-    /// Bytes of request bodies that may be held back at once ([`PREFIX_BUDGET`]).
-    pub prefix_budget: Arc<tokio::sync::Semaphore>,
+    /// Bytes of request bodies that may be held back at once, and by whom.
+    pub prefix_budget: PrefixBudget,
 }
 
 impl StreamContext {
@@ -87,15 +88,11 @@ impl StreamContext {
 /// streams past, never held back) to name its model in the usage line.
 const ACCOUNTING_SCAN_LIMIT: usize = 64 * 1024;
 
-/// Bytes of request bodies all model-restricted requests together may hold
-/// back while the relay looks for their model.
-pub const PREFIX_BUDGET: usize = 64 * 1024 * 1024;
-
-/// A JSON body's chunks, kept as they stream past (shared handles, no
-/// copies) while the body is small enough to name its model afterwards.
+/// A copy of a JSON body, kept as it streams past while the body is small
+/// enough to name its model afterwards.
 #[derive(Debug, Default)]
 struct JsonCopy {
-    chunks: Vec<Bytes>,
+    bytes: Vec<u8>,
     len: usize,
 }
 
@@ -158,7 +155,7 @@ impl RequestRecord {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if copy.len as u64 == self.bytes_in.load(Ordering::Relaxed) {
-                self.model = chunks_json_model(&copy.chunks);
+                self.model = json_model(&copy.bytes);
             }
         }
         self.model.as_deref().filter(|model| {
@@ -366,16 +363,33 @@ pub fn check_head(head: &RequestHead) -> Result<(), ApiError> {
             "the request target is not a valid path",
         );
     }
+    let mut lengths = head
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"));
+    if let Some(first) = lengths.next() {
+        let valid = !first.value.is_empty()
+            && first.value.len() <= 19
+            && first.value.iter().all(u8::is_ascii_digit);
+        if !valid || lengths.next().is_some() {
+            // Which of two lengths frames the body is the stuff of
+            // request smuggling; the relay sizes its read-ahead by it too.
+            return refuse(
+                "invalid_content_length",
+                "the request needs at most one Content-Length, a plain number",
+            );
+        }
+    }
     Ok(())
 }
 
-/// The head's `content-length`, if it has a valid one.
+/// The head's `content-length` ([`check_head`] allows one plain number).
 fn declared_length(head: &RequestHead) -> Option<u64> {
     head.headers
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("content-length"))
         .and_then(|h| std::str::from_utf8(&h.value).ok())
-        .and_then(|v| v.trim().parse().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// The 413 for a body over `max` bytes.
@@ -396,87 +410,6 @@ fn content_type(head: &RequestHead) -> Option<&str> {
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("content-type"))
         .and_then(|h| std::str::from_utf8(&h.value).ok())
-}
-
-/// The first bytes of a request body, read ahead of sending it.
-#[derive(Debug, Default)]
-struct BodyPrefix {
-    chunks: Vec<Bytes>,
-    len: usize,
-    /// Whether the body's `End` was read too (the prefix is the whole body).
-    ended: bool,
-}
-
-impl BodyPrefix {
-    /// The model a whole JSON body names.
-    fn json_model(&self) -> Option<String> {
-        chunks_json_model(&self.chunks)
-    }
-}
-
-/// The model a whole JSON body, held as chunks, names (copying only when
-/// there is more than one chunk).
-fn chunks_json_model(chunks: &[Bytes]) -> Option<String> {
-    match chunks {
-        [one] => json_model(one),
-        many => json_model(&many.concat()),
-    }
-}
-
-/// Reads body frames until more than `limit` bytes (so a body of exactly
-/// `limit` bytes is read with its end), the body's end, or `enough` says
-/// so after a chunk (an `Err` from it refuses the request); each frame
-/// must come within `wait`.
-async fn read_prefix(
-    frames: &mut FramedRead<BoxRecv, FrameCodec>,
-    limit: usize,
-    wait: Duration,
-    mut enough: impl FnMut(&Bytes) -> Result<bool, ApiError>,
-) -> Result<BodyPrefix, ApiError> {
-    let mut prefix = BodyPrefix::default();
-    let refuse =
-        |message: String| ApiError::new(StatusCode::BAD_REQUEST, "request_body_failed", message);
-    while prefix.len <= limit {
-        match tokio::time::timeout(wait, frames.next()).await {
-            Ok(Some(Ok(Frame::Data(data)))) => {
-                prefix.len += data.len();
-                let done = enough(&data)?;
-                prefix.chunks.push(data);
-                if done {
-                    break;
-                }
-            }
-            Ok(Some(Ok(Frame::End))) => {
-                prefix.ended = true;
-                break;
-            }
-            Ok(Some(Ok(Frame::Failure(failure)))) => {
-                return Err(refuse(format!(
-                    "the request body failed: {}",
-                    failure.message
-                )));
-            }
-            Ok(Some(Ok(frame))) => {
-                return Err(refuse(format!(
-                    "unexpected {} frame inside the request body",
-                    frame.kind()
-                )));
-            }
-            Ok(Some(Err(e))) => return Err(refuse(format!("reading the request body: {e}"))),
-            Ok(None) => {
-                return Err(refuse(
-                    "the stream ended inside the request body".to_owned(),
-                ));
-            }
-            Err(_) => {
-                return Err(refuse(format!(
-                    "no request body data within {} s",
-                    wait.as_secs()
-                )));
-            }
-        }
-    }
-    Ok(prefix)
 }
 
 /// Applies the client's rules and limits, then proxies; returns how it ended.
@@ -558,7 +491,7 @@ async fn request_body(
     head: &RequestHead,
     mut frames: FramedRead<BoxRecv, FrameCodec>,
     ctx: &StreamContext,
-    client: &str,
+    client: &Arc<str>,
     applied: &Applied,
     record: &mut RequestRecord,
 ) -> Result<UpstreamBody, ApiError> {
@@ -596,9 +529,9 @@ async fn request_body(
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 copy.len += chunk.len();
                 if copy.len <= ACCOUNTING_SCAN_LIMIT {
-                    copy.chunks.push(chunk.clone());
+                    copy.bytes.extend_from_slice(chunk);
                 } else {
-                    copy.chunks.clear();
+                    copy.bytes = Vec::new();
                 }
                 Ok(())
             })));
@@ -631,7 +564,7 @@ async fn request_body(
             ));
         }
     };
-    let scan_limit = ctx.model_scan_limit.min(PREFIX_BUDGET);
+    let scan_limit = ctx.model_scan_limit.min(PREFIX_BUDGET / 4);
     let json_too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -644,30 +577,13 @@ async fn request_body(
     };
     // Reserve what the body says it needs, not the whole scan limit, so
     // small requests do not crowd each other out.
-    let limit = match declared {
-        Some(length) if length > scan_limit as u64 && kind == BodyKind::Json => {
-            return Err(json_too_large());
-        }
-        Some(length) => usize::try_from(length).map_or(scan_limit, |n| n.min(scan_limit)),
-        None => scan_limit,
+    let Some(limit) = reservation(declared, kind == BodyKind::Json, scan_limit) else {
+        return Err(json_too_large());
     };
-    let permit = match tokio::time::timeout(
-        ctx.head_timeout,
-        ctx.prefix_budget
-            .clone()
-            .acquire_many_owned(u32::try_from(limit).unwrap_or(u32::MAX)),
-    )
-    .await
-    {
-        Ok(Ok(permit)) => permit,
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "relay_busy",
-                "the relay is checking too many request bodies at once; retry shortly",
-            ));
-        }
-    };
+    let held = ctx
+        .prefix_budget
+        .reserve(client, limit, ctx.head_timeout)
+        .await?;
     let multipart_refusal = |e: crate::request_model::MultipartError| {
         ApiError::new(
             StatusCode::FORBIDDEN,
@@ -688,24 +604,28 @@ async fn request_body(
         },
     )
     .await?;
-    if prefix.len as u64 > ctx.max_body {
+    let read = prefix.bytes.len() as u64;
+    if read > ctx.max_body {
         return Err(too_large(ctx.max_body));
     }
-    if declared.is_some_and(|length| prefix.len as u64 > length) {
+    if let Some(length) = declared
+        && (read > length || (prefix.ended && read < length))
+    {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "request_body_failed",
-            "the request body is longer than its Content-Length",
+            format!("the request body has {read} bytes, its Content-Length says {length}"),
         ));
     }
     record.model = match &scanner {
         Some(scanner) => scanner.model().map(str::to_owned),
-        None if prefix.ended => prefix.json_model(),
+        None if prefix.ended => json_model(&prefix.bytes),
         None => return Err(json_too_large()),
     };
     applied.check_model(client, record.model.as_deref())?;
-    let mut body = FrameBody::resume(frames, prefix.chunks, prefix.ended)
-        .hold_until_prefix_sent(PrefixHold(Box::new(permit)))
+    let ended = prefix.ended;
+    let mut body = FrameBody::resume(frames, prefix.into_chunks(), ended)
+        .hold_until_prefix_sent(PrefixHold(Box::new(held)))
         .counting(record.bytes_in.clone())
         .limited(ctx.max_body);
     if let Some(mut scanner) = scanner {
@@ -772,6 +692,17 @@ async fn proxy(
 
     let (parts, mut body) = response.into_parts();
     ctx.upstream.report(key, parts.status, &parts.headers);
+    if parts.headers.len() > MAX_HEADERS {
+        // HTTP/1.1 heads stop at hyper's limit, set to this one; HTTP/2
+        // heads are bounded by size only.
+        return Outcome::Refused(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "invalid_upstream_response",
+            format!(
+                "the upstream's response head is larger than passage forwards (at most {MAX_HEADERS} header lines)"
+            ),
+        ));
+    }
     let status = parts.status.as_u16();
     let tap = record.tap.insert(UsageTap::for_response(
         parts.status,
@@ -901,4 +832,44 @@ async fn send_api_error(responder: &mut Responder, error: ApiError) -> Result<()
         .await?;
     responder.send(Frame::Data(body)).await?;
     responder.send(Frame::End).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head_with(lengths: &[&str]) -> RequestHead {
+        RequestHead {
+            id: "r1".into(),
+            method: "POST".into(),
+            path_and_query: "/v1/chat/completions".into(),
+            headers: lengths
+                .iter()
+                .map(|value| Header {
+                    name: "content-length".into(),
+                    value: Bytes::copy_from_slice(value.as_bytes()),
+                })
+                .collect(),
+            has_body: true,
+        }
+    }
+
+    #[test]
+    fn a_head_has_at_most_one_plain_content_length() {
+        assert!(check_head(&head_with(&[])).is_ok());
+        assert!(check_head(&head_with(&["0"])).is_ok());
+        assert_eq!(declared_length(&head_with(&["1234"])), Some(1234));
+        for bad in [
+            &["12", "12"][..],
+            &["12", "13"],
+            &["+12"],
+            &[" 12"],
+            &["12,12"],
+            &[""],
+            &["99999999999999999999"],
+        ] {
+            let refused = check_head(&head_with(bad)).expect_err("refused");
+            assert_eq!(refused.code, "invalid_content_length", "{bad:?}");
+        }
+    }
 }

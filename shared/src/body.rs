@@ -293,6 +293,37 @@ mod tests {
     }
 
     #[test]
+    fn the_prefix_hold_is_dropped_once_the_prefix_is_out() {
+        struct Flag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut wire = BytesMut::new();
+        for frame in [Frame::Data(Bytes::from_static(b"rest")), Frame::End] {
+            encode_frame(&frame, &mut wire).expect("encodes");
+        }
+        let reader = std::io::Cursor::new(wire.to_vec());
+        let prefix = vec![Bytes::from_static(b"pre"), Bytes::from_static(b"fix")];
+        let mut body = FrameBody::resume(FramedRead::new(reader, FrameCodec), prefix, false)
+            .hold_until_prefix_sent(PrefixHold(Box::new(Flag(dropped.clone()))));
+        let held = || !dropped.load(std::sync::atomic::Ordering::SeqCst);
+        block_on(async {
+            for (expected, still_held) in [("pre", true), ("fix", true), ("rest", false)] {
+                let chunk = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx))
+                    .await
+                    .expect("a chunk")
+                    .expect("data");
+                assert_eq!(chunk.into_data().expect("data"), expected);
+                // The last prefix chunk is out only once more is asked for.
+                assert_eq!(held(), still_held, "after {expected}");
+            }
+        });
+    }
+
+    #[test]
     fn data_until_end_is_a_complete_body() {
         let frames = [
             Frame::Data(Bytes::from_static(b"ab")),

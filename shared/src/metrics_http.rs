@@ -1,7 +1,8 @@
 //! `--metrics ADDR`: a small HTTP endpoint that serves Prometheus text
-//! (OpenMetrics) at `GET /metrics`, for both programs. On a loopback
-//! address it answers only requests whose `Host` names this machine, so a
-//! web page cannot read it through a rebound DNS name.
+//! (OpenMetrics) at `GET /metrics`, for both programs. A request that
+//! arrives over loopback must carry a `Host` naming this machine, so a web
+//! page cannot read the metrics through a DNS name rebound to 127.0.0.1;
+//! scrapers from elsewhere use whatever name they like.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -42,10 +43,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Serves `render`'s output at `/metrics` on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, render: Render, shutdown: CancellationToken) {
-    let loopback = listener.local_addr().is_ok_and(|addr| {
+    if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics at http://{addr}/metrics");
-        addr.ip().is_loopback()
-    });
+    }
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
@@ -64,6 +64,11 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: Cancellation
             continue;
         };
         let render = render.clone();
+        // Over loopback whatever address the listener has (a wildcard one
+        // takes loopback connections too).
+        let loopback = stream
+            .local_addr()
+            .is_ok_and(|addr| addr.ip().to_canonical().is_loopback());
         let service =
             hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let render = render.clone();

@@ -905,3 +905,84 @@ async fn model_checks_reserve_only_what_a_body_needs() {
         task.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_take_the_whole_read_ahead_budget() {
+    // Chunked JSON bodies (no length, so each reserves the whole 1 MiB
+    // scan limit) that stop after a few bytes: the relay holds their
+    // reservations while it waits for the rest. One client may hold a
+    // quarter of the 64 MiB budget; past it its requests get 503 at once,
+    // while another client's requests go through.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let pki = TestPki::new();
+    let mut tables = PolicyTables::default();
+    for name in ["app", "bob"] {
+        tables.clients.insert(
+            name.into(),
+            rules(|r| r.allow_models = Some(vec!["gpt-4o-mini".into()])),
+        );
+    }
+    let policy = Policy::new(tables).expect("valid policy");
+    let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), |config| {
+        config.policy = policy;
+    });
+    let app = client_for(&pki, "app", relay.addr).await;
+    let bob = client_for(&pki, "bob", relay.addr).await;
+    let stalled_head = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n\
+                        Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n\
+                        5\r\n{\"mod\r\n";
+    let mut stalled = Vec::new();
+    for _ in 0..16 {
+        let mut stream = tokio::net::TcpStream::connect(app.addr)
+            .await
+            .expect("connect");
+        stream
+            .write_all(stalled_head.as_bytes())
+            .await
+            .expect("write");
+        stalled.push(stream);
+    }
+    // The reservations are taken as the heads arrive at the relay.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for stream in &mut stalled {
+        let mut byte = [0u8; 1];
+        let answered =
+            tokio::time::timeout(Duration::from_millis(10), stream.read(&mut byte)).await;
+        assert!(answered.is_err(), "a stalled upload is still waiting");
+    }
+
+    let (status, body) = answer(
+        app.post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
+            .await,
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "relay_busy");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("'app'")),
+        "{body}"
+    );
+    let (status, body) = answer(
+        bob.post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "another client is not held up: {body}");
+
+    drop(stalled);
+    eventually(
+        "the stalled uploads' reservations were not given back",
+        || async {
+            let (status, _) = answer(
+                app.post_json("/v1/chat/completions", &chat("gpt-4o-mini"))
+                    .await,
+            )
+            .await;
+            (status == 200).then_some(())
+        },
+    )
+    .await;
+}
