@@ -693,7 +693,7 @@ async fn proxy(
     let (parts, mut body) = response.into_parts();
     ctx.upstream.report(key, parts.status, &parts.headers);
     if parts.headers.len() > MAX_HEADERS {
-        // HTTP/1.1 heads stop at hyper's limit, set to this one; HTTP/2
+        // HTTP/1.1 heads stop at hyper's limit (fewer lines); HTTP/2
         // heads are bounded by size only.
         return Outcome::Refused(ApiError::new(
             StatusCode::BAD_GATEWAY,

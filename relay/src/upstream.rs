@@ -234,8 +234,6 @@ impl UpstreamClient {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            // passage's own limit on header lines, not hyper's 100.
-            .http1_max_headers(passage_shared::http_map::MAX_HEADERS)
             .http2_only(http2_only)
             .build(https);
         Ok(UpstreamClient { base, keys, client })
@@ -292,8 +290,7 @@ impl UpstreamClient {
                     StatusCode::BAD_GATEWAY,
                     "invalid_upstream_response",
                     format!(
-                        "the upstream's response head is larger than passage forwards (at most {} header lines): {detail}",
-                        passage_shared::http_map::MAX_HEADERS
+                        "the upstream's response head is larger than passage reads (over HTTP/1.1: at most {UPSTREAM_H1_MAX_HEADERS} header lines): {detail}"
                     ),
                 )
             } else if e.is_connect() {
@@ -315,6 +312,10 @@ impl UpstreamClient {
         })
     }
 }
+
+/// Most header lines hyper's HTTP/1.1 client reads in a response head (its
+/// default, kept: raising it costs a heap buffer per response parsed).
+pub const UPSTREAM_H1_MAX_HEADERS: usize = 100;
 
 /// The first error of type `T` in `error`'s chain of sources.
 fn find_source<'a, T: std::error::Error + 'static>(
