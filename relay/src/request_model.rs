@@ -31,13 +31,23 @@ impl BodyKind {
             return BodyKind::Other;
         };
         let mut params = value.split(';');
-        let mime = params.next().unwrap_or("").trim().to_ascii_lowercase();
-        if mime == "application/json"
-            || (mime.starts_with("application/") && mime.ends_with("+json"))
+        let mime = params.next().unwrap_or("").trim();
+        let starts = |prefix: &str| {
+            mime.get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+        };
+        let ends = |suffix: &str| {
+            mime.len() >= suffix.len()
+                && mime
+                    .get(mime.len() - suffix.len()..)
+                    .is_some_and(|tail| tail.eq_ignore_ascii_case(suffix))
+        };
+        if mime.eq_ignore_ascii_case("application/json")
+            || (starts("application/") && ends("+json"))
         {
             return BodyKind::Json;
         }
-        if mime.starts_with("multipart/") {
+        if starts("multipart/") {
             let boundaries: Vec<String> = params
                 .filter_map(|param| {
                     let (name, value) = param.split_once('=')?;
@@ -47,7 +57,11 @@ impl BodyKind {
                 })
                 .collect();
             return match boundaries.as_slice() {
-                [one] if !one.is_empty() && one.len() <= 70 && mime == "multipart/form-data" => {
+                [one]
+                    if !one.is_empty()
+                        && one.len() <= 70
+                        && mime.eq_ignore_ascii_case("multipart/form-data") =>
+                {
                     BodyKind::Multipart(one.clone())
                 }
                 _ => BodyKind::BadMultipart,

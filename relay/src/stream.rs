@@ -470,10 +470,13 @@ async fn serve(
 /// encoded slash is left alone: it can only name another path on the same
 /// upstream, and some model ids need one.
 fn check_path_form(path: &str, has_path_rules: bool) -> Result<(), ApiError> {
-    let lowered = path.to_ascii_lowercase();
-    let ambiguous = path.contains('\\')
-        || (has_path_rules
-            && (lowered.contains("%2f") || lowered.contains("%5c") || path.contains("//")));
+    let encoded_slash = || {
+        path.as_bytes()
+            .windows(3)
+            .any(|w| w.eq_ignore_ascii_case(b"%2f") || w.eq_ignore_ascii_case(b"%5c"))
+    };
+    let ambiguous =
+        path.contains('\\') || (has_path_rules && (path.contains("//") || encoded_slash()));
     if ambiguous {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

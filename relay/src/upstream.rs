@@ -132,9 +132,12 @@ impl UpstreamBase {
                 "the request path must not contain '.' or '..' segments",
             ));
         }
-        let joined: PathAndQuery = format!("{}{}", self.base_path, path_and_query)
-            .parse()
-            .map_err(|_| bad_target())?;
+        let mut joined = String::with_capacity(self.base_path.len() + path_and_query.len());
+        joined.push_str(&self.base_path);
+        joined.push_str(path_and_query);
+        // From the string's own buffer: no second copy.
+        let joined =
+            PathAndQuery::from_maybe_shared(Bytes::from(joined)).map_err(|_| bad_target())?;
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
@@ -152,17 +155,47 @@ impl std::fmt::Display for UpstreamBase {
 
 /// Whether a path has a `.` or `..` segment, literally or percent-encoded,
 /// with segments split also at backslashes and encoded slashes, as an
-/// upstream that decodes them would split them.
+/// upstream that decodes them would split them. One pass, no allocation.
 fn has_dot_segment(path: &str) -> bool {
-    let lowered = path
-        .to_ascii_lowercase()
-        .replace("%2f", "/")
-        .replace("%5c", "/")
-        .replace('\\', "/");
-    lowered.split('/').any(|segment| {
-        let decoded = segment.replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    })
+    let bytes = path.as_bytes();
+    let encoded = |at: usize, hi: u8, lo: u8| {
+        bytes.get(at) == Some(&b'%')
+            && bytes.get(at + 1) == Some(&hi)
+            && bytes
+                .get(at + 2)
+                .is_some_and(|b| b.to_ascii_lowercase() == lo)
+    };
+    // Dots in the current segment, and whether it holds anything else.
+    let (mut dots, mut other) = (0usize, false);
+    let mut at = 0;
+    loop {
+        let separator = if at == bytes.len() || matches!(bytes[at], b'/' | b'\\') {
+            1
+        } else if encoded(at, b'2', b'f') || encoded(at, b'5', b'c') {
+            3
+        } else {
+            0
+        };
+        if separator > 0 {
+            if !other && (dots == 1 || dots == 2) {
+                return true;
+            }
+            if at == bytes.len() {
+                return false;
+            }
+            (dots, other) = (0, false);
+            at += separator;
+        } else if bytes[at] == b'.' {
+            dots += 1;
+            at += 1;
+        } else if encoded(at, b'2', b'e') {
+            dots += 1;
+            at += 3;
+        } else {
+            other = true;
+            at += 1;
+        }
+    }
 }
 
 /// Builds the upstream request for `head`: fixed destination, the app's
@@ -334,6 +367,64 @@ fn find_source<'a, T: std::error::Error + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The plain statement of [`has_dot_segment`], allocating freely.
+    fn dot_segment_reference(path: &str) -> bool {
+        let split = path
+            .to_ascii_lowercase()
+            .replace("%2f", "/")
+            .replace("%5c", "/")
+            .replace('\\', "/");
+        split.split('/').any(|segment| {
+            let decoded = segment.replace("%2e", ".");
+            decoded == "." || decoded == ".."
+        })
+    }
+
+    #[test]
+    fn dot_segments_are_found_in_every_spelling() {
+        let cases = [
+            ("/v1/chat/completions", false),
+            ("/v1/../x", true),
+            ("/v1/./x", true),
+            ("/v1/x/..", true),
+            ("..", true),
+            ("/v1/%2e%2E/x", true),
+            ("/v1/.%2e", true),
+            ("/v1/chat/..%2ffiles", true),
+            ("/v1/%2E.%5Cadmin", true),
+            ("/v1\\..\\x", true),
+            ("/v1/...", false),
+            ("/v1/.x", false),
+            ("/v1/model..1", false),
+            ("/v1/org%2Fmodel", false),
+            ("/v1/%2", false),
+            ("/v1/%%2e", false),
+            ("/v1/%2e%", false),
+            ("", false),
+            ("/", false),
+        ];
+        for (path, expected) in cases {
+            assert_eq!(has_dot_segment(path), expected, "{path}");
+            assert_eq!(dot_segment_reference(path), expected, "reference: {path}");
+        }
+        // Every short path over the interesting bytes agrees with the reference.
+        let alphabet: &[&str] = &["/", ".", "%2e", "%2F", "%5c", "\\", "%", "2", "e", "a"];
+        let mut paths = vec![String::new()];
+        for _ in 0..4 {
+            paths = paths
+                .iter()
+                .flat_map(|p| alphabet.iter().map(move |a| format!("{p}{a}")))
+                .collect();
+            for path in &paths {
+                assert_eq!(
+                    has_dot_segment(path),
+                    dot_segment_reference(path),
+                    "{path:?}"
+                );
+            }
+        }
+    }
     use bytes::Bytes;
     use passage_shared::frame::Header;
 

@@ -106,19 +106,20 @@ impl UsageTap {
         }
         let mime = content_type
             .and_then(|v| v.split(';').next())
-            .map(|m| m.trim().to_ascii_lowercase())
-            .unwrap_or_default();
-        match mime.as_str() {
-            "application/json" => UsageTap::Json {
+            .map_or("", str::trim);
+        if mime.eq_ignore_ascii_case("application/json") {
+            UsageTap::Json {
                 chunks: Vec::new(),
                 len: 0,
-            },
-            "text/event-stream" => UsageTap::Sse {
+            }
+        } else if mime.eq_ignore_ascii_case("text/event-stream") {
+            UsageTap::Sse {
                 line: Vec::new(),
                 usage: None,
                 events: 0,
-            },
-            _ => UsageTap::Ignored,
+            }
+        } else {
+            UsageTap::Ignored
         }
     }
 
