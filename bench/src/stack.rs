@@ -91,6 +91,34 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The machine's CPU time so far from `/proc/stat`, in ticks: (idle, all).
+/// Idle counts `idle` and `iowait`; all counts every state.
+pub fn machine_ticks() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|line| line.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("malformed cpu line in /proc/stat")?;
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    Ok((idle, ticks.iter().sum()))
+}
+
+/// The share of the machine's CPU time that was idle between two
+/// [`machine_ticks`] readings, from 0 to 1.
+pub fn idle_share(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let all = after.1.saturating_sub(before.1);
+    if all == 0 {
+        return 0.0;
+    }
+    after.0.saturating_sub(before.0) as f64 / all as f64
+}
+
 /// Clock ticks per second of `/proc/PID/stat` times (USER_HZ, 100 on Linux).
 pub const TICKS_PER_SECOND: f64 = 100.0;
 
