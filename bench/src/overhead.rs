@@ -336,14 +336,18 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
          a datagram passage could otherwise save (measured by hand with it switched off, \
          alternating twice: about 55 µs less CPU per request at 1 connection, 5% more requests \
          per second there, 1% more at 32 connections). \
-         At 32 connections the relay spends about 13% of its samples in glibc's malloc \
-         (`_int_malloc`, `malloc_consolidate`, `_int_free`); other allocators were measured by \
-         hand (this suite's scenarios, glibc and the other allocator alternating twice in one \
-         session, 2026-11-26): jemalloc raised throughput at 32 connections from 0.458/0.463× \
-         to 0.498/0.516× nginx's, but cut bulk throughput by about 12% (download 385/431 → \
-         370/332 MB/s) and doubled bulk peak RSS (21 → 45 MiB); mimalloc gained as much at 32 \
-         connections but tripled bulk peak RSS (20 → 61 MiB) and grew 5,000 streams by 50%. \
-         Both programs keep glibc's malloc.",
+         Allocator: both programs run on jemalloc with a 1 MiB thread cache and freed pages \
+         returned after 0.1 s (`shared/src/allocator.rs`). Chosen by A/B against glibc's malloc \
+         (`passage-bench --only overhead,streaming,bulk,many`, glibc and jemalloc builds of the \
+         same commit alternating twice in one session, 2026-11-26; figures glibc → jemalloc): \
+         throughput at 32 connections 0.492/0.478× → 0.515/0.525× nginx's; added p50 at 1 \
+         connection 303/301 → 292/290 µs; proxy CPU per request 350/351 → 337/339 µs at 1 \
+         connection, 70/69 → 66/66 µs at 32; 5,000 held streams grew client + relay by \
+         224.7/224.5 → 207.0/206.6 MiB (HTTP/1.1 upstream) and 125.7/125.6 → 110.0/110.5 MiB \
+         (HTTP/2), and 2 s after they closed the two programs still held 240 MiB on glibc, \
+         75 MiB on jemalloc (HTTP/1.1 case); the cost is bulk transfer, 409/440 → 389/418 MB/s in the slower direction \
+         with peak RSS 26.0/24.8 → 29.1/30.5 MiB. Untuned jemalloc had cost bulk about 12% and \
+         doubled its peak RSS; the thread cache and the short decay remove most of that.",
         median(&cpu_us[3]),
         median(&cpu_us[2]),
         added_p50 - added(2)
@@ -357,7 +361,8 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
          request span) used 35 µs of CPU per request instead of 42 µs, and throughput did not \
          move beyond noise (15.5-16.5k req/s either way); the relay on two runtime threads \
          (`--threads 2`) needed 65-70 µs per request and served 25% fewer requests. Cutting \
-         work in one program did not by itself raise this figure.",
+         work in one program did not by itself raise this figure; jemalloc, which cut work \
+         in both (above), did.",
         median(&idle_32[3]),
         median(&cpu_us_32[3])
     ));

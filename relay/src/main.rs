@@ -1,5 +1,7 @@
 //! Command line of passage-relay: parses arguments and calls the library.
 
+passage_shared::tuned_allocator!();
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -5,6 +5,7 @@
 //! The request path is app → client → [`frame`] → relay → upstream; this
 //! crate owns everything on that path that both programs must agree on.
 
+pub mod allocator;
 pub mod body;
 pub mod bundle;
 pub mod config_file;
