@@ -223,24 +223,3 @@ fn a_private_key_others_can_read_is_refused() {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     }
 }
-
-/// The tuned jemalloc options are in effect in the real binary: jemalloc
-/// prints the options it runs with when asked for statistics at exit.
-#[cfg(not(target_env = "msvc"))]
-#[test]
-fn the_binary_runs_on_tuned_jemalloc() {
-    let output = Command::new(env!("CARGO_BIN_EXE_passage-relay"))
-        .arg("--version")
-        .env("_RJEM_MALLOC_CONF", "stats_print:true")
-        .output()
-        .expect("passage-relay runs");
-    assert!(output.status.success());
-    let stats = String::from_utf8_lossy(&output.stderr);
-    for option in [
-        "opt.tcache_max: 1048576",
-        "opt.dirty_decay_ms: 100",
-        "opt.muzzy_decay_ms: 0",
-    ] {
-        assert!(stats.contains(option), "{option} missing from:\n{stats}");
-    }
-}

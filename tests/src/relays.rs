@@ -200,13 +200,19 @@ impl Drop for InProcessRelay {
 
 /// The `passage-relay` program built next to this test.
 pub fn relay_program() -> PathBuf {
+    program("passage-relay")
+}
+
+/// A program of the workspace (`passage-relay`, `passage-client`) built
+/// next to this test.
+pub fn program(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/passage-relay
+    // target/<profile>/deps/<test> → target/<profile>/<name>
     let program = exe
         .parent()
         .and_then(Path::parent)
         .expect("target directory")
-        .join("passage-relay");
+        .join(name);
     assert!(
         program.is_file(),
         "{} is not built: run `cargo test --workspace` (or `cargo build --workspace --bins`) first",
