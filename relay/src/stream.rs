@@ -261,6 +261,10 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
             }
         };
         record.charge();
+        // The response is queued on the QUIC stream. Let the connection
+        // driver send it before the metrics and the usage line below, which
+        // the app need not wait for (about 20 µs at one connection).
+        tokio::task::yield_now().await;
         let duration = started.elapsed();
         let bytes_in = record.bytes_in.load(Ordering::Relaxed);
         let model = record.shown_model().map(str::to_owned);
