@@ -352,8 +352,30 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         median(&cpu_us[2]),
         added_p50 - added(2)
     ));
+    if added_p50 > 200.0 {
+        section.notes.push(format!(
+            "Limiting factor at 1 connection: the two-hop floor already adds {:.0} µs, which \
+             leaves passage {:.0} µs for everything its two processes do beyond copying bytes, \
+             and it needs {:.0} µs. A syscall trace of both programs under this load (`perf trace \
+             -p CLIENT,RELAY`, by hand, 2026-11-26) shows a request's path: the client reads \
+             the app's request and sends one datagram; the relay wakes, reads it (quinn reads \
+             again until the socket is empty), sends the immediate acknowledgement that makes \
+             safe retries possible, and writes to the upstream; it reads the answer and sends \
+             one datagram; the client reads it (and again until empty) and writes to the app. \
+             That is 11 syscalls where the two forwarders make 8 (under `strace -c` a \
+             loopback send took 10-15 µs here, a read about 3 µs), plus QUIC, TLS, frame and \
+             HTTP work in both processes, tens of µs each way from cold caches. The trace also showed the \
+             relay writing the usage line and metrics before the QUIC driver sent the answer; \
+             the relay now yields first (A/B at 1 connection, alternating three times: p50 \
+             394/393/398 → 378/378/377 µs). Without the immediate acknowledgement (measured \
+             above) about 20 µs more would go; nothing of this size is left to take out.",
+            added(2),
+            200.0 - added(2),
+            added_p50 - added(2)
+        ));
+    }
     section.notes.push(format!(
-        "What limits passage at 32 connections: not CPU alone. During its run the machine was \
+        "What moves the 32-connection figure: not CPU alone. During passage's run the machine was \
          {:.0}% idle, while passage's processes used {:.0} µs of CPU per request; wrk, the two \
          programs and the upstream take turns on two cores, and a request spends most of its \
          time waiting to be scheduled. Measured by hand (same machine, 2026-11-26, 5 s runs, \
