@@ -4,11 +4,12 @@
 //! Chosen by measurement (`BENCHMARKS.md`, request overhead): against glibc's
 //! malloc, jemalloc serves more requests per second at 32 connections and
 //! costs less CPU per request. Untuned, it also slowed 1 GiB transfers and
-//! doubled their peak RSS; the options below remove both costs. On targets
-//! where jemalloc does not build (MSVC) the system allocator stays.
+//! doubled their peak RSS; the options below remove most of both costs.
+//! Building jemalloc needs `make`; without the `jemalloc` feature (and on
+//! MSVC, where jemalloc does not build) the system allocator stays.
 
 /// jemalloc's allocator type, for [`tuned_allocator!`].
-#[cfg(not(target_env = "msvc"))]
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 pub use tikv_jemallocator::Jemalloc;
 
 /// jemalloc's start-up options, a NUL-terminated C string that jemalloc
@@ -24,16 +25,17 @@ pub use tikv_jemallocator::Jemalloc;
 pub const JEMALLOC_CONF: &[u8] = b"tcache_max:1048576,dirty_decay_ms:100,muzzy_decay_ms:0\0";
 
 /// Installs jemalloc with [`JEMALLOC_CONF`] as the program's global
-/// allocator; invoke once, at the top level of a binary's `main.rs`.
+/// allocator; invoke once, at the top level of a binary's `main.rs`, in a
+/// crate with a `jemalloc` feature that enables `passage-shared/jemalloc`.
 #[macro_export]
 macro_rules! tuned_allocator {
     () => {
-        #[cfg(not(target_env = "msvc"))]
+        #[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
         #[global_allocator]
         static GLOBAL_ALLOCATOR: $crate::allocator::Jemalloc = $crate::allocator::Jemalloc;
 
         /// jemalloc reads its options from this symbol before `main`.
-        #[cfg(not(target_env = "msvc"))]
+        #[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
         #[unsafe(export_name = "_rjem_malloc_conf")]
         static JEMALLOC_MALLOC_CONF: Option<&'static u8> =
             Some(&$crate::allocator::JEMALLOC_CONF[0]);
