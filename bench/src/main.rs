@@ -71,16 +71,24 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The commit the binaries were built from, as `git describe` names it
-/// (`-dirty` when the tree had uncommitted changes).
+/// The commit of the checkout this benchmark was built in, as `git
+/// describe` names it (`-dirty` when that tree had uncommitted changes).
 fn source_revision() -> String {
+    let checkout = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     std::process::Command::new("git")
-        .args(["describe", "--always", "--dirty", "--abbrev=10"])
+        .args([
+            "-C",
+            checkout,
+            "describe",
+            "--always",
+            "--dirty",
+            "--abbrev=10",
+        ])
         .output()
         .ok()
         .filter(|output| output.status.success())
         .and_then(|output| String::from_utf8(output.stdout).ok())
-        .map(|revision| format!("commit `{}`", revision.trim()))
+        .map(|revision| format!("checkout at commit `{}`", revision.trim()))
         .unwrap_or_else(|| "unknown (not a git checkout)".to_owned())
 }
 

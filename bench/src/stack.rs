@@ -92,7 +92,8 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
 }
 
 /// The machine's CPU time so far from `/proc/stat`, in ticks: (idle, all).
-/// Idle counts `idle` and `iowait`; all counts every state.
+/// Idle counts `idle` and `iowait`; all counts the first eight states
+/// (`guest` time is already inside `user`).
 pub fn machine_ticks() -> anyhow::Result<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     let line = stat
@@ -102,6 +103,7 @@ pub fn machine_ticks() -> anyhow::Result<(u64, u64)> {
     let ticks: Vec<u64> = line
         .split_whitespace()
         .skip(1)
+        .take(8)
         .map(str::parse)
         .collect::<Result<_, _>>()
         .context("malformed cpu line in /proc/stat")?;

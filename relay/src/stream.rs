@@ -261,6 +261,9 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
             }
         };
         record.charge();
+        // The response has ended: its concurrency slot is free before the
+        // app can see the answer and send its next request.
+        drop(record.admission.take());
         // The response is queued on the QUIC stream. Let the connection
         // driver send it before the metrics and the usage line below, which
         // the app need not wait for (about 20 µs at one connection).
