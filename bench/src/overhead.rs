@@ -130,6 +130,31 @@ pub struct Nginx {
     _dir: tempfile::TempDir,
 }
 
+impl Drop for Nginx {
+    /// Kills the workers before the master (which `Proc` kills next): nginx
+    /// workers outlive a killed master and would keep the port and memory.
+    /// The master is stopped first, so it cannot start new workers.
+    fn drop(&mut self) {
+        let Ok(master) = self.proc.pid() else {
+            return;
+        };
+        let _ = std::process::Command::new("kill")
+            .args(["-STOP", &master.to_string()])
+            .status();
+        let workers: Vec<String> = process_tree(master)
+            .into_iter()
+            .filter(|pid| *pid != master)
+            .map(|pid| pid.to_string())
+            .collect();
+        if !workers.is_empty() {
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .args(&workers)
+                .status();
+        }
+    }
+}
+
 impl Nginx {
     /// Starts nginx on a free port in front of `upstream`.
     pub async fn start(upstream: SocketAddr) -> anyhow::Result<Nginx> {
