@@ -15,7 +15,7 @@ use tokio::process::Command;
 use crate::report::{Section, fixed};
 use crate::stack::{
     Proc, TICKS_PER_SECOND, cpu_ticks, find_program, free_port, idle_share, machine_ticks,
-    process_tree,
+    process_tree, send_signal,
 };
 use crate::stats::median;
 use crate::{Bench, Settings};
@@ -138,19 +138,13 @@ impl Drop for Nginx {
         let Ok(master) = self.proc.pid() else {
             return;
         };
-        let _ = std::process::Command::new("kill")
-            .args(["-STOP", &master.to_string()])
-            .status();
-        let workers: Vec<String> = process_tree(master)
+        let _ = send_signal("STOP", &[master]);
+        let workers: Vec<u32> = process_tree(master)
             .into_iter()
             .filter(|pid| *pid != master)
-            .map(|pid| pid.to_string())
             .collect();
         if !workers.is_empty() {
-            let _ = std::process::Command::new("kill")
-                .arg("-KILL")
-                .args(&workers)
-                .status();
+            let _ = send_signal("KILL", &workers);
         }
     }
 }

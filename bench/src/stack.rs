@@ -91,6 +91,17 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Sends `signal` (a name such as `TERM`) to `pids` with the kill program.
+pub fn send_signal(signal: &str, pids: &[u32]) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .args(pids.iter().map(u32::to_string))
+        .status()
+        .context("running kill")?;
+    anyhow::ensure!(status.success(), "kill -{signal} {pids:?} failed");
+    Ok(())
+}
+
 /// The machine's CPU time so far from `/proc/stat`, in ticks: (idle, all).
 /// Idle counts `idle` and `iowait`; all counts the first eight states
 /// (`guest` time is already inside `user`).
@@ -344,11 +355,7 @@ impl Tunnel {
     /// `limit` for it to exit, and starts it again on the same address.
     pub async fn restart_relay(&mut self, limit: Duration) -> anyhow::Result<()> {
         let pid = self.relay.pid()?;
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .context("running kill")?;
-        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+        send_signal("TERM", &[pid])?;
         let status = tokio::time::timeout(limit, self.relay.child.wait())
             .await
             .with_context(|| format!("the relay did not exit within {limit:?} of SIGTERM"))??;
