@@ -108,7 +108,8 @@ struct RequestRecord {
     usage: Option<Usage>,
     /// Watches the response for its usage (taken by `finish`).
     tap: Option<UsageTap>,
-    /// The rate-limit admission: in flight until the record drops.
+    /// The rate-limit admission: in flight until the response ends (taken
+    /// in `handle`) or, on an early return, until the record drops.
     admission: Option<Admission>,
     /// Whether the request's tokens were counted against its limits.
     charged: bool,
