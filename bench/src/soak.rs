@@ -83,6 +83,11 @@ pub async fn run(bin_dir: &std::path::Path, settings: &SoakSettings) -> anyhow::
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let client_start = client_level(&tunnel).await?;
+    wait_relay_idle(&tunnel, None, Duration::from_secs(10)).await?;
+    // The status line comes at most once a second and only on a change:
+    // read it again after more than one interval, so a task started late
+    // by the warm-up (hyper's pool timer) is in the idle level.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let relay_start = wait_relay_idle(&tunnel, None, Duration::from_secs(10)).await?;
     let relay_start_rss = tunnel.relay.rss_kib()? as f64 / 1024.0;
 
