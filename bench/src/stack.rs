@@ -345,7 +345,17 @@ impl Tunnel {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("the tunnel did not come up within {limit:?}");
+                let tail = |path: &Path| {
+                    let text = std::fs::read_to_string(path).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    lines[lines.len().saturating_sub(15)..].join("\n")
+                };
+                let client_log = self.relay_log.with_file_name("client.log");
+                bail!(
+                    "the tunnel did not come up within {limit:?}\nclient log:\n{}\nrelay log:\n{}",
+                    tail(&client_log),
+                    tail(&self.relay_log)
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
