@@ -536,7 +536,7 @@ impl Client {
             Ok(Ok(())) => Outcome {
                 ok: true,
                 status: Some(200),
-                detail: format!("{} MiB intact", bytes >> 20),
+                detail: format!("{} KiB intact", bytes >> 10),
                 sent,
                 ended: Instant::now(),
                 not_listening: false,
