@@ -293,10 +293,10 @@ async fn udp_blocked_mid(stack: &mut Stack, rows: &mut Vec<Row>) -> anyhow::Resu
     let after = client.chat(Duration::from_secs(5)).await;
     let measured = match on_quic {
         Some(secs) => format!(
-            "on QUIC after {secs:.1} s ({probes} QUIC probes); next request {}",
+            "on QUIC after {secs:.1} s (QUIC probes: {probes}); next request {}",
             after.detail
         ),
-        None => format!("still not on QUIC after {limit:?} ({probes} QUIC probes)"),
+        None => format!("still not on QUIC after {limit:?} (QUIC probes: {probes})"),
     };
     rows.push(Row::new(
         back,
@@ -356,6 +356,8 @@ async fn loss(stack: &mut Stack, rows: &mut Vec<Row>, transport: Transport) -> a
         let secs = start.elapsed().as_secs_f64();
         let (seen, dropped) = stack.bed.packet_counts();
         stack.bed.impose(Impairment::None)?;
+        // A link the loss broke reconnects only now: count that too.
+        let _ = client.wait_on(transport, UP_LIMIT).await;
         let reconnects = client
             .counter("passage_client_tunnel_reconnects_total")
             .await
@@ -524,10 +526,7 @@ async fn relay_dead(
             }
             None
         };
-        let request = async {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            client.chat(Duration::from_secs(15)).await
-        };
+        let request = client.chat(Duration::from_secs(15));
         let (health_down, request) = tokio::join!(health, request);
         anyhow::Ok((killed, health_down, request))
     };
