@@ -544,7 +544,7 @@ async fn relay_dead(
         name,
         target,
         format!(
-            "stream {} at {stream_secs:.2} s; new request {} at {request_secs:.2} s; {health_text}",
+            "stream {} at {stream_secs:.3} s; new request {} at {request_secs:.3} s; {health_text}",
             if stream_cut { "cut" } else { &stream.detail },
             request.detail
         ),
