@@ -108,9 +108,6 @@ pub fn main(options: Options) -> ExitCode {
     let result = runtime.block_on(run(bed.clone(), &options, &mut rows));
     // Kills the processes still held by tasks before the namespaces go.
     drop(runtime);
-    if let Err(e) = bed.leave_client_namespace() {
-        note!("hostile-net: {e:#}");
-    }
     bed.teardown();
 
     if !rows.is_empty() {

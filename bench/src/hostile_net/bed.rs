@@ -192,8 +192,8 @@ impl TestBed {
         Ok(())
     }
 
-    /// Moves the calling thread back to the namespace it came from (call on
-    /// the thread that entered).
+    /// Moves the calling thread to the namespace the entering thread came
+    /// from (for another thread, that is where it already is).
     pub fn leave_client_namespace(&self) -> anyhow::Result<()> {
         let home = self.home.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(home) = home {
@@ -381,6 +381,11 @@ impl TestBed {
     pub fn teardown(&self) {
         if self.torn_down.swap(true, Ordering::SeqCst) {
             return;
+        }
+        // Commands started from inside the client namespace (on a panic the
+        // main thread is still there) would count as processes in it.
+        if let Err(e) = self.leave_client_namespace() {
+            note!("hostile-net: {e:#}");
         }
         let n = &self.names;
         for ns in [&n.client_ns, &n.relay_ns] {
