@@ -317,8 +317,8 @@ async fn loss(stack: &mut Stack, rows: &mut Vec<Row>, transport: Transport) -> a
     const LIMIT: Duration = Duration::from_secs(90);
     let target = |bytes: u64| {
         format!(
-            "every stream intact ({STREAMS} streamed chats, a {} KiB download with every byte checked)",
-            bytes >> 10
+            "every stream intact ({STREAMS} streamed chats, a {} download with every byte checked)",
+            size(bytes)
         )
     };
     let t = transport.name();
@@ -445,7 +445,7 @@ async fn relay_restart(
     transport: Transport,
 ) -> anyhow::Result<()> {
     let t = transport.name();
-    let target = "next request 200 ≤ 2 s after the relay is back";
+    let target = "next request 200, no error before it, ≤ 2 s after the relay is back";
     let kinds = [
         ("SIGTERM, restart", Signal::TERM),
         ("SIGKILL, restart", Signal::KILL),
@@ -568,6 +568,15 @@ fn summarize_failures(outcomes: &[Outcome]) -> String {
         .map(|(detail, n)| format!("{detail} ×{n}"))
         .collect();
     format!("{failed}/{} failed: {}", outcomes.len(), kinds.join(", "))
+}
+
+/// `4 MiB`, `256 KiB`.
+fn size(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
 }
 
 fn transport_label(transport: Option<String>) -> String {
