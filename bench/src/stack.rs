@@ -322,6 +322,8 @@ impl Tunnel {
                 .arg("run")
                 .arg("--bundle")
                 .arg(&bundle)
+                // Remembered transports stay in this tunnel's directory.
+                .env("XDG_STATE_HOME", dir.path())
                 .args(["--listen", &format!("127.0.0.1:{client_port}")])
                 .args(&options.client_args)
                 .stdout(Stdio::null())

@@ -29,7 +29,7 @@
 //!
 //! Liveness: both transports keep the connection busy with keep-alives,
 //! and the link watches what arrives. A connection from which nothing was
-//! heard for the silence limit (4 s) is closed as dead, well before the
+//! heard for the silence limit (3 s) is closed as dead, well before the
 //! transport's own idle timeout: requests the relay never received are
 //! then sent again elsewhere. One silent for longer than the confirmation
 //! window (2.5 keep-alives) is not confirmed alive, and `/healthz` says so.
@@ -123,7 +123,8 @@ impl Default for TunnelSettings {
 
 impl TunnelSettings {
     /// The defaults, with liveness timing derived from `transport`: dead
-    /// after 80% of its idle timeout without a sound, confirmed while
+    /// after 60% of its idle timeout without a sound (with keep-alives every
+    /// second from both ends, three in a row lost or unanswered), confirmed while
     /// something arrived within 2.5 keep-alive intervals.
     pub fn for_transport(transport: TransportTuning) -> TunnelSettings {
         TunnelSettings {
@@ -136,7 +137,7 @@ impl TunnelSettings {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(1),
             open_stream_timeout: Duration::from_secs(10),
-            silence_limit: transport.idle_timeout.mul_f64(0.8),
+            silence_limit: transport.idle_timeout.mul_f64(0.6),
             confirm_within: transport
                 .keep_alive
                 .mul_f64(2.5)
@@ -649,14 +650,19 @@ impl Link {
         let mut next_attempt = Instant::now();
         let mut last_good = self.memory.get(&relay);
         let mut replacement = None;
+        // The pause before the next QUIC probe while on TCP; it keeps
+        // growing across connections while QUIC keeps failing soon after
+        // a probe (UDP that lets handshakes through, then drops data).
+        let mut probe_delay = self.settings.probe_first;
+        let mut moved_to_quic: Option<Instant> = None;
         loop {
-            let mut established = match replacement.take() {
-                Some(established) => established,
+            let (mut established, pending_quic) = match replacement.take() {
+                Some(established) => (established, FuturesUnordered::new()),
                 None => match self
                     .establish(&mut backoff, &mut next_attempt, last_good, &shutdown)
                     .await
                 {
-                    Some(established) => established,
+                    Some(won) => won,
                     None => break,
                 },
             };
@@ -677,7 +683,13 @@ impl Link {
             });
             let up_since = Instant::now();
             let (reason, relay_leaving) = match self
-                .hold(&mut established, &liveness, &shutdown)
+                .hold(
+                    &mut established,
+                    pending_quic,
+                    &mut probe_delay,
+                    &liveness,
+                    &shutdown,
+                )
                 .await
             {
                 Held::Shutdown => break,
@@ -685,6 +697,7 @@ impl Link {
                     info!(%relay, "QUIC answers again; new requests move to it, those in flight finish over TCP");
                     established.leave(close_code::CLIENT_SHUTDOWN, "moved to QUIC");
                     replacement = Some(*quic);
+                    moved_to_quic = Some(Instant::now());
                     continue;
                 }
                 Held::Lost {
@@ -693,6 +706,17 @@ impl Link {
                 } => (reason, relay_leaving),
             };
             warn!(%relay, transport = %kind, %reason, "relay link down; reconnecting");
+            match moved_to_quic.take() {
+                // QUIC held only briefly after a probe: TCP is what works
+                // here, and the next probe waits longer.
+                Some(moved)
+                    if kind == TransportKind::Quic && moved.elapsed() < STABLE_CONNECTION =>
+                {
+                    last_good = Some(TransportKind::Tcp);
+                    probe_delay = (probe_delay * 2).min(self.settings.probe_max);
+                }
+                _ => probe_delay = self.settings.probe_first,
+            }
             self.publish(LinkState::Connecting {
                 last_error: Some(reason),
             });
@@ -717,10 +741,14 @@ impl Link {
     }
 
     /// Watches a live connection until it fails, goes silent, the relay
-    /// leaves, a QUIC probe replaces it, or the client shuts down.
+    /// leaves, a QUIC probe replaces it, or the client shuts down. QUIC
+    /// handshakes still pending when TCP won (`probes`) count as the first
+    /// probes: QUIC is taken as soon as one completes.
     async fn hold(
         &self,
         established: &mut Established,
+        mut probes: FuturesUnordered<Attempt>,
+        probe_delay: &mut Duration,
         liveness: &Liveness,
         shutdown: &CancellationToken,
     ) -> Held {
@@ -736,9 +764,7 @@ impl Link {
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let probing = connection.kind() == TransportKind::Tcp
             && self.settings.choice == TransportChoice::Auto;
-        let mut probe_delay = self.settings.probe_first;
-        let mut probe_at = probing.then(|| Instant::now() + probe_delay);
-        let mut probe: Option<Attempt> = None;
+        let mut probe_at = probing.then(|| Instant::now() + *probe_delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -766,23 +792,26 @@ impl Link {
                         return Held::Lost { reason, relay_leaving: false };
                     }
                 }
-                _ = sleep_until_some(probe_at), if probe.is_none() && probe_at.is_some() => {
-                    probe = Some(self.attempt(TransportKind::Quic));
+                _ = sleep_until_some(probe_at), if probes.is_empty() && probe_at.is_some() => {
+                    probes.push(self.attempt(TransportKind::Quic));
                 }
-                (_, result) = async { match probe.as_mut() { Some(p) => p.await, None => std::future::pending().await } }, if probe.is_some() => {
-                    probe = None;
+                Some((_, result)) = probes.next(), if !probes.is_empty() => {
                     let succeeded = result.is_ok();
                     self.update(|link| {
                         link.probes += 1;
                         link.probes_succeeded += u64::from(succeeded);
                     });
                     match result {
-                        Ok(quic) => return Held::Replaced(Box::new(quic)),
-                        Err(e) => {
-                            debug!(relay = %self.target.address, error = %e, "QUIC probe failed; staying on TCP");
-                            probe_delay = (probe_delay * 2).min(self.settings.probe_max);
-                            probe_at = Some(Instant::now() + probe_delay);
+                        Ok(quic) => {
+                            abandon(std::mem::take(&mut probes));
+                            return Held::Replaced(Box::new(quic));
                         }
+                        Err(e) if probes.is_empty() => {
+                            debug!(relay = %self.target.address, error = %e, "QUIC probe failed; staying on TCP");
+                            *probe_delay = (*probe_delay * 2).min(self.settings.probe_max);
+                            probe_at = Some(Instant::now() + *probe_delay);
+                        }
+                        Err(_) => {}
                     }
                 }
             }
@@ -792,13 +821,15 @@ impl Link {
     /// Starts attempts on the backoff schedule until one completes; `None`
     /// on shutdown. With `auto`, TCP attempts start after the head start
     /// (at once when TCP was what worked last) on a schedule of their own.
+    /// When TCP wins, the QUIC attempts still pending come back with it:
+    /// QUIC may yet answer, and is preferred when it does.
     async fn establish(
         &self,
         backoff: &mut Backoff,
         next_attempt: &mut Instant,
         last_good: Option<TransportKind>,
         shutdown: &CancellationToken,
-    ) -> Option<Established> {
+    ) -> Option<(Established, FuturesUnordered<Attempt>)> {
         let start = *next_attempt;
         let (mut next_quic, mut next_tcp) = match self.settings.choice {
             TransportChoice::Quic => (Some(start), None),
@@ -809,32 +840,44 @@ impl Link {
             TransportChoice::Auto => (Some(start), Some(start + self.settings.tcp_head_start)),
         };
         let mut tcp_backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
-        let mut attempts: FuturesUnordered<Attempt> = FuturesUnordered::new();
+        let mut quic: FuturesUnordered<Attempt> = FuturesUnordered::new();
+        let mut tcp: FuturesUnordered<Attempt> = FuturesUnordered::new();
         let mut errors = AttemptErrors::default();
         loop {
-            tokio::select! {
+            let (kind, result) = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return None,
-                Some((kind, result)) = attempts.next(), if !attempts.is_empty() => match result {
-                    Ok(established) => {
-                        abandon(attempts);
-                        return Some(established);
-                    }
-                    Err(e) => {
-                        warn!(relay = %self.target.address, transport = %kind, error = %e, "cannot reach relay");
-                        errors.record(kind, e);
-                        self.publish(LinkState::Connecting { last_error: Some(errors.summary()) });
-                    }
-                },
+                Some(done) = quic.next(), if !quic.is_empty() => done,
+                Some(done) = tcp.next(), if !tcp.is_empty() => done,
                 _ = sleep_until_some(next_quic), if next_quic.is_some() => {
-                    attempts.push(self.attempt(TransportKind::Quic));
+                    quic.push(self.attempt(TransportKind::Quic));
                     let delay = backoff.next_delay();
                     next_quic = Some(Instant::now() + delay);
                     *next_attempt = Instant::now() + delay;
+                    continue;
                 }
                 _ = sleep_until_some(next_tcp), if next_tcp.is_some() => {
-                    attempts.push(self.attempt(TransportKind::Tcp));
+                    tcp.push(self.attempt(TransportKind::Tcp));
                     next_tcp = Some(Instant::now() + tcp_backoff.next_delay());
+                    continue;
+                }
+            };
+            match result {
+                Ok(established) if kind == TransportKind::Quic => {
+                    abandon(quic);
+                    abandon(tcp);
+                    return Some((established, FuturesUnordered::new()));
+                }
+                Ok(established) => {
+                    abandon(tcp);
+                    return Some((established, quic));
+                }
+                Err(e) => {
+                    warn!(relay = %self.target.address, transport = %kind, error = %e, "cannot reach relay");
+                    errors.record(kind, e);
+                    self.publish(LinkState::Connecting {
+                        last_error: Some(errors.summary()),
+                    });
                 }
             }
         }

@@ -212,3 +212,60 @@ async fn a_silent_relay_is_declared_dead_and_health_stops_saying_ok(
     relay.signal("CONT");
     client.wait_for_relay(addr, Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_tcp_races_both_and_quic_still_wins_where_it_answers() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let pki = TestPki::new();
+    let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), |_| {});
+    let state = pki.dir.path().join("transports.json");
+    // The last run of this client found only TCP working.
+    std::fs::write(
+        &state,
+        serde_json::json!({ relay.addr.to_string(): "tcp" }).to_string(),
+    )
+    .expect("state file");
+    let client = LocalClient::start(pki.issue("app", &[relay.addr]), |config| {
+        config.state_file = Some(state.clone());
+    })
+    .await;
+    // Whichever handshake completes first, QUIC takes over as soon as its
+    // own completes: well before the first scheduled probe (10 s).
+    let took = wait_for_transport(&client, "quic", Duration::from_secs(3)).await;
+    assert!(took < Duration::from_secs(2), "on QUIC after {took:?}");
+    let remembered: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).expect("state file")).expect("JSON");
+    assert_eq!(remembered[relay.addr.to_string()], "quic", "{remembered}");
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_finding_every_stream_busy_gets_503_in_time(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let pki = TestPki::new();
+    let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), |config| {
+        config.max_streams_per_connection = 2;
+    });
+    let client = LocalClient::start_over(pki.issue("app", &[relay.addr]), transport, |config| {
+        config.tunnel.open_stream_timeout = Duration::from_secs(1);
+    })
+    .await;
+    client
+        .wait_for_relay(relay.addr, Duration::from_secs(10))
+        .await;
+    let _held: Vec<_> =
+        futures_util::future::join_all((0..2).map(|_| client.get("/v1/endless?interval_ms=100")))
+            .await;
+    let asked = Instant::now();
+    let response = client.get("/v1/models").await.expect("answer");
+    let waited = asked.elapsed();
+    assert_eq!(response.status(), 503);
+    let body = body_json(response).await;
+    assert_eq!(body["error"]["code"], "tunnel_busy", "{body}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+}

@@ -236,7 +236,9 @@ impl Stack {
             .stdout(Stdio::null())
             .stderr(log);
         if self.caps.client_transport {
-            command.args(["--transport", transport.name()]);
+            // Every scenario starts as a new user would: no remembered
+            // transport from the scenario before.
+            command.args(["--transport", transport.name(), "--state-file", "none"]);
         }
         let started = Instant::now();
         let proc = Proc::spawn("passage-client", &mut command)?;

@@ -177,8 +177,37 @@ fn closed_error(stream: &mut h2::SendStream<Bytes>, cx: &mut Context<'_>) -> Str
 /// The sending half of one request stream.
 pub struct H2Send {
     stream: SharedSend,
-    /// Client side: set once the relay's head for this stream arrived.
-    acknowledged: Option<Arc<AtomicBool>>,
+    /// Client side: how to tell whether the relay can have the request.
+    delivery: Option<Delivery>,
+}
+
+/// What tells a client whether the relay can have a request, once the
+/// connection is gone: HTTP/2 acknowledges nothing, but the relay's head
+/// for the stream does, and so does the relay's kernel once it has
+/// acknowledged a byte sent after the stream was opened.
+#[derive(Clone)]
+struct Delivery {
+    /// Set once the relay's head for this stream arrived.
+    head_arrived: Arc<AtomicBool>,
+    /// Bytes this end had handed to the kernel when the stream was opened:
+    /// every byte of the request comes after them.
+    sent_before: u64,
+    state: Arc<ConnectionState>,
+}
+
+impl Delivery {
+    /// Whether the relay may have the request: its head arrived, or its
+    /// kernel acknowledged a byte sent since the stream opened (or the
+    /// kernel cannot say: then only the head counts).
+    fn relay_may_have_it(&self) -> bool {
+        if self.head_arrived.load(Ordering::Acquire) {
+            return true;
+        }
+        match self.state.acked_at_end.load(Ordering::Acquire) {
+            UNKNOWN => false,
+            acked => acked > self.sent_before,
+        }
+    }
 }
 
 impl AsyncWrite for H2Send {
@@ -236,7 +265,7 @@ impl SendHalf for H2Send {
 
     fn stopped(&self) -> Pin<Box<dyn Future<Output = StreamEnd> + Send + 'static>> {
         let stream = self.stream.clone();
-        let acknowledged = self.acknowledged.clone();
+        let delivery = self.delivery.clone();
         Box::pin(std::future::poll_fn(move |cx| {
             let outcome = match ready!(lock(&stream).poll_reset(cx)) {
                 Ok(reason) => StreamError::Reset(code_for(reason)),
@@ -244,12 +273,7 @@ impl SendHalf for H2Send {
             };
             Poll::Ready(match outcome {
                 StreamError::Reset(code) => StreamEnd::Stopped(code),
-                // HTTP/2 acknowledges no bytes; the relay's head for the
-                // stream is the proof that it had the request.
-                _ if acknowledged
-                    .as_ref()
-                    .is_some_and(|a| a.load(Ordering::Acquire)) =>
-                {
+                _ if delivery.as_ref().is_some_and(Delivery::relay_may_have_it) => {
                     StreamEnd::Acknowledged
                 }
                 _ => StreamEnd::ConnectionLost,
@@ -274,7 +298,8 @@ pub struct H2Recv {
     /// Bytes of the last DATA frame not yet read.
     pending: Bytes,
     stream: SharedSend,
-    acknowledged: Option<Arc<AtomicBool>>,
+    /// Client side: set once the relay's head for this stream arrived.
+    head_arrived: Option<Arc<AtomicBool>>,
     /// Client side: dropping this half before the end cancels the stream
     /// (as dropping a QUIC receive stream stops the sender).
     cancel_on_drop: bool,
@@ -302,8 +327,8 @@ impl AsyncRead for H2Recv {
             match &mut this.state {
                 RecvState::Waiting(response) => match ready!(Pin::new(response).poll(cx)) {
                     Ok(response) if response.status() == http::StatusCode::OK => {
-                        if let Some(acknowledged) = &this.acknowledged {
-                            acknowledged.store(true, Ordering::Release);
+                        if let Some(arrived) = &this.head_arrived {
+                            arrived.store(true, Ordering::Release);
                         }
                         this.state = RecvState::Open(response.into_body());
                     }
@@ -341,11 +366,21 @@ impl Drop for H2Recv {
     }
 }
 
-/// A TCP socket that counts the bytes it receives: any byte from the peer
-/// proves the connection alive.
+/// Bytes through one tunnel socket, counted below TLS.
+#[derive(Debug, Default)]
+struct ByteCounts {
+    /// Received from the peer (a sign of life where the kernel's counters
+    /// cannot be read).
+    received: AtomicU64,
+    /// Handed to the kernel to send: compared with what the peer's kernel
+    /// acknowledged, it tells whether a request can have reached the relay.
+    sent: AtomicU64,
+}
+
+/// A TCP socket that counts the bytes through it (see [`ByteCounts`]).
 pub struct CountedTcp {
     inner: TcpStream,
-    received: Arc<AtomicU64>,
+    counts: Arc<ByteCounts>,
 }
 
 impl AsyncRead for CountedTcp {
@@ -357,8 +392,27 @@ impl AsyncRead for CountedTcp {
         let before = buf.filled().len();
         let result = ready!(Pin::new(&mut self.inner).poll_read(cx, buf));
         let read = (buf.filled().len() - before) as u64;
-        self.received.fetch_add(read, Ordering::Relaxed);
+        self.counts.received.fetch_add(read, Ordering::Relaxed);
         Poll::Ready(result)
+    }
+}
+
+impl CountedTcp {
+    fn new(inner: TcpStream) -> (CountedTcp, Arc<ByteCounts>) {
+        let counts = Arc::new(ByteCounts::default());
+        (
+            CountedTcp {
+                inner,
+                counts: counts.clone(),
+            },
+            counts,
+        )
+    }
+
+    fn count_sent(&self, written: &io::Result<usize>) {
+        if let Ok(n) = written {
+            self.counts.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -368,7 +422,9 @@ impl AsyncWrite for CountedTcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
+        self.count_sent(&written);
+        Poll::Ready(written)
     }
 
     fn poll_write_vectored(
@@ -376,7 +432,9 @@ impl AsyncWrite for CountedTcp {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs));
+        self.count_sent(&written);
+        Poll::Ready(written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -410,13 +468,15 @@ fn tune_socket(tcp: &TcpStream, tuning: &TransportTuning) {
 #[derive(Debug)]
 struct ConnectionState {
     remote: SocketAddr,
-    /// Bytes received from the peer so far (the sign of life where the
-    /// kernel's segment count cannot be read).
-    received: Arc<AtomicU64>,
-    /// A second handle on the socket, to read the kernel's count of
-    /// segments received; given up when the connection ends, so it never
-    /// keeps a closed connection's socket open.
+    /// Bytes through the socket.
+    counts: Arc<ByteCounts>,
+    /// A second handle on the socket, to read the kernel's counters; given
+    /// up when the connection ends, so it never keeps a closed
+    /// connection's socket open.
     socket: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// Bytes the peer's kernel had acknowledged when the connection ended
+    /// ([`UNKNOWN`] until then, or where the kernel does not say).
+    acked_at_end: AtomicU64,
     /// Round-trip time of the last keep-alive, in microseconds.
     rtt_micros: AtomicU64,
     /// Cancelled when the connection has ended or must end now.
@@ -427,13 +487,14 @@ struct ConnectionState {
 impl ConnectionState {
     fn new(
         remote: SocketAddr,
-        received: Arc<AtomicU64>,
+        counts: Arc<ByteCounts>,
         socket: Option<std::os::fd::OwnedFd>,
     ) -> Arc<ConnectionState> {
         Arc::new(ConnectionState {
             remote,
-            received,
+            counts,
             socket: Mutex::new(socket),
+            acked_at_end: AtomicU64::new(UNKNOWN),
             rtt_micros: AtomicU64::new(0),
             closed: CancellationToken::new(),
             reason: Mutex::new(None),
@@ -446,10 +507,16 @@ impl ConnectionState {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get_or_insert(reason);
-        self.socket
+        let socket = self
+            .socket
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
+        // Read before the streams learn of the end (see `H2Send::stopped`).
+        if let Some(counters) = socket.as_ref().and_then(kernel_counters) {
+            self.acked_at_end
+                .store(counters.bytes_acked, Ordering::Release);
+        }
         self.closed.cancel();
     }
 
@@ -458,9 +525,9 @@ impl ConnectionState {
     /// included), else the bytes read.
     fn heard(&self) -> u64 {
         let socket = self.socket.lock().unwrap_or_else(PoisonError::into_inner);
-        match socket.as_ref().and_then(segments_received) {
-            Some(segments) => segments,
-            None => self.received.load(Ordering::Relaxed),
+        match socket.as_ref().and_then(kernel_counters) {
+            Some(counters) => counters.data_segments_in,
+            None => self.counts.received.load(Ordering::Relaxed),
         }
     }
 
@@ -518,11 +585,23 @@ async fn keep_alive(
     }
 }
 
-/// Segments with data the kernel has received on `socket`, in order or
-/// not (`tcpi_data_segs_in`), if it says. Pure acknowledgements do not
-/// count: a frozen peer's kernel still acknowledges.
+/// No figure: the connection has not ended, or the kernel does not say.
+const UNKNOWN: u64 = u64::MAX;
+
+/// What the kernel counts for a TCP socket (`TCP_INFO`).
+#[derive(Debug, Clone, Copy)]
+struct KernelCounters {
+    /// Segments with data received, in order or not (`tcpi_data_segs_in`).
+    /// Pure acknowledgements do not count: a frozen peer's kernel still
+    /// acknowledges.
+    data_segments_in: u64,
+    /// Bytes sent that the peer acknowledged (`tcpi_bytes_acked`).
+    bytes_acked: u64,
+}
+
+/// The kernel's counters for `socket`, if it says.
 #[cfg(target_os = "linux")]
-fn segments_received(socket: &std::os::fd::OwnedFd) -> Option<u64> {
+fn kernel_counters(socket: &std::os::fd::OwnedFd) -> Option<KernelCounters> {
     use std::os::fd::AsRawFd;
     // SAFETY: `info` is a plain C struct the kernel fills up to `len`
     // bytes; `len` starts at its size, and the descriptor is open (owned).
@@ -538,12 +617,15 @@ fn segments_received(socket: &std::os::fd::OwnedFd) -> Option<u64> {
         );
         (result, info)
     };
-    (result == 0).then_some(u64::from(info.tcpi_data_segs_in))
+    (result == 0).then_some(KernelCounters {
+        data_segments_in: u64::from(info.tcpi_data_segs_in),
+        bytes_acked: info.tcpi_bytes_acked,
+    })
 }
 
 /// Elsewhere the bytes read stand in (see [`ConnectionState::heard`]).
 #[cfg(not(target_os = "linux"))]
-fn segments_received(_socket: &std::os::fd::OwnedFd) -> Option<u64> {
+fn kernel_counters(_socket: &std::os::fd::OwnedFd) -> Option<KernelCounters> {
     None
 }
 
@@ -622,11 +704,7 @@ impl ClientConnection {
         let first_rtt = started.elapsed();
         tune_socket(&tcp, &tuning);
         let counters = counter_handle(&tcp);
-        let received = Arc::new(AtomicU64::new(0));
-        let io = CountedTcp {
-            inner: tcp,
-            received: received.clone(),
-        };
+        let (io, counts) = CountedTcp::new(tcp);
         let tls = tokio_rustls::TlsConnector::from(tls)
             .connect(name, io)
             .await
@@ -641,7 +719,7 @@ impl ClientConnection {
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| ConnectError::Http2(StreamError::from_h2(e)))?;
-        let state = ConnectionState::new(addr, received, counters);
+        let state = ConnectionState::new(addr, counts, counters);
         state
             .rtt_micros
             .store(first_rtt.as_micros().max(1) as u64, Ordering::Relaxed);
@@ -698,20 +776,30 @@ impl ClientConnection {
         let mut request = http::Request::new(());
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = uri;
+        let sent_before = self.state.counts.sent.load(Ordering::Relaxed);
         let (response, send) = send_request.send_request(request, false).map_err(lost)?;
+        // The stream may wait in h2's queue while the relay's stream limit
+        // is reached: it is open once this handle is ready again.
+        std::future::poll_fn(|cx| send_request.poll_ready(cx))
+            .await
+            .map_err(lost)?;
         let stream = Arc::new(Mutex::new(send));
-        let acknowledged = Arc::new(AtomicBool::new(false));
+        let head_arrived = Arc::new(AtomicBool::new(false));
         let recv = H2Recv {
             state: RecvState::Waiting(response),
             pending: Bytes::new(),
             stream: stream.clone(),
-            acknowledged: Some(acknowledged.clone()),
+            head_arrived: Some(head_arrived.clone()),
             cancel_on_drop: true,
             ended: false,
         };
         let send = H2Send {
             stream,
-            acknowledged: Some(acknowledged),
+            delivery: Some(Delivery {
+                head_arrived,
+                sent_before,
+                state: self.state.clone(),
+            }),
         };
         Ok((send, recv))
     }
@@ -762,15 +850,11 @@ pub async fn accept_tls(
 ) -> io::Result<AcceptedTls> {
     tune_socket(&tcp, tuning);
     let counters = counter_handle(&tcp);
-    let received = Arc::new(AtomicU64::new(0));
-    let io = CountedTcp {
-        inner: tcp,
-        received: received.clone(),
-    };
+    let (io, counts) = CountedTcp::new(tcp);
     let tls = acceptor.accept(io).await?;
     Ok(AcceptedTls {
         tls,
-        received,
+        counts,
         counters,
     })
 }
@@ -779,7 +863,7 @@ pub async fn accept_tls(
 pub struct AcceptedTls {
     /// The TLS stream.
     pub tls: tokio_rustls::server::TlsStream<CountedTcp>,
-    received: Arc<AtomicU64>,
+    counts: Arc<ByteCounts>,
     counters: Option<std::os::fd::OwnedFd>,
 }
 
@@ -825,7 +909,7 @@ impl ServerConnection {
     ) -> Result<ServerConnection, StreamError> {
         let AcceptedTls {
             tls,
-            received,
+            counts,
             counters,
         } = accepted;
         let (stream_window, connection_window) = windows(&tuning);
@@ -862,7 +946,7 @@ impl ServerConnection {
         let control = respond
             .send_response(http::Response::new(()), false)
             .map_err(StreamError::from_h2)?;
-        let state = ConnectionState::new(remote, received, counters);
+        let state = ConnectionState::new(remote, counts, counters);
         if let Some(ping_pong) = connection.ping_pong() {
             tokio::spawn(keep_alive(ping_pong, state.clone(), tuning));
         }
@@ -907,6 +991,15 @@ impl ServerConnection {
                 Some(Err(e)) => return Err(Ended::failed(e.to_string())),
                 None => {
                     // The client said goodbye: let its last streams finish.
+                    // Its control stream's reset may have come in the same
+                    // read as its goodbye: look once more for its code.
+                    if self.leaving.is_none() {
+                        let control = &mut self.control;
+                        let reset = std::future::poll_fn(|cx| control.poll_reset(cx));
+                        if let Some(reset) = futures_util::FutureExt::now_or_never(reset) {
+                            self.leaving = Some(reset.ok().map(code_for));
+                        }
+                    }
                     tokio::select! {
                         _ = self.state.closed.cancelled() => {}
                         _ = std::future::poll_fn(|cx| self.connection.poll_closed(cx)) => {}
@@ -929,13 +1022,13 @@ impl ServerConnection {
                 state: RecvState::Open(request.into_body()),
                 pending: Bytes::new(),
                 stream: stream.clone(),
-                acknowledged: None,
+                head_arrived: None,
                 cancel_on_drop: false,
                 ended: false,
             };
             let send = H2Send {
                 stream,
-                acknowledged: None,
+                delivery: None,
             };
             return Ok((send, recv));
         }
