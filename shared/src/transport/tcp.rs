@@ -205,7 +205,8 @@ impl Delivery {
         }
         match self.state.acked_at_end.load(Ordering::Acquire) {
             UNKNOWN => false,
-            acked => acked > self.sent_before,
+            // The kernel counts the SYN among the bytes acknowledged.
+            acked => acked.saturating_sub(1) > self.sent_before,
         }
     }
 }
