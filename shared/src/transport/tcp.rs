@@ -67,6 +67,14 @@ const MAX_HEADER_LIST: u32 = 4 * 1024;
 const NOTSENT_LOWAT: u32 = 128 * 1024;
 /// Streams the client may reset before the relay has accepted them (HTTP/2
 /// "rapid reset" guard); an app that cancels a burst of requests is normal.
+///
+/// h2's other guard, a cap on the resets it sends itself in answer to
+/// frames for streams already closed, counts over the connection's whole
+/// life; on a tunnel that carries every request for days it would end the
+/// connection sooner or later (a cancelled stream whose last frames were
+/// in flight is one such reset), so both ends turn it off. Both peers are
+/// authenticated by the private CA; the relay's per-connection stream
+/// limit still bounds what a client can open.
 const PENDING_ACCEPT_RESETS: usize = 256;
 /// Longest wait for the client's control stream after the TLS handshake.
 const CONTROL_WAIT: Duration = Duration::from_secs(10);
@@ -361,7 +369,9 @@ impl RecvHalf for H2Recv {
 
 impl Drop for H2Recv {
     fn drop(&mut self) {
-        if self.cancel_on_drop && !self.ended {
+        // A response whose end has arrived, unread, needs no cancelling.
+        let arrived_whole = matches!(&self.state, RecvState::Open(body) if body.is_end_stream());
+        if self.cancel_on_drop && !self.ended && !arrived_whole {
             lock(&self.stream).send_reset(Reason::CANCEL);
         }
     }
@@ -716,6 +726,7 @@ impl ClientConnection {
             .initial_connection_window_size(connection_window)
             .max_frame_size(MAX_FRAME_SIZE)
             .max_header_list_size(MAX_HEADER_LIST)
+            .max_local_error_reset_streams(None)
             .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await
@@ -922,6 +933,7 @@ impl ServerConnection {
             // One more for the control stream.
             .max_concurrent_streams(max_streams.saturating_add(1))
             .max_pending_accept_reset_streams(PENDING_ACCEPT_RESETS)
+            .max_local_error_reset_streams(None)
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(StreamError::from_h2)?;
