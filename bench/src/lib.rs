@@ -9,6 +9,7 @@
 pub mod bulk;
 pub mod http;
 pub mod impair;
+pub mod linkem;
 pub mod longhaul;
 pub mod many_streams;
 pub mod overhead;
