@@ -33,7 +33,8 @@ pub struct WrkRun {
 
 const BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}"#;
 
-fn wrk_script(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+/// Writes the wrk script that POSTs the fixed chat completion; returns its path.
+pub fn wrk_script(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     let path = dir.join("post.lua");
     std::fs::write(
         &path,
