@@ -15,7 +15,7 @@ use crate::http::{client, drain, get};
 use crate::linkem::{FAR_ADDR, Link, LinkConfig, ProbeResult, in_netns, unavailable_reason};
 use crate::overhead::{WrkRun, wrk, wrk_script};
 use crate::report::{Section, fixed};
-use crate::stack::{Tunnel, TunnelOptions, Upstream};
+use crate::stack::{TICKS_PER_SECOND, Tunnel, TunnelOptions, Upstream, idle_share, machine_ticks};
 use crate::stats::{median, percentile};
 use crate::{Bench, Settings};
 
@@ -56,6 +56,10 @@ fn transport_args(flag: &str, selectable: bool) -> Vec<String> {
 struct Loopback {
     wrk_1: Vec<WrkRun>,
     wrk_32: Vec<WrkRun>,
+    /// CPU of client + relay per request in each 32-connection run, µs.
+    cpu_us_32: Vec<f64>,
+    /// Share of the machine's CPU time idle during each 32-connection run, %.
+    idle_32: Vec<f64>,
     download_mbs: f64,
     upload_mbs: f64,
     client_peak_kib: u64,
@@ -98,10 +102,20 @@ async fn loopback(
         for connections in [1u32, 32] {
             for ((_, tunnel), result) in tunnels.iter().zip(results.iter_mut()) {
                 let url = format!("{}{path}", tunnel.url);
+                let ticks = || -> anyhow::Result<u64> {
+                    Ok(tunnel.client.cpu_ticks()? + tunnel.relay.cpu_ticks()?)
+                };
+                let (ticks_before, machine_before) = (ticks()?, machine_ticks()?);
                 let run = wrk(&script, &url, connections, settings.wrk_duration).await?;
                 if connections == 1 {
                     result.wrk_1.push(run);
                 } else {
+                    let used = ticks()?.saturating_sub(ticks_before) as f64 / TICKS_PER_SECOND;
+                    let requests = run.rps * settings.wrk_duration.as_secs_f64();
+                    result.cpu_us_32.push(used * 1e6 / requests.max(1.0));
+                    result
+                        .idle_32
+                        .push(idle_share(machine_before, machine_ticks()?) * 100.0);
                     result.wrk_32.push(run);
                 }
             }
@@ -279,6 +293,20 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
             });
         }
     }
+    rows.push(Row {
+        measure: "client + relay CPU per request @32 conns (µs)".into(),
+        quic: median(&quic.cpu_us_32),
+        tcp: tcp.map(|t| median(&t.cpu_us_32)),
+        digits: 0,
+        how: "user + system time of both programs during a run / requests served; median".into(),
+    });
+    rows.push(Row {
+        measure: "machine idle @32 conns (%)".into(),
+        quic: median(&quic.idle_32),
+        tcp: tcp.map(|t| median(&t.idle_32)),
+        digits: 0,
+        how: "share of all cores' time `/proc/stat` counts idle during a run; median".into(),
+    });
     let bulk_how = format!(
         "one {} MiB transfer, 10^6 bytes per second of wall time",
         settings.bulk_bytes >> 20
