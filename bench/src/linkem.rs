@@ -608,6 +608,39 @@ async fn send_probes(
 mod tests {
     use super::*;
 
+    /// Connects over TCP from the near end to a listener at the far end
+    /// that sends `bytes`; returns the connect time (ms) and the bytes read.
+    async fn tcp_transfer(link: &Link, bytes: usize) -> anyhow::Result<(f64, usize)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (port_tx, port_rx) = tokio::sync::oneshot::channel();
+        let far = link.far.clone();
+        let server = tokio::spawn(async move {
+            in_netns(&far, move || async move {
+                let listener = tokio::net::TcpListener::bind((FAR_ADDR, 0)).await?;
+                let _ = port_tx.send(listener.local_addr()?.port());
+                let (mut stream, _) =
+                    tokio::time::timeout(Duration::from_secs(10), listener.accept()).await??;
+                stream.write_all(&vec![7u8; bytes]).await?;
+                stream.shutdown().await?;
+                anyhow::Ok(())
+            })
+            .await
+        });
+        let port = port_rx.await?;
+        let near = link.near.clone();
+        let result = in_netns(&near, move || async move {
+            let started = Instant::now();
+            let mut stream = tokio::net::TcpStream::connect((FAR_ADDR, port)).await?;
+            let connect_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut got)).await??;
+            anyhow::Ok((connect_ms, got.len()))
+        })
+        .await;
+        server.await??;
+        result
+    }
+
     /// The emulated link shows its configured RTT and loss, and leaves no
     /// namespace behind (skipped without root).
     #[tokio::test]
@@ -639,6 +672,18 @@ mod tests {
         let (up, down) = link.counts();
         assert!(up.lost > 0 && down.lost > 0, "{up:?} {down:?}");
         assert_eq!(up.overflow + down.overflow, 0);
+        // TCP crosses the same link: a handshake takes one round trip, and
+        // 4 MiB arrive intact through 20% loss each way.
+        link.set_config(LinkConfig::symmetric(Duration::from_millis(10), 0.0));
+        let (connect_ms, got) = tcp_transfer(&link, 4 << 20).await.expect("tcp");
+        assert!(
+            (10.0..15.0).contains(&connect_ms),
+            "connect {connect_ms} ms"
+        );
+        assert_eq!(got, 4 << 20);
+        link.set_config(LinkConfig::symmetric(Duration::from_millis(10), 0.2));
+        let (_, got) = tcp_transfer(&link, 256 << 10).await.expect("tcp");
+        assert_eq!(got, 256 << 10);
         let names = [link.near.clone(), link.far.clone()];
         drop(link);
         for name in names {
