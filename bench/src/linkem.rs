@@ -130,7 +130,7 @@ impl Drop for Namespace {
 
 /// Kills every process still running in namespace `name` (by pid, from `ip netns pids`).
 fn kill_all_in(name: &str) {
-    let Ok(output) = std::process::Command::new("ip")
+    let Ok(output) = std::process::Command::new(ip_program())
         .args(["netns", "pids", name])
         .output()
     else {
@@ -146,9 +146,14 @@ fn kill_all_in(name: &str) {
     }
 }
 
+/// The ip program (iproute2), found on PATH or in the sbin directories.
+fn ip_program() -> std::path::PathBuf {
+    crate::stack::find_program("ip").unwrap_or_else(|| "ip".into())
+}
+
 /// Runs `ip ARGS`, failing with its error output.
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let output = std::process::Command::new("ip")
+    let output = std::process::Command::new(ip_program())
         .args(args)
         .output()
         .context("running ip")?;
@@ -310,8 +315,14 @@ fn start_watchdog(pid: u32, namespaces: &[&str]) -> anyhow::Result<std::process:
          for ns in {}; do ip netns pids $ns 2>/dev/null | xargs -r kill -9; ip netns del $ns 2>/dev/null; done",
         namespaces.join(" ")
     );
+    let ip_dir = ip_program()
+        .parent()
+        .map(|dir| dir.display().to_string())
+        .unwrap_or_default();
+    let path = std::env::var("PATH").unwrap_or_default();
     std::process::Command::new("sh")
         .args(["-c", &script])
+        .env("PATH", format!("{ip_dir}:{path}"))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -483,7 +494,7 @@ where
 pub fn command_in(ns: Option<&str>, program: &Path) -> tokio::process::Command {
     match ns {
         Some(ns) => {
-            let mut command = tokio::process::Command::new("ip");
+            let mut command = tokio::process::Command::new(ip_program());
             command.args(["netns", "exec", ns]).arg(program);
             command
         }
