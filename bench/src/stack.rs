@@ -139,16 +139,21 @@ pub const TICKS_PER_SECOND: f64 = 100.0;
 
 /// A free port on 127.0.0.1 (bound and released, so a small race remains).
 pub fn free_port(udp: bool) -> anyhow::Result<u16> {
-    let port = if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")?
+    if !udp {
+        return Ok(std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
-            .port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")?
+            .port());
+    }
+    // A relay serves QUIC and TCP on the same port: both must be free.
+    for _ in 0..100 {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?
             .local_addr()?
-            .port()
-    };
-    Ok(port)
+            .port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port free for both UDP and TCP on 127.0.0.1")
 }
 
 /// A port free on 127.0.0.1 for both UDP and TCP (the relay serves both

@@ -7,8 +7,9 @@
 //! with the head in one write.
 //!
 //! Cancellation needs no flags: the response body owns the stream's
-//! receive half, so when the app goes away hyper drops the body, quinn
-//! sends STOP_SENDING, and the relay drops its upstream call.
+//! receive half, so when the app goes away hyper drops the body, the
+//! transport tells the relay (QUIC's STOP_SENDING, HTTP/2's RST_STREAM),
+//! and the relay drops its upstream call.
 
 use std::time::Duration;
 
@@ -57,6 +58,10 @@ async fn try_forward(
     id: String,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ApiError> {
+    // One budget for the whole wait on the tunnel, however many
+    // connections the request tries: a request taken while a relay dies
+    // unnoticed is answered within it plus the time to notice.
+    let deadline = tokio::time::Instant::now() + connect_wait;
     let (parts, mut body) = request.into_parts();
     // Only an origin-form path and query travel. An absolute-form target
     // (`GET http://host/...`, what an app sends to a proxy) names another
@@ -112,8 +117,9 @@ async fn try_forward(
     let mut body = pump.then_some(body);
     let mut avoid = None;
     let (head, frames) = loop {
+        let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
         let opened = tunnel
-            .open_stream(connect_wait, avoid)
+            .open_stream(wait, avoid)
             .await
             .map_err(tunnel_error)?;
         let connection_id = opened.connection_id;

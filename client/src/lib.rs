@@ -2,9 +2,11 @@
 //! requests to it on 127.0.0.1; it carries each over its own QUIC stream
 //! to passage-relay.
 //!
-//! [`server`] is the local HTTP server, [`tunnel`] keeps the QUIC connection
-//! up, and [`forward`] moves one request onto a stream and its response back.
+//! [`server`] is the local HTTP server, [`tunnel`] keeps a connection to
+//! each relay up (QUIC, or TLS over TCP where UDP is blocked: [`connect`]),
+//! and [`forward`] moves one request onto a stream and its response back.
 
+pub mod connect;
 pub mod forward;
 pub mod local_access;
 pub mod metrics;
@@ -17,8 +19,8 @@ use std::time::Duration;
 
 use passage_shared::bundle::Bundle;
 use passage_shared::pki::{PkiError, parse_cert, parse_key};
-use passage_shared::quic::{self, QuicSetupError};
 use passage_shared::tls::{TlsError, client_tls_config};
+use passage_shared::transport::quic::{self, QuicSetupError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -26,7 +28,7 @@ use tracing::info;
 use crate::local_access::{LocalAccess, LocalAccessError};
 use crate::metrics::ClientMetrics;
 use crate::server::ServerContext;
-use crate::tunnel::{RelayTarget, Tunnel, TunnelSettings};
+use crate::tunnel::{RelayTarget, Tunnel, TunnelSettings, TunnelSetup};
 
 /// Default address of the local endpoint.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8710";
@@ -44,8 +46,10 @@ pub struct ClientConfig {
     pub connect_wait: Duration,
     /// How long in-flight responses may run on after a shutdown signal.
     pub drain_timeout: Duration,
-    /// Tunnel timing.
+    /// Tunnel timing and transport choice.
     pub tunnel: TunnelSettings,
+    /// The relays' TCP port, when it differs from the port in their address.
+    pub tcp_port: Option<u16>,
     /// Address to serve Prometheus metrics on, if any.
     pub metrics: Option<SocketAddr>,
     /// Whether `listen` may be an address other machines can reach
@@ -77,6 +81,7 @@ impl ClientConfig {
             connect_wait: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
             tunnel: TunnelSettings::default(),
+            tcp_port: None,
             metrics: None,
             allow_non_loopback: false,
             access_token: None,
@@ -135,6 +140,7 @@ pub enum ClientError {
 pub struct Client {
     listener: TcpListener,
     quic: quinn::ClientConfig,
+    tls: Arc<rustls::ClientConfig>,
     targets: Vec<RelayTarget>,
     config: ClientConfig,
     metrics: Option<TcpListener>,
@@ -162,12 +168,19 @@ impl Client {
             vec![parse_cert(&bundle.cert, "the client certificate")?],
             parse_key(&bundle.key, "the client key")?,
         )?;
+        // The same identity over TCP, under the TCP transport's own ALPN.
+        let mut tcp_tls = tls.clone();
+        tcp_tls.alpn_protocols = vec![passage_shared::frame::ALPN_TCP.to_vec()];
         let quic = quic::client_config(tls, config.tunnel.transport)?;
         let targets = bundle
             .relays
             .iter()
             .chain(&config.extra_relays)
-            .map(|address| RelayTarget::new(address, bundle.server_name.as_deref()))
+            .map(|address| {
+                let mut target = RelayTarget::new(address, bundle.server_name.as_deref());
+                target.tcp_port = config.tcp_port;
+                target
+            })
             .collect();
         let listener =
             TcpListener::bind(config.listen)
@@ -186,6 +199,7 @@ impl Client {
         Ok(Client {
             listener,
             quic,
+            tls: Arc::new(tcp_tls),
             targets,
             config,
             metrics,
@@ -211,16 +225,22 @@ impl Client {
             .map(|a| a.to_string())
             .unwrap_or_default();
         let relays: Vec<&str> = self.targets.iter().map(|t| t.address.as_str()).collect();
-        info!(listen = %local, relays = ?relays, client = %self.config.bundle.name, "client serving");
+        info!(
+            listen = %local,
+            relays = ?relays,
+            transport = %self.config.tunnel.choice,
+            client = %self.config.bundle.name,
+            "client serving"
+        );
         // The tunnel outlives the server by the drain time, so in-flight
         // responses can finish after the listener closes.
         let tunnel_shutdown = CancellationToken::new();
-        let (tunnel, manager) = Tunnel::start(
-            self.targets,
-            self.quic,
-            self.config.tunnel,
-            tunnel_shutdown.clone(),
-        );
+        let setup = TunnelSetup {
+            quic: self.quic,
+            tls: self.tls,
+            settings: self.config.tunnel,
+        };
+        let (tunnel, manager) = Tunnel::start(self.targets, setup, tunnel_shutdown.clone());
         let metrics = self.metrics.map(|listener| {
             let metrics = Arc::new(ClientMetrics::new());
             let render = {

@@ -8,13 +8,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use passage_client::connect::TransportChoice;
+use passage_client::tunnel::TunnelSettings;
 use passage_client::{Client, ClientConfig, DEFAULT_LISTEN};
 use passage_shared::bundle::Bundle;
 use passage_shared::process::CommonArgs;
-use passage_shared::quic::TransportTuning;
+use passage_shared::transport::TransportTuning;
 
 /// The local end of passage: an OpenAI-compatible endpoint on 127.0.0.1
-/// whose requests travel through a QUIC tunnel to passage-relay.
+/// whose requests travel through a tunnel (QUIC, or TLS over TCP where UDP
+/// is blocked) to passage-relay.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
@@ -39,6 +42,14 @@ enum Command {
         /// Another relay HOST:PORT to fail over to, after the bundle's (repeatable).
         #[arg(long = "relay")]
         relays: Vec<String>,
+        /// Transport to the relays: auto (QUIC, falling back to TLS over TCP
+        /// where UDP is blocked), quic or tcp.
+        #[arg(long, default_value = "auto")]
+        transport: TransportChoice,
+        /// The relays' TCP port, when the relay serves TCP on another port
+        /// than its UDP one (its --listen-tcp).
+        #[arg(long)]
+        tcp_port: Option<u16>,
         /// Seconds a request waits for the tunnel before failing with 503.
         #[arg(long, default_value_t = 5)]
         connect_wait: u64,
@@ -82,6 +93,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         bundle,
         listen,
         relays,
+        transport: choice,
+        tcp_port,
         connect_wait,
         metrics,
         access_token_env,
@@ -97,7 +110,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.extra_relays = relays;
     config.connect_wait = Duration::from_secs(connect_wait);
     config.drain_timeout = common.drain_timeout();
-    config.tunnel.transport = transport;
+    config.tunnel = TunnelSettings::for_transport(transport);
+    config.tunnel.choice = choice;
+    config.tcp_port = tcp_port;
     config.metrics = metrics;
     config.allow_non_loopback = allow_non_loopback;
     config.cors_origins = cors_origins;

@@ -16,6 +16,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use passage_shared::transport::TransportKind;
+
 use crate::tunnel::Tunnel;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -31,6 +33,18 @@ struct DirectionLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RelayLabel {
     relay: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabel {
+    relay: String,
+    transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabel {
+    relay: String,
+    result: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -49,6 +63,9 @@ pub struct ClientMetrics {
     rtt: Family<RelayLabel, Gauge<f64, AtomicU64>>,
     up: Family<RelayLabel, Gauge>,
     reconnects: Family<RelayLabel, Counter>,
+    transport: Family<TransportLabel, Gauge>,
+    fallbacks: Family<RelayLabel, Counter>,
+    probes: Family<ProbeLabel, Counter>,
     /// One render at a time: it brings the reconnect counters up to date.
     rendering: std::sync::Mutex<()>,
 }
@@ -109,6 +126,24 @@ impl ClientMetrics {
             "Connections to the relay established after the first",
             reconnects.clone(),
         );
+        let transport = Family::<TransportLabel, Gauge>::default();
+        registry.register(
+            "tunnel_transport",
+            "1 for the transport the link to the relay uses now (quic or tcp), 0 for the other",
+            transport.clone(),
+        );
+        let fallbacks = Family::<RelayLabel, Counter>::default();
+        registry.register(
+            "transport_fallbacks",
+            "Times the link to the relay came up on TCP while QUIC was preferred",
+            fallbacks.clone(),
+        );
+        let probes = Family::<ProbeLabel, Counter>::default();
+        registry.register(
+            "quic_probes",
+            "QUIC probes made while on TCP, by result (ok: the link moved to QUIC)",
+            probes.clone(),
+        );
         ClientMetrics {
             registry,
             requests,
@@ -119,6 +154,9 @@ impl ClientMetrics {
             rtt,
             up,
             reconnects,
+            transport,
+            fallbacks,
+            probes,
             rendering: std::sync::Mutex::new(()),
         }
     }
@@ -138,14 +176,37 @@ impl ClientMetrics {
             self.up
                 .get_or_create(&label)
                 .set(i64::from(usable.is_some()));
+            let in_use = usable.map(|(connection, _)| connection.kind());
             if let Some((connection, _)) = usable {
                 self.rtt
                     .get_or_create(&label)
                     .set(connection.rtt().as_secs_f64());
             }
-            let reconnects = self.reconnects.get_or_create(&label);
-            let total = link.established.saturating_sub(1);
-            reconnects.inc_by(total.saturating_sub(reconnects.get()));
+            for kind in [TransportKind::Quic, TransportKind::Tcp] {
+                self.transport
+                    .get_or_create(&TransportLabel {
+                        relay: link.address.clone(),
+                        transport: kind.name(),
+                    })
+                    .set(i64::from(in_use == Some(kind)));
+            }
+            catch_up(
+                &self.reconnects.get_or_create(&label),
+                link.established.saturating_sub(1),
+            );
+            catch_up(&self.fallbacks.get_or_create(&label), link.fallbacks);
+            let probe = |result| ProbeLabel {
+                relay: link.address.clone(),
+                result,
+            };
+            catch_up(
+                &self.probes.get_or_create(&probe("ok")),
+                link.probes_succeeded,
+            );
+            catch_up(
+                &self.probes.get_or_create(&probe("failed")),
+                link.probes - link.probes_succeeded,
+            );
         }
         let mut text = String::new();
         // Writing into a String cannot fail.
@@ -175,6 +236,11 @@ impl ClientMetrics {
             bytes: 0,
         }
     }
+}
+
+/// Brings a counter up to a total the tunnel keeps (counters only rise).
+fn catch_up(counter: &Counter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
 }
 
 /// Records a request's duration and response bytes when dropped.

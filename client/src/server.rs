@@ -194,15 +194,19 @@ async fn handle(
     .await
 }
 
-/// `GET /healthz`: 200 while a relay is up, 503 (OpenAI-shaped, with the
+/// `GET /healthz`: 200 while a relay is up and confirmed alive (heard
+/// from within the confirmation window), 503 (OpenAI-shaped, with the
 /// reason) otherwise. With `detail` (the caller may know), both carry each
-/// relay's address and link, the request streams open and the live tasks
-/// of this process; without it, only the status.
+/// relay's address, link and transport, the request streams open and the
+/// live tasks of this process; without it, only the status.
 fn health(tunnel: &Tunnel, detail: bool) -> Response<ResponseBody> {
     let links = tunnel.links();
-    let up = links
-        .iter()
-        .find_map(|link| link.usable().map(|(connection, _)| (link, connection)));
+    let confirm_within = tunnel.settings().confirm_within;
+    let up = links.iter().find_map(|link| {
+        let silent = link.silent_for()?;
+        let (connection, _) = link.usable()?;
+        (silent <= confirm_within).then_some((link, connection))
+    });
     let (status, mut body) = match up {
         Some(_) if !detail => (StatusCode::OK, serde_json::json!({"status": "ok"})),
         Some((link, connection)) => (
@@ -210,6 +214,7 @@ fn health(tunnel: &Tunnel, detail: bool) -> Response<ResponseBody> {
             serde_json::json!({
                 "status": "ok",
                 "relay": link.address,
+                "transport": connection.kind().name(),
                 "rtt_ms": connection.rtt().as_secs_f64() * 1000.0,
             }),
         ),
@@ -217,11 +222,21 @@ fn health(tunnel: &Tunnel, detail: bool) -> Response<ResponseBody> {
             let stopped = links
                 .iter()
                 .all(|link| matches!(link.state, LinkState::Stopped));
+            let silent = links.iter().filter_map(RelayLink::silent_for).min();
             let error = if stopped {
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "client_shutting_down",
                     "passage-client is shutting down",
+                )
+            } else if let Some(silent) = silent {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "tunnel_unconfirmed",
+                    format!(
+                        "the tunnel is not confirmed alive: nothing heard from the relay for {:.1} s",
+                        silent.as_secs_f64()
+                    ),
                 )
             } else {
                 ApiError::new(
@@ -260,11 +275,15 @@ fn health(tunnel: &Tunnel, detail: bool) -> Response<ResponseBody> {
 
 /// One relay's entry in the health detail.
 fn link_detail(link: &RelayLink) -> serde_json::Value {
-    if let Some((connection, _)) = link.usable() {
+    if let (Some((connection, _)), Some(silent)) = (link.usable(), link.silent_for()) {
         return serde_json::json!({
             "address": link.address,
             "state": "up",
+            "transport": connection.kind().name(),
             "rtt_ms": connection.rtt().as_secs_f64() * 1000.0,
+            "silent_ms": silent.as_millis() as u64,
+            "fallbacks": link.fallbacks,
+            "quic_probes": link.probes,
         });
     }
     match &link.state {

@@ -1,5 +1,5 @@
-//! The tunnel: one QUIC connection per configured relay, each kept up by
-//! its own link task, and streams for requests handed out over the first
+//! The tunnel: one connection per configured relay, each kept up by its
+//! own link task, and streams for requests handed out over the first
 //! healthy one.
 //!
 //! Relays are listed in order of preference (the bundle's, then `--relay`
@@ -9,31 +9,54 @@
 //! announced a shutdown. Requests that arrive while none is up wait up to
 //! the connect wait for one.
 //!
+//! Transports: with `auto` (the default) a link starts QUIC handshakes; if
+//! none has completed after a short head start, it races TLS-over-TCP
+//! handshakes beside them and takes whichever completes first. While it
+//! runs on TCP it probes QUIC again in the background (after 10 s, then
+//! backing off to 60 s) and moves new requests to QUIC once a probe
+//! succeeds; requests in flight finish on TCP. A link whose last good
+//! connection was TCP races both at once next time.
+//!
 //! Reconnecting: a link starts a handshake at once, then another after
 //! each backoff step (100 ms doubling to a 1 s cap, each step drawn from
 //! its upper half), while earlier attempts are still waiting for an
 //! answer; each attempt gives up after the connect timeout and the first
 //! to complete wins. A relay that comes back is thus reached within about
-//! a second, and a dead one costs a few small packets a second.
+//! a second, and a dead one costs a few small packets a second. Attempts
+//! that lose the race are closed as abandoned, which the relay logs as
+//! routine.
+//!
+//! Liveness: both transports keep the connection busy with keep-alives,
+//! and the link watches what arrives. A connection from which nothing was
+//! heard for the silence limit (4 s) is closed as dead, well before the
+//! transport's own idle timeout: requests the relay never received are
+//! then sent again elsewhere. One silent for longer than the confirmation
+//! window (2.5 keep-alives) is not confirmed alive, and `/healthz` says so.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use passage_shared::bundle::relay_host;
-use passage_shared::frame::{Frame, frame_reader};
-use passage_shared::quic;
-use passage_shared::transport::{BoxRecv, BoxSend, RecvHalf};
+use passage_shared::frame::close_code;
+use passage_shared::transport::{BoxRecv, BoxSend, RecvHalf, TransportKind, TransportTuning};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+
+use crate::connect::{Connection, Dialer, Endpoints, Established, NO_REPLY, TransportChoice};
 
 /// A connection that lasted this long resets the reconnect backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+
+/// How often a link looks at what its connection has heard.
+const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Numbers every connection the client makes, so one that failed can be
 /// told apart from its successor (quinn's `stable_id` is an address and
@@ -47,6 +70,8 @@ pub struct RelayTarget {
     pub address: String,
     /// TLS name the relay's certificate must carry.
     pub server_name: String,
+    /// The relay's TCP port, when it is not the address's.
+    pub tcp_port: Option<u16>,
 }
 
 impl RelayTarget {
@@ -55,6 +80,7 @@ impl RelayTarget {
         RelayTarget {
             address: address.to_owned(),
             server_name: server_name.unwrap_or(relay_host(address)).to_owned(),
+            tcp_port: None,
         }
     }
 }
@@ -62,8 +88,17 @@ impl RelayTarget {
 /// Timing of the tunnel.
 #[derive(Debug, Clone, Copy)]
 pub struct TunnelSettings {
-    /// QUIC transport settings (keep-alive, idle timeout, congestion, windows).
-    pub transport: quic::TransportTuning,
+    /// Transport settings (keep-alive, idle timeout, congestion, windows).
+    pub transport: TransportTuning,
+    /// Which transports to use.
+    pub choice: TransportChoice,
+    /// With `auto`: how long QUIC runs alone before TCP is raced beside it.
+    pub tcp_head_start: Duration,
+    /// With `auto`, while on TCP: the first QUIC probe's delay; it doubles
+    /// after each failed probe up to [`TunnelSettings::probe_max`].
+    pub probe_first: Duration,
+    /// The longest pause between QUIC probes.
+    pub probe_max: Duration,
     /// Longest time one connection attempt (DNS + handshake) may take.
     pub connect_timeout: Duration,
     /// First reconnect step; doubles on each failed attempt.
@@ -72,17 +107,68 @@ pub struct TunnelSettings {
     pub backoff_max: Duration,
     /// Longest wait for a free stream on an established connection.
     pub open_stream_timeout: Duration,
+    /// A connection from which nothing was heard for this long is dead.
+    pub silence_limit: Duration,
+    /// A connection is confirmed alive while something was heard within this.
+    pub confirm_within: Duration,
 }
 
 impl Default for TunnelSettings {
     fn default() -> Self {
+        TunnelSettings::for_transport(TransportTuning::default())
+    }
+}
+
+impl TunnelSettings {
+    /// The defaults, with liveness timing derived from `transport`: dead
+    /// after 80% of its idle timeout without a sound, confirmed while
+    /// something arrived within 2.5 keep-alive intervals.
+    pub fn for_transport(transport: TransportTuning) -> TunnelSettings {
         TunnelSettings {
-            transport: quic::TransportTuning::default(),
+            transport,
+            choice: TransportChoice::Auto,
+            tcp_head_start: Duration::from_millis(300),
+            probe_first: Duration::from_secs(10),
+            probe_max: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(1),
             open_stream_timeout: Duration::from_secs(10),
+            silence_limit: transport.idle_timeout.mul_f64(0.8),
+            confirm_within: transport
+                .keep_alive
+                .mul_f64(2.5)
+                .min(transport.idle_timeout),
         }
+    }
+}
+
+/// When a connection last heard from its relay.
+#[derive(Debug)]
+pub struct Liveness {
+    started: Instant,
+    /// Milliseconds after `started` of the last sign of life.
+    heard_at_ms: AtomicU64,
+}
+
+impl Liveness {
+    fn new() -> Liveness {
+        Liveness {
+            started: Instant::now(),
+            heard_at_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn heard_now(&self) {
+        self.heard_at_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long nothing has arrived from the relay.
+    pub fn silent_for(&self) -> Duration {
+        self.started.elapsed().saturating_sub(Duration::from_millis(
+            self.heard_at_ms.load(Ordering::Relaxed),
+        ))
     }
 }
 
@@ -91,15 +177,17 @@ impl Default for TunnelSettings {
 pub enum LinkState {
     /// No usable connection; the link is (re)connecting.
     Connecting {
-        /// Why the last attempt or connection failed.
+        /// Why the last attempts or connection failed.
         last_error: Option<String>,
     },
     /// Connected; new requests may use it.
     Up {
         /// The live connection.
-        connection: quinn::Connection,
+        connection: Connection,
         /// This client's number for the connection.
         id: u64,
+        /// When it last heard from the relay.
+        liveness: Arc<Liveness>,
     },
     /// The client is shutting down.
     Stopped,
@@ -114,14 +202,30 @@ pub struct RelayLink {
     pub state: LinkState,
     /// Connections this link has established so far (reconnects: all but the first).
     pub established: u64,
+    /// Times the link came up on TCP while `auto` would have preferred QUIC.
+    pub fallbacks: u64,
+    /// QUIC probes made while on TCP, and how many of them succeeded.
+    pub probes: u64,
+    /// QUIC probes that succeeded (the link then moved to QUIC).
+    pub probes_succeeded: u64,
 }
 
 impl RelayLink {
     /// The connection new requests may use: up, and not closed since.
-    pub fn usable(&self) -> Option<(&quinn::Connection, u64)> {
+    pub fn usable(&self) -> Option<(&Connection, u64)> {
         match &self.state {
-            LinkState::Up { connection, id } if connection.close_reason().is_none() => {
+            LinkState::Up { connection, id, .. } if connection.close_reason().is_none() => {
                 Some((connection, *id))
+            }
+            _ => None,
+        }
+    }
+
+    /// How long the usable connection has been silent, if there is one.
+    pub fn silent_for(&self) -> Option<Duration> {
+        match &self.state {
+            LinkState::Up { liveness, .. } if self.usable().is_some() => {
+                Some(liveness.silent_for())
             }
             _ => None,
         }
@@ -142,7 +246,7 @@ pub enum TunnelError {
     StreamTimeout(Duration),
     /// The connection failed while opening the stream.
     #[error("tunnel connection failed: {0}")]
-    Lost(#[from] quinn::ConnectionError),
+    Lost(String),
     /// The client is shutting down.
     #[error("passage-client is shutting down")]
     Stopped,
@@ -168,21 +272,35 @@ pub struct Tunnel {
     open_streams: Arc<AtomicUsize>,
 }
 
+/// What every link shares: how to reach a relay, and the tunnel's timing.
+#[derive(Debug, Clone)]
+pub struct TunnelSetup {
+    /// QUIC client configuration.
+    pub quic: quinn::ClientConfig,
+    /// TLS configuration for TCP.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Timing and transport choice.
+    pub settings: TunnelSettings,
+}
+
 impl Tunnel {
     /// Starts one link task per target, which run until `shutdown` fires;
     /// await the handle to let them close their connections cleanly.
     pub fn start(
         targets: Vec<RelayTarget>,
-        client_config: quinn::ClientConfig,
-        settings: TunnelSettings,
+        setup: TunnelSetup,
         shutdown: CancellationToken,
     ) -> (Tunnel, tokio::task::JoinHandle<()>) {
+        let settings = setup.settings;
         let initial = targets
             .iter()
             .map(|target| RelayLink {
                 address: target.address.clone(),
                 state: LinkState::Connecting { last_error: None },
                 established: 0,
+                fallbacks: 0,
+                probes: 0,
+                probes_succeeded: 0,
             })
             .collect();
         let (links_tx, links) = watch::channel(initial);
@@ -191,11 +309,16 @@ impl Tunnel {
         for (index, target) in targets.into_iter().enumerate() {
             let link = Link {
                 index,
+                dialer: Dialer {
+                    server_name: target.server_name.clone(),
+                    quic: setup.quic.clone(),
+                    tls: setup.tls.clone(),
+                    tuning: settings.transport,
+                    endpoints: Arc::new(Mutex::new(Endpoints::default())),
+                },
                 target,
-                client_config: client_config.clone(),
                 settings,
                 links: links_tx.clone(),
-                endpoints: Arc::new(Mutex::new(Endpoints::default())),
             };
             tasks.spawn(link.run(shutdown.clone()));
         }
@@ -213,6 +336,11 @@ impl Tunnel {
         self.links.borrow().clone()
     }
 
+    /// The tunnel's timing.
+    pub fn settings(&self) -> &TunnelSettings {
+        &self.settings
+    }
+
     /// Request streams open now (opened and not yet dropped by their response).
     pub fn open_streams(&self) -> usize {
         self.open_streams.load(Ordering::Relaxed)
@@ -224,13 +352,13 @@ impl Tunnel {
         &self,
         wait: Duration,
         avoid: Option<u64>,
-    ) -> Result<(quinn::Connection, u64), TunnelError> {
+    ) -> Result<(Connection, u64), TunnelError> {
         let deadline = Instant::now() + wait;
         let mut links = self.links.clone();
         loop {
             {
                 let current = links.borrow_and_update();
-                if let Some(connection) = choose(&current, avoid) {
+                if let Some(connection) = choose(&current, avoid, self.settings.confirm_within) {
                     return Ok(connection);
                 }
                 if current
@@ -266,12 +394,13 @@ impl Tunnel {
             attempt += 1;
             let (connection, id) = self.connection(wait, avoid).await?;
             let opened =
-                tokio::time::timeout(self.settings.open_stream_timeout, connection.open_bi()).await;
+                tokio::time::timeout(self.settings.open_stream_timeout, connection.open_stream())
+                    .await;
             match opened {
                 Ok(Ok((send, recv))) => {
                     let recv = CountedRecv::new(recv, self.open_streams.clone());
                     return Ok(OpenedStream {
-                        send: Box::new(send),
+                        send,
                         recv: Box::new(recv),
                         connection_id: id,
                         relay: connection.remote_address().to_string(),
@@ -281,10 +410,14 @@ impl Tunnel {
                     warn!(error = %e, "could not open a stream; retrying on another connection");
                     avoid = Some(id);
                 }
-                Ok(Err(e)) => return Err(e.into()),
+                Ok(Err(e)) => return Err(TunnelError::Lost(e)),
                 // Every stream of this connection stayed busy: another
                 // relay that is up right now may have room.
-                Err(_) if attempt < 2 && choose(&self.links.borrow(), Some(id)).is_some() => {
+                Err(_)
+                    if attempt < 2
+                        && choose(&self.links.borrow(), Some(id), self.settings.confirm_within)
+                            .is_some() =>
+                {
                     warn!("no free stream on this connection in time; trying another relay");
                     avoid = Some(id);
                 }
@@ -298,13 +431,24 @@ impl Tunnel {
     }
 }
 
-/// The first link, in order of preference, with a live connection other than `avoid`.
-fn choose(links: &[RelayLink], avoid: Option<u64>) -> Option<(quinn::Connection, u64)> {
-    links
-        .iter()
-        .filter_map(RelayLink::usable)
-        .find(|(_, id)| Some(*id) != avoid)
-        .map(|(connection, id)| (connection.clone(), id))
+/// The first link, in order of preference, with a live connection other
+/// than `avoid`; one heard from within `confirm_within` comes before one
+/// that has gone quiet (it may be dead and not yet known to be).
+fn choose(
+    links: &[RelayLink],
+    avoid: Option<u64>,
+    confirm_within: Duration,
+) -> Option<(Connection, u64)> {
+    let candidates = || {
+        links
+            .iter()
+            .filter_map(|link| link.usable().map(|usable| (link, usable)))
+            .filter(|(_, (_, id))| Some(*id) != avoid)
+    };
+    candidates()
+        .find(|(link, _)| link.silent_for().is_some_and(|s| s <= confirm_within))
+        .or_else(|| candidates().next())
+        .map(|(_, (connection, id))| (connection.clone(), id))
 }
 
 /// Each relay's last error ("ADDR: error; ..."), for 503 messages and
@@ -324,12 +468,12 @@ pub fn last_errors(links: &[RelayLink]) -> Option<String> {
 
 /// A receiving half counted in the tunnel's open streams while it lives.
 struct CountedRecv {
-    inner: quinn::RecvStream,
+    inner: BoxRecv,
     open_streams: Arc<AtomicUsize>,
 }
 
 impl CountedRecv {
-    fn new(inner: quinn::RecvStream, open_streams: Arc<AtomicUsize>) -> CountedRecv {
+    fn new(inner: BoxRecv, open_streams: Arc<AtomicUsize>) -> CountedRecv {
         open_streams.fetch_add(1, Ordering::Relaxed);
         CountedRecv {
             inner,
@@ -356,7 +500,7 @@ impl tokio::io::AsyncRead for CountedRecv {
 
 impl RecvHalf for CountedRecv {
     fn stop(&mut self, code: u32) {
-        RecvHalf::stop(&mut self.inner, code);
+        self.inner.stop(code);
     }
 }
 
@@ -389,52 +533,107 @@ impl Backoff {
     }
 }
 
-/// The UDP endpoints of one link, made on first use per address family.
+/// What the failed attempts of one transport said.
 #[derive(Debug, Default)]
-struct Endpoints {
-    v4: Option<quinn::Endpoint>,
-    v6: Option<quinn::Endpoint>,
+struct TransportErrors {
+    last: Option<String>,
+    /// Consecutive attempts that got no reply at all.
+    no_reply: u32,
 }
 
-impl Endpoints {
-    fn for_address(&mut self, addr: std::net::SocketAddr) -> Result<quinn::Endpoint, String> {
-        let (slot, bind): (_, std::net::SocketAddr) = if addr.is_ipv4() {
-            (&mut self.v4, (std::net::Ipv4Addr::UNSPECIFIED, 0).into())
-        } else {
-            (&mut self.v6, (std::net::Ipv6Addr::UNSPECIFIED, 0).into())
+/// What the failed attempts to reach one relay said, per transport.
+#[derive(Debug, Default)]
+struct AttemptErrors {
+    quic: TransportErrors,
+    tcp: TransportErrors,
+}
+
+impl AttemptErrors {
+    fn record(&mut self, kind: TransportKind, error: String) {
+        let errors = match kind {
+            TransportKind::Quic => &mut self.quic,
+            TransportKind::Tcp => &mut self.tcp,
         };
-        if let Some(endpoint) = slot {
-            return Ok(endpoint.clone());
+        if error == NO_REPLY {
+            errors.no_reply += 1;
+        } else {
+            errors.no_reply = 0;
         }
-        let endpoint = quic::endpoint(bind, None).map_err(|e| passage_shared::error_chain(&e))?;
-        *slot = Some(endpoint.clone());
-        Ok(endpoint)
+        errors.last = Some(error);
     }
 
-    fn all(&self) -> Vec<quinn::Endpoint> {
-        self.v4.iter().chain(self.v6.iter()).cloned().collect()
+    /// One line naming each transport tried and what it got.
+    fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(last) = &self.quic.last {
+            parts.push(match self.quic.no_reply {
+                0 => format!("QUIC: {last}"),
+                1 => "QUIC: no reply to a handshake — UDP may be blocked".to_owned(),
+                n => format!("QUIC: no reply to {n} handshakes — UDP may be blocked"),
+            });
+        }
+        if let Some(last) = &self.tcp.last {
+            parts.push(format!("TCP: {last}"));
+        }
+        parts.join("; ")
     }
+}
+
+/// How holding a connection ended.
+enum Held {
+    /// The client is shutting down.
+    Shutdown,
+    /// The connection failed, went silent, or the relay is leaving.
+    Lost { reason: String, relay_leaving: bool },
+    /// A QUIC probe succeeded: new requests move to this connection.
+    Replaced(Box<Established>),
+}
+
+/// An attempt's transport and outcome.
+type Attempt = BoxFuture<'static, (TransportKind, Result<Established, String>)>;
+
+/// Lets attempts that lost the race finish in the background and closes
+/// those that connect as abandoned, so the relay logs them as routine
+/// rather than as handshakes aborted half-way.
+fn abandon(attempts: FuturesUnordered<Attempt>) {
+    if attempts.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut attempts = attempts;
+        while let Some((kind, result)) = attempts.next().await {
+            if let Ok(established) = result {
+                debug!(transport = %kind, "closing a handshake that lost the race");
+                established.abandon();
+            }
+        }
+    });
 }
 
 /// The task that keeps one relay's connection up.
 struct Link {
     index: usize,
     target: RelayTarget,
-    client_config: quinn::ClientConfig,
+    dialer: Dialer,
     settings: TunnelSettings,
     links: Arc<watch::Sender<Vec<RelayLink>>>,
-    endpoints: Arc<Mutex<Endpoints>>,
 }
 
 impl Link {
-    fn publish(&self, state: LinkState) {
+    fn update(&self, change: impl FnOnce(&mut RelayLink)) {
         self.links.send_modify(|links| {
             if let Some(link) = links.get_mut(self.index) {
-                if matches!(state, LinkState::Up { .. }) {
-                    link.established += 1;
-                }
-                link.state = state;
+                change(link);
             }
+        });
+    }
+
+    fn publish(&self, state: LinkState) {
+        self.update(|link| {
+            if matches!(state, LinkState::Up { .. }) {
+                link.established += 1;
+            }
+            link.state = state;
         });
     }
 
@@ -442,28 +641,51 @@ impl Link {
         let relay = self.target.address.clone();
         let mut backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
         let mut next_attempt = Instant::now();
+        let mut last_good = None;
+        let mut replacement = None;
         loop {
-            let Some(connection) = self
-                .establish(&mut backoff, &mut next_attempt, &shutdown)
-                .await
-            else {
-                break;
+            let mut established = match replacement.take() {
+                Some(established) => established,
+                None => match self
+                    .establish(&mut backoff, &mut next_attempt, last_good, &shutdown)
+                    .await
+                {
+                    Some(established) => established,
+                    None => break,
+                },
             };
-            info!(%relay, rtt_ms = connection.rtt().as_millis() as u64, "tunnel up");
+            let connection = established.connection.clone();
+            let kind = connection.kind();
+            last_good = Some(kind);
+            info!(%relay, transport = %kind, rtt_ms = connection.rtt().as_millis() as u64, "tunnel up");
+            let liveness = Arc::new(Liveness::new());
+            liveness.heard_now();
+            if kind == TransportKind::Tcp && self.settings.choice == TransportChoice::Auto {
+                self.update(|link| link.fallbacks += 1);
+            }
             self.publish(LinkState::Up {
-                connection: connection.clone(),
+                connection,
                 id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
+                liveness: liveness.clone(),
             });
             let up_since = Instant::now();
-            let (reason, relay_leaving) = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    connection.close(0u32.into(), b"client shutting down");
-                    break;
+            let (reason, relay_leaving) = match self
+                .hold(&mut established, &liveness, &shutdown)
+                .await
+            {
+                Held::Shutdown => break,
+                Held::Replaced(quic) => {
+                    info!(%relay, "QUIC answers again; new requests move to it, those in flight finish over TCP");
+                    established.leave(close_code::CLIENT_SHUTDOWN, "moved to QUIC");
+                    replacement = Some(*quic);
+                    continue;
                 }
-                reason = connection.closed() => (format!("connection lost: {reason}"), false),
-                () = go_away(&connection) => ("the relay is shutting down".to_owned(), true),
+                Held::Lost {
+                    reason,
+                    relay_leaving,
+                } => (reason, relay_leaving),
             };
-            warn!(%relay, %reason, "relay link down; reconnecting");
+            warn!(%relay, transport = %kind, %reason, "relay link down; reconnecting");
             self.publish(LinkState::Connecting {
                 last_error: Some(reason),
             });
@@ -478,7 +700,7 @@ impl Link {
             }
         }
         self.publish(LinkState::Stopped);
-        let endpoints = match self.endpoints.lock() {
+        let endpoints = match self.dialer.endpoints.lock() {
             Ok(endpoints) => endpoints.all(),
             Err(poisoned) => poisoned.into_inner().all(),
         };
@@ -487,93 +709,173 @@ impl Link {
         }
     }
 
-    /// Starts attempts on the backoff schedule until one completes; `None` on shutdown.
+    /// Watches a live connection until it fails, goes silent, the relay
+    /// leaves, a QUIC probe replaces it, or the client shuts down.
+    async fn hold(
+        &self,
+        established: &mut Established,
+        liveness: &Liveness,
+        shutdown: &CancellationToken,
+    ) -> Held {
+        let Established {
+            connection,
+            control,
+        } = established;
+        let go_away = control.go_away();
+        tokio::pin!(go_away);
+        let mut heard = connection.heard();
+        let mut heard_at = Instant::now();
+        let mut watch = tokio::time::interval(WATCH_INTERVAL);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let probing = connection.kind() == TransportKind::Tcp
+            && self.settings.choice == TransportChoice::Auto;
+        let mut probe_delay = self.settings.probe_first;
+        let mut probe_at = probing.then(|| Instant::now() + probe_delay);
+        let mut probe: Option<Attempt> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    connection.close(close_code::CLIENT_SHUTDOWN, "client shutting down");
+                    return Held::Shutdown;
+                }
+                reason = connection.closed() => {
+                    return Held::Lost { reason: format!("connection lost: {reason}"), relay_leaving: false };
+                }
+                () = &mut go_away => {
+                    return Held::Lost { reason: "the relay is shutting down".to_owned(), relay_leaving: true };
+                }
+                _ = watch.tick() => {
+                    let now = connection.heard();
+                    if now != heard {
+                        heard = now;
+                        heard_at = Instant::now();
+                        liveness.heard_now();
+                    } else if heard_at.elapsed() >= self.settings.silence_limit {
+                        let reason = format!(
+                            "nothing heard from the relay for {:.1} s",
+                            heard_at.elapsed().as_secs_f64()
+                        );
+                        connection.close(close_code::CLIENT_SHUTDOWN, &reason);
+                        return Held::Lost { reason, relay_leaving: false };
+                    }
+                }
+                _ = sleep_until_some(probe_at), if probe.is_none() && probe_at.is_some() => {
+                    probe = Some(self.attempt(TransportKind::Quic));
+                }
+                (_, result) = async { match probe.as_mut() { Some(p) => p.await, None => std::future::pending().await } }, if probe.is_some() => {
+                    probe = None;
+                    let succeeded = result.is_ok();
+                    self.update(|link| {
+                        link.probes += 1;
+                        link.probes_succeeded += u64::from(succeeded);
+                    });
+                    match result {
+                        Ok(quic) => return Held::Replaced(Box::new(quic)),
+                        Err(e) => {
+                            debug!(relay = %self.target.address, error = %e, "QUIC probe failed; staying on TCP");
+                            probe_delay = (probe_delay * 2).min(self.settings.probe_max);
+                            probe_at = Some(Instant::now() + probe_delay);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts attempts on the backoff schedule until one completes; `None`
+    /// on shutdown. With `auto`, TCP attempts start after the head start
+    /// (at once when TCP was what worked last) on a schedule of their own.
     async fn establish(
         &self,
         backoff: &mut Backoff,
         next_attempt: &mut Instant,
+        last_good: Option<TransportKind>,
         shutdown: &CancellationToken,
-    ) -> Option<quinn::Connection> {
-        let mut attempts = FuturesUnordered::new();
+    ) -> Option<Established> {
+        let start = *next_attempt;
+        let (mut next_quic, mut next_tcp) = match self.settings.choice {
+            TransportChoice::Quic => (Some(start), None),
+            TransportChoice::Tcp => (None, Some(start)),
+            TransportChoice::Auto if last_good == Some(TransportKind::Tcp) => {
+                (Some(start), Some(start))
+            }
+            TransportChoice::Auto => (Some(start), Some(start + self.settings.tcp_head_start)),
+        };
+        let mut tcp_backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
+        let mut attempts: FuturesUnordered<Attempt> = FuturesUnordered::new();
+        let mut errors = AttemptErrors::default();
         loop {
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => return None,
-                _ = tokio::time::sleep_until(*next_attempt) => {
-                    attempts.push(attempt(
-                        self.target.clone(),
-                        self.client_config.clone(),
-                        self.endpoints.clone(),
-                        self.settings.connect_timeout,
-                    ));
-                    *next_attempt = Instant::now() + backoff.next_delay();
-                }
-                Some(result) = attempts.next(), if !attempts.is_empty() => match result {
-                    Ok(connection) => return Some(connection),
+                Some((kind, result)) = attempts.next(), if !attempts.is_empty() => match result {
+                    Ok(established) => {
+                        abandon(attempts);
+                        return Some(established);
+                    }
                     Err(e) => {
-                        warn!(relay = %self.target.address, error = %e, "cannot reach relay");
-                        self.publish(LinkState::Connecting { last_error: Some(e) });
+                        warn!(relay = %self.target.address, transport = %kind, error = %e, "cannot reach relay");
+                        errors.record(kind, e);
+                        self.publish(LinkState::Connecting { last_error: Some(errors.summary()) });
                     }
                 },
+                _ = sleep_until_some(next_quic), if next_quic.is_some() => {
+                    attempts.push(self.attempt(TransportKind::Quic));
+                    let delay = backoff.next_delay();
+                    next_quic = Some(Instant::now() + delay);
+                    *next_attempt = Instant::now() + delay;
+                }
+                _ = sleep_until_some(next_tcp), if next_tcp.is_some() => {
+                    attempts.push(self.attempt(TransportKind::Tcp));
+                    next_tcp = Some(Instant::now() + tcp_backoff.next_delay());
+                }
             }
         }
     }
+
+    /// One connection attempt over `kind`: resolve, handshake, welcome,
+    /// within the connect timeout.
+    fn attempt(&self, kind: TransportKind) -> Attempt {
+        let dialer = self.dialer.clone();
+        let address = self.target.address.clone();
+        let tcp_port = self.target.tcp_port;
+        let timeout = self.settings.connect_timeout;
+        Box::pin(async move {
+            let dial = async {
+                let addr = resolve(&address).await?;
+                match kind {
+                    TransportKind::Quic => dialer.quic(addr).await,
+                    TransportKind::Tcp => {
+                        let port = tcp_port.unwrap_or(addr.port());
+                        dialer.tcp(SocketAddr::new(addr.ip(), port)).await
+                    }
+                }
+            };
+            let result = match tokio::time::timeout(timeout, dial).await {
+                Ok(result) => result,
+                Err(_) if kind == TransportKind::Quic => Err(NO_REPLY.to_owned()),
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+            };
+            (kind, result)
+        })
+    }
 }
 
-/// One connection attempt: resolve, handshake, welcome, within `timeout`.
-async fn attempt(
-    target: RelayTarget,
-    client_config: quinn::ClientConfig,
-    endpoints: Arc<Mutex<Endpoints>>,
-    timeout: Duration,
-) -> Result<quinn::Connection, String> {
-    tokio::time::timeout(timeout, handshake(&target, client_config, &endpoints))
-        .await
-        .unwrap_or_else(|_| Err(format!("no handshake within {timeout:?}")))
-}
-
-async fn handshake(
-    target: &RelayTarget,
-    client_config: quinn::ClientConfig,
-    endpoints: &Mutex<Endpoints>,
-) -> Result<quinn::Connection, String> {
-    let addr = tokio::net::lookup_host(&target.address)
+/// The first address `address` resolves to.
+async fn resolve(address: &str) -> Result<SocketAddr, String> {
+    tokio::net::lookup_host(address)
         .await
         .map_err(|e| format!("cannot resolve: {e}"))?
         .next()
-        .ok_or_else(|| "the name resolves to no address".to_owned())?;
-    let endpoint = endpoints
-        .lock()
-        .map_err(|_| "endpoint lock poisoned".to_owned())?
-        .for_address(addr)?;
-    let connecting = endpoint
-        .connect_with(client_config, addr, &target.server_name)
-        .map_err(|e| e.to_string())?;
-    let connection = connecting.await.map_err(|e| e.to_string())?;
-    // The TLS 1.3 client finishes before the relay has judged its
-    // certificate: only the relay's welcome proves it was accepted.
-    let welcome = connection
-        .accept_uni()
-        .await
-        .map_err(|e| format!("the relay refused the connection: {e}"))?;
-    match frame_reader(welcome).next().await {
-        Some(Ok(Frame::Welcome(_))) => Ok(connection),
-        Some(Ok(frame)) => Err(format!(
-            "the relay sent a {} frame instead of a welcome",
-            frame.kind()
-        )),
-        Some(Err(e)) => Err(format!("reading the relay's welcome: {e}")),
-        None => Err("the relay closed the welcome stream early".to_owned()),
-    }
+        .ok_or_else(|| "the name resolves to no address".to_owned())
 }
 
-/// Resolves when the relay announces its shutdown; never if the connection ends first.
-async fn go_away(connection: &quinn::Connection) {
-    while let Ok(stream) = connection.accept_uni().await {
-        if let Some(Ok(Frame::GoAway)) = frame_reader(stream).next().await {
-            return;
-        }
+/// Sleeps until `at`; never returns when there is none.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
-    std::future::pending().await
 }
 
 #[cfg(test)]

@@ -22,14 +22,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use passage_shared::frame::ALPN_TCP;
 use passage_shared::pki::{PkiDir, PkiError};
-use passage_shared::quic::{self, QuicSetupError, TransportTuning};
 use passage_shared::revocation::Revocations;
 use passage_shared::tls::{TlsError, relay_tls_config};
+use passage_shared::transport::quic::{self, QuicSetupError};
+use passage_shared::transport::{MAX_CONCURRENT_STREAMS, TransportTuning};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::listener::Revocation;
+use crate::listener::{Revocation, TcpSide};
 use crate::metrics::RelayMetrics;
 use crate::policy::Policy;
 use crate::stream::StreamContext;
@@ -44,6 +47,8 @@ pub const DEFAULT_MAX_BODY: u64 = 1024 * 1024 * 1024;
 pub struct RelayConfig {
     /// UDP address to listen on.
     pub listen: SocketAddr,
+    /// Where to serve the TCP fallback.
+    pub listen_tcp: TcpListen,
     /// PKI directory made by `init`.
     pub pki_dir: PathBuf,
     /// The one upstream every request goes to.
@@ -82,6 +87,7 @@ impl RelayConfig {
     pub fn new(listen: SocketAddr, pki_dir: PathBuf, upstream: UpstreamBase) -> Self {
         RelayConfig {
             listen,
+            listen_tcp: TcpListen::SamePort,
             pki_dir,
             upstream,
             api_keys: Vec::new(),
@@ -96,9 +102,21 @@ impl RelayConfig {
             model_scan_limit: 1024 * 1024,
             metrics: None,
             max_body: DEFAULT_MAX_BODY,
-            max_streams_per_connection: quic::MAX_CONCURRENT_STREAMS,
+            max_streams_per_connection: MAX_CONCURRENT_STREAMS,
         }
     }
+}
+
+/// Where the relay serves TLS over TCP, the fallback for clients whose
+/// networks block UDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpListen {
+    /// On the UDP listener's address and port (the default).
+    SamePort,
+    /// On this address.
+    At(SocketAddr),
+    /// Not at all (`--no-tcp`).
+    Off,
 }
 
 /// Why the relay could not start.
@@ -113,6 +131,14 @@ pub enum RelayError {
     /// The QUIC endpoint could not be made.
     #[error(transparent)]
     Quic(#[from] QuicSetupError),
+    /// The TCP listener could not be bound.
+    #[error("TCP listener on {addr}")]
+    Tcp {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The upstream is misconfigured.
     #[error(transparent)]
     Upstream(#[from] UpstreamConfigError),
@@ -130,6 +156,8 @@ pub enum RelayError {
 #[derive(Debug)]
 pub struct Relay {
     endpoint: quinn::Endpoint,
+    tcp: Option<TcpSide>,
+    tuning: (TransportTuning, u32),
     ctx: Arc<StreamContext>,
     drain_timeout: Duration,
     status_interval: Duration,
@@ -164,14 +192,22 @@ impl Relay {
         let pki = PkiDir::new(&config.pki_dir);
         let identity = pki.load_relay_identity()?;
         let revocations = Revocations::new(pki.revoked_fingerprints()?);
+        let endpoint_config = quic::stable_endpoint_config(identity.key.secret_der());
         let tls = relay_tls_config(
             identity.ca,
             identity.chain,
             identity.key,
             revocations.clone(),
         )?;
+        // The same identity and verifier over TCP, under the TCP ALPN.
+        let mut tcp_tls = tls.clone();
+        tcp_tls.alpn_protocols = vec![ALPN_TCP.to_vec()];
         let server = quic::server_config(tls, config.transport, config.max_streams_per_connection)?;
-        let endpoint = quic::endpoint(config.listen, Some(server))?;
+        let (endpoint, tcp) = bind_sockets(&config, server, endpoint_config)?;
+        let tcp = tcp.map(|listener| TcpSide {
+            listener,
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tcp_tls)),
+        });
         let upstream = UpstreamClient::new(
             config.upstream,
             &config.api_keys,
@@ -188,6 +224,8 @@ impl Relay {
         };
         Ok(Relay {
             endpoint,
+            tcp,
+            tuning: (config.transport, config.max_streams_per_connection),
             ctx: Arc::new(StreamContext {
                 upstream,
                 head_timeout: config.head_timeout,
@@ -233,10 +271,18 @@ impl Relay {
         self.endpoint.local_addr()
     }
 
+    /// The TCP address the relay listens on, unless TCP is off.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp
+            .as_ref()
+            .and_then(|tcp| tcp.listener.local_addr().ok())
+    }
+
     /// Serves until `shutdown` fires, then drains and returns.
     pub async fn run(self, shutdown: CancellationToken) {
         info!(
             listen = %self.endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            listen_tcp = %self.tcp_addr().map(|a| a.to_string()).unwrap_or_else(|| "off".to_owned()),
             upstream = %self.ctx.upstream.base(),
             "relay serving"
         );
@@ -249,7 +295,9 @@ impl Relay {
         });
         listener::serve(
             self.endpoint,
+            self.tcp,
             self.ctx,
+            self.tuning,
             self.drain_timeout,
             self.status_interval,
             self.revocation,
@@ -260,5 +308,54 @@ impl Relay {
             task.abort();
         }
         info!("relay stopped");
+    }
+}
+
+/// Binds the UDP endpoint and, unless TCP is off, the TCP listener. With
+/// TCP on the same port and port 0 asked for, the port the UDP socket got
+/// may be taken for TCP: then both are bound again, a few times.
+fn bind_sockets(
+    config: &RelayConfig,
+    server: quinn::ServerConfig,
+    endpoint_config: quinn::EndpointConfig,
+) -> Result<(quinn::Endpoint, Option<TcpListener>), RelayError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let endpoint = quic::endpoint(
+            config.listen,
+            Some(server.clone()),
+            Some(endpoint_config.clone()),
+        )?;
+        let addr = match config.listen_tcp {
+            TcpListen::Off => return Ok((endpoint, None)),
+            TcpListen::At(addr) => addr,
+            TcpListen::SamePort => {
+                let port = endpoint
+                    .local_addr()
+                    .map_err(|source| RelayError::Tcp {
+                        addr: config.listen,
+                        source,
+                    })?
+                    .port();
+                SocketAddr::new(config.listen.ip(), port)
+            }
+        };
+        let bound = std::net::TcpListener::bind(addr).and_then(|listener| {
+            listener.set_nonblocking(true)?;
+            TcpListener::from_std(listener)
+        });
+        match bound {
+            Ok(listener) => return Ok((endpoint, Some(listener))),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && config.listen.port() == 0
+                    && config.listen_tcp == TcpListen::SamePort
+                    && tries < 20 =>
+            {
+                continue;
+            }
+            Err(source) => return Err(RelayError::Tcp { addr, source }),
+        }
     }
 }

@@ -1,6 +1,11 @@
-//! The relay's QUIC listener: accepts connections from clients whose
-//! certificates chain to the CA, names each by its certificate, and hands
-//! every stream to [`crate::stream::handle`].
+//! The relay's listener: accepts tunnel connections over QUIC and over TLS
+//! on TCP (the fallback for clients whose networks block UDP), admits
+//! clients whose certificates chain to the CA, names each by its
+//! certificate, and hands every stream to [`crate::stream::handle`]. Both
+//! transports meet the same rules: the same verifier and revocation list,
+//! the same refusals counted by the same reasons, the same welcome and
+//! go-away; past the handshake a connection is a [`ClientConnection`] and
+//! the code is one path.
 //!
 //! Shutdown: when the token fires, no new connection is accepted, every
 //! client gets a `GoAway` (it sends new requests elsewhere), streams that
@@ -24,11 +29,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
 use futures_util::SinkExt;
-use passage_shared::frame::{Frame, Welcome, frame_writer, reset_code};
+use passage_shared::frame::{ALPN_TCP, Frame, Welcome, close_code, frame_writer, reset_code};
 use passage_shared::pki::{PkiDir, certificate_common_name};
 use passage_shared::revocation::{Fingerprint, Revocations, fingerprint};
+use passage_shared::transport::{BoxRecv, BoxSend, Ended, TransportKind, TransportTuning, tcp};
 use rustls::pki_types::CertificateDer;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -42,8 +51,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a shutting-down relay waits for its go-aways to be sent.
 const GO_AWAY_WAIT: Duration = Duration::from_secs(1);
 
-/// Application close code for a connection whose certificate was revoked.
-pub const CLOSE_REVOKED: u32 = 0x10;
+/// How often the relay looks for a QUIC client's new address (migration).
+const ADDRESS_CHECK: Duration = Duration::from_secs(1);
 
 /// The revocation list of a running relay and how to reload it.
 #[derive(Debug)]
@@ -57,8 +66,8 @@ pub struct Revocation {
 }
 
 /// One open client connection: its certificate's fingerprint, the
-/// client's name, the connection.
-type LiveEntry = (Fingerprint, Arc<str>, quinn::Connection);
+/// client's name, and how to close it.
+type LiveEntry = (Fingerprint, Arc<str>, Closer);
 
 /// Open client connections by number, with their certificate's
 /// fingerprint, so a reload can close the revoked ones.
@@ -74,7 +83,7 @@ impl Live {
         self: &Arc<Self>,
         print: Fingerprint,
         client: Arc<str>,
-        connection: quinn::Connection,
+        connection: Closer,
     ) -> LiveGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.lock().insert(id, (print, client, connection));
@@ -89,12 +98,19 @@ impl Live {
         let mut closed = 0;
         for (print, client, connection) in self.lock().values() {
             if revoked.contains(print) {
-                warn!(client = %client, remote = %connection.remote_address(), "closing a connection: its certificate was revoked");
-                connection.close(CLOSE_REVOKED.into(), b"client certificate revoked");
+                warn!(client = %client, "closing a connection: its certificate was revoked");
+                connection.close(close_code::REVOKED, "client certificate revoked");
                 closed += 1;
             }
         }
         closed
+    }
+
+    /// Closes every open connection (the drain timeout has run out).
+    fn close_all(&self) {
+        for (_, _, connection) in self.lock().values() {
+            connection.close(0, "relay shutting down");
+        }
     }
 
     /// The registry, even after a panic elsewhere poisoned its lock (it
@@ -158,10 +174,42 @@ impl Drop for Unannounced {
     }
 }
 
-/// Accepts connections until `shutdown` fires, then drains in-flight streams.
+/// The TCP side of the listener: its socket and how to run its handshakes.
+pub struct TcpSide {
+    /// The bound listener.
+    pub listener: TcpListener,
+    /// TLS with the relay's identity, the client verifier and ALPN `passage-tcp/1`.
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for TcpSide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpSide")
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What each connection task needs besides its connection.
+#[derive(Clone)]
+struct ConnectionContext {
+    ctx: Arc<StreamContext>,
+    streams: TaskTracker,
+    live: Arc<Live>,
+    revocations: Revocations,
+    tuning: TransportTuning,
+    max_streams: u32,
+    shutdown: CancellationToken,
+}
+
+/// Accepts connections (QUIC on `endpoint`, TLS over TCP on `tcp` if
+/// given) until `shutdown` fires, then drains in-flight streams.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     endpoint: quinn::Endpoint,
+    tcp: Option<TcpSide>,
     ctx: Arc<StreamContext>,
+    (tuning, max_streams): (TransportTuning, u32),
     drain_timeout: Duration,
     status_interval: Duration,
     revocation: Revocation,
@@ -172,35 +220,47 @@ pub async fn serve(
     let connections = TaskTracker::new();
     let (unannounced, _) = watch::channel(0usize);
     let unannounced = Arc::new(unannounced);
+    let context = ConnectionContext {
+        ctx,
+        streams: streams.clone(),
+        live: live.clone(),
+        revocations: revocation.revocations.clone(),
+        tuning,
+        max_streams,
+        shutdown: shutdown.clone(),
+    };
     // A zero period would make tokio's interval panic.
     let mut status = tokio::time::interval(status_interval.max(Duration::from_millis(100)));
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_status = None;
     loop {
-        let incoming = tokio::select! {
+        tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = status.tick() => {
-                log_status(&connections, &streams, &mut last_status);
-                continue;
+            _ = status.tick() => log_status(&connections, &streams, &mut last_status),
+            () = revocation.requested.notified() => reload_revocations(&revocation, &live),
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let unannounced = Unannounced::register(&unannounced);
+                connections.spawn(quic_connection(incoming, context.clone(), unannounced));
             }
-            () = revocation.requested.notified() => {
-                reload_revocations(&revocation, &live);
-                continue;
-            }
-            incoming = endpoint.accept() => incoming,
-        };
-        let Some(incoming) = incoming else { break };
-        connections.spawn(connection(
-            incoming,
-            ctx.clone(),
-            streams.clone(),
-            Unannounced::register(&unannounced),
-            (live.clone(), revocation.revocations.clone()),
-            shutdown.clone(),
-        ));
+            accepted = accept_tcp(tcp.as_ref()) => match (accepted, &tcp) {
+                (Ok((stream, remote)), Some(tcp)) => {
+                    let unannounced = Unannounced::register(&unannounced);
+                    let acceptor = tcp.acceptor.clone();
+                    connections.spawn(tcp_connection(stream, remote, acceptor, context.clone(), unannounced));
+                }
+                (Ok(_), None) => {}
+                (Err(e), _) => {
+                    // Out of file descriptors and the like: wait, then go on.
+                    warn!(error = %e, "cannot accept a TCP connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
     }
     // Refuse new connections while the old ones drain.
     endpoint.set_server_config(None);
+    drop(tcp);
     // Every client hears the go-away before the drain starts, even when no
     // stream is in flight and the endpoint is about to close.
     let _ = tokio::time::timeout(
@@ -229,9 +289,18 @@ pub async fn serve(
             drain_timeout_s = drain_timeout.as_secs(),
             "drain timeout reached; closing the remaining connections"
         );
+        live.close_all();
     }
     endpoint.close(0u32.into(), b"relay shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+/// The next TCP connection; never resolves without a TCP listener.
+async fn accept_tcp(tcp: Option<&TcpSide>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match tcp {
+        Some(tcp) => tcp.listener.accept().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Logs connections, open streams and live tasks if they changed since the last line.
@@ -256,59 +325,241 @@ fn log_status(
     );
 }
 
-/// Completes one handshake and serves the connection's streams.
-async fn connection(
+/// Completes one QUIC handshake and serves the connection.
+async fn quic_connection(
     incoming: quinn::Incoming,
-    ctx: Arc<StreamContext>,
-    streams: TaskTracker,
+    context: ConnectionContext,
     unannounced: Unannounced,
-    (live, revocations): (Arc<Live>, Revocations),
-    shutdown: CancellationToken,
 ) {
     let remote = incoming.remote_address();
-    let failed = |reason| {
-        if let Some(metrics) = &ctx.metrics {
-            metrics.handshake_failed(reason);
-        }
-    };
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
             // The first packet may already fail the handshake (no common
             // protocol): counted by the same reasons.
-            failed(handshake_failure_reason(&e));
-            warn!(%remote, error = %e, "connection attempt dropped");
+            refused(&context, remote, handshake_failure_reason(&e), &e);
             return;
         }
     };
     let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(e)) => {
-            failed(handshake_failure_reason(&e));
-            warn!(%remote, reason = %e, "handshake refused");
+            refused(&context, remote, handshake_failure_reason(&e), &e);
             return;
         }
         Err(_) => {
-            failed("timeout");
-            warn!(%remote, "handshake timed out");
+            refused(&context, remote, "timeout", &"no handshake in time");
             return;
         }
     };
     let leaf = leaf_certificate(&connection);
+    serve_connection(
+        ClientConnection::Quic(connection),
+        leaf,
+        remote,
+        context,
+        unannounced,
+    )
+    .await;
+}
+
+/// Completes one TLS-over-TCP handshake and serves the connection.
+async fn tcp_connection(
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    context: ConnectionContext,
+    unannounced: Unannounced,
+) {
+    let handshake = tcp::accept_tls(stream, &acceptor, &context.tuning);
+    let (tls, received) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(e)) => {
+            refused(&context, remote, tls_failure_reason(&e), &e);
+            return;
+        }
+        Err(_) => {
+            refused(&context, remote, "timeout", &"no handshake in time");
+            return;
+        }
+    };
+    // rustls lets a client that offers no ALPN at all through; QUIC does not.
+    if tls.get_ref().1.alpn_protocol() != Some(ALPN_TCP) {
+        refused(&context, remote, "wrong_alpn", &"no passage-tcp/1 ALPN");
+        return;
+    }
+    let leaf = tcp::peer_leaf(&tls);
+    let connection = tcp::ServerConnection::handshake(
+        tls,
+        received,
+        remote,
+        context.tuning,
+        context.max_streams,
+    );
+    let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connection).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e)) => {
+            refused(&context, remote, "protocol", &e);
+            return;
+        }
+        Err(_) => {
+            refused(&context, remote, "timeout", &"no HTTP/2 handshake in time");
+            return;
+        }
+    };
+    serve_connection(
+        ClientConnection::Tcp(Box::new(connection)),
+        leaf,
+        remote,
+        context,
+        unannounced,
+    )
+    .await;
+}
+
+/// Counts and logs a refused handshake. A peer that closes during its
+/// handshake is routine (a client that raced two and took the other), so
+/// only the other reasons are warnings.
+fn refused(
+    context: &ConnectionContext,
+    remote: SocketAddr,
+    reason: &'static str,
+    error: &dyn std::fmt::Display,
+) {
+    if let Some(metrics) = &context.ctx.metrics {
+        metrics.handshake_failed(reason);
+    }
+    if reason == "closed_by_peer" {
+        debug!(%remote, reason, error = %error, "handshake abandoned by the peer");
+    } else {
+        warn!(%remote, reason, error = %error, "handshake refused");
+    }
+}
+
+/// A client connection past its handshake, on either transport.
+enum ClientConnection {
+    Quic(quinn::Connection),
+    Tcp(Box<tcp::ServerConnection>),
+}
+
+/// Closes a client connection from elsewhere (a revocation, the drain's end).
+#[derive(Debug, Clone)]
+enum Closer {
+    Quic(quinn::Connection),
+    Tcp(tcp::Closer),
+}
+
+impl Closer {
+    fn close(&self, code: u32, reason: &str) {
+        match self {
+            Closer::Quic(connection) => connection.close(code.into(), reason.as_bytes()),
+            Closer::Tcp(closer) => closer.close(reason),
+        }
+    }
+}
+
+impl ClientConnection {
+    fn kind(&self) -> TransportKind {
+        match self {
+            ClientConnection::Quic(_) => TransportKind::Quic,
+            ClientConnection::Tcp(_) => TransportKind::Tcp,
+        }
+    }
+
+    fn closer(&self) -> Closer {
+        match self {
+            ClientConnection::Quic(connection) => Closer::Quic(connection.clone()),
+            ClientConnection::Tcp(connection) => Closer::Tcp(connection.closer()),
+        }
+    }
+
+    /// The client's address now (a QUIC client may migrate).
+    fn remote_address(&self, first: SocketAddr) -> SocketAddr {
+        match self {
+            ClientConnection::Quic(connection) => connection.remote_address(),
+            ClientConnection::Tcp(_) => first,
+        }
+    }
+
+    /// The next request stream; `Err` once the connection is over.
+    async fn accept_stream(&mut self) -> Result<(BoxSend, BoxRecv), Ended> {
+        match self {
+            ClientConnection::Quic(connection) => match connection.accept_bi().await {
+                Ok((send, recv)) => Ok((Box::new(send), Box::new(recv))),
+                Err(quinn::ConnectionError::ApplicationClosed(close)) => Err(Ended {
+                    code: Some(close.error_code.into_inner()),
+                    reason: close.to_string(),
+                }),
+                Err(e) => Err(Ended::failed(e.to_string())),
+            },
+            ClientConnection::Tcp(connection) => match connection.accept_stream().await {
+                Ok((send, recv)) => Ok((Box::new(send), Box::new(recv))),
+                Err(ended) => Err(ended),
+            },
+        }
+    }
+
+    /// Sends a control frame (welcome, go-away) to the client.
+    async fn send_control(&mut self, frame: Frame) -> Result<(), String> {
+        match self {
+            ClientConnection::Quic(connection) => {
+                let send = connection.open_uni().await.map_err(|e| e.to_string())?;
+                let mut writer = frame_writer(send);
+                writer.send(frame).await.map_err(|e| e.to_string())?;
+                writer.get_mut().finish().map_err(|e| e.to_string())
+            }
+            ClientConnection::Tcp(connection) => connection.send_control(frame),
+        }
+    }
+
+    /// Grants no more stream credit (QUIC); over TCP, streams that still
+    /// come are refused one by one.
+    fn stop_new_streams(&self) {
+        if let ClientConnection::Quic(connection) = self {
+            connection.set_max_concurrent_bi_streams(0u32.into());
+        }
+    }
+}
+
+/// Serves one admitted connection: identity, revocation, welcome, then
+/// every stream until the client leaves; on shutdown, the go-away.
+async fn serve_connection(
+    mut connection: ClientConnection,
+    leaf: Vec<u8>,
+    remote: SocketAddr,
+    context: ConnectionContext,
+    unannounced: Unannounced,
+) {
+    let ConnectionContext {
+        ctx,
+        streams,
+        live,
+        revocations,
+        shutdown,
+        ..
+    } = context;
+    let transport = connection.kind();
     let client: Arc<str> = certificate_common_name(&leaf)
         .unwrap_or_else(|| "unknown".to_owned())
         .into();
-    let _live = live.register(fingerprint(&leaf), client.clone(), connection.clone());
+    let _live = live.register(fingerprint(&leaf), client.clone(), connection.closer());
     // A reload that ran while this handshake was in flight did not see it.
     if revocations.is_revoked(&leaf) {
-        failed("revoked");
-        warn!(client = %client, %remote, "closing a connection: its certificate was revoked");
-        connection.close(CLOSE_REVOKED.into(), b"client certificate revoked");
+        if let Some(metrics) = &ctx.metrics {
+            metrics.handshake_failed("revoked");
+        }
+        warn!(client = %client, %remote, %transport, "closing a connection: its certificate was revoked");
+        connection
+            .closer()
+            .close(close_code::REVOKED, "client certificate revoked");
         return;
     }
-    let span = info_span!("connection", client = %client, %remote);
+    let span = info_span!("connection", client = %client, %remote, %transport);
     async move {
-        if let Err(e) = welcome(&connection, &client).await {
+        let welcome = Frame::Welcome(Welcome {
+            client: client.to_string(),
+        });
+        if let Err(e) = connection.send_control(welcome).await {
             warn!(reason = %e, "could not greet the client");
             return;
         }
@@ -318,36 +569,51 @@ async fn connection(
             .as_ref()
             .map(|metrics| GaugeGuard::up(&metrics.connections));
         let mut unannounced = Some(unannounced);
+        let mut address = remote;
+        let mut address_check = tokio::time::interval(ADDRESS_CHECK);
+        address_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let accepted = tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if unannounced.is_some() => {
                     // No more stream credit, and a go-away so the client
                     // stops opening streams here; open streams carry on.
-                    connection.set_max_concurrent_bi_streams(0u32.into());
-                    if let Err(e) = go_away(&connection).await {
+                    connection.stop_new_streams();
+                    if let Err(e) = connection.send_control(Frame::GoAway).await {
                         debug!(reason = %e, "could not send the go-away");
                     }
                     unannounced = None;
                     continue;
                 }
-                accepted = connection.accept_bi() => accepted,
+                _ = address_check.tick() => {
+                    let now = connection.remote_address(address);
+                    if now != address {
+                        info!(from = %address, to = %now, "client address changed; the connection follows it");
+                        address = now;
+                    }
+                    continue;
+                }
+                accepted = connection.accept_stream() => accepted,
             };
             match accepted {
                 Ok((mut send, mut recv)) if shutdown.is_cancelled() => {
                     // Crossed the go-away: refuse it unread, so the client
                     // knows it can send the request elsewhere.
                     debug!("refusing a stream opened after the go-away");
-                    let _ = recv.stop(reset_code::REFUSED.into());
-                    let _ = send.reset(reset_code::REFUSED.into());
+                    recv.stop(reset_code::REFUSED);
+                    send.reset(reset_code::REFUSED);
                 }
                 Ok((send, recv)) => {
-                    let handler =
-                        stream::handle(Box::new(send), Box::new(recv), ctx.clone(), client.clone());
+                    let handler = stream::handle(send, recv, ctx.clone(), client.clone());
                     streams.spawn(handler.in_current_span());
                 }
-                Err(e) => {
-                    info!(reason = %e, "client disconnected");
+                Err(ended) => {
+                    let code = ended.code.and_then(|code| u32::try_from(code).ok());
+                    if code == Some(close_code::ABANDONED) {
+                        debug!("the client took another handshake and closed this one");
+                    } else {
+                        info!(reason = %ended.reason, "client disconnected");
+                    }
                     return;
                 }
             }
@@ -409,28 +675,38 @@ fn handshake_failure_reason(error: &quinn::ConnectionError) -> &'static str {
     }
 }
 
-/// Tells the client the relay is shutting down (see [`Frame::GoAway`]).
-async fn go_away(connection: &quinn::Connection) -> Result<(), String> {
-    let send = connection.open_uni().await.map_err(|e| e.to_string())?;
-    let mut writer = frame_writer(send);
-    writer
-        .send(Frame::GoAway)
-        .await
-        .map_err(|e| e.to_string())?;
-    writer.get_mut().finish().map_err(|e| e.to_string())
-}
-
-/// Tells the client its certificate was accepted (see [`Frame::Welcome`]).
-async fn welcome(connection: &quinn::Connection, client: &str) -> Result<(), String> {
-    let send = connection.open_uni().await.map_err(|e| e.to_string())?;
-    let mut writer = frame_writer(send);
-    writer
-        .send(Frame::Welcome(Welcome {
-            client: client.to_owned(),
-        }))
-        .await
-        .map_err(|e| e.to_string())?;
-    writer.get_mut().finish().map_err(|e| e.to_string())
+/// The metrics label for a failed TLS-over-TCP handshake, by the same
+/// names as QUIC's (see [`handshake_failure_reason`]).
+fn tls_failure_reason(error: &std::io::Error) -> &'static str {
+    use rustls::CertificateError;
+    match error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(certificate)) => match certificate {
+            CertificateError::UnknownIssuer => "unknown_ca",
+            CertificateError::BadSignature => "bad_signature",
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "expired_certificate"
+            }
+            CertificateError::Revoked => "revoked",
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "not_a_client_certificate"
+            }
+            _ => "bad_certificate",
+        },
+        Some(rustls::Error::NoCertificatesPresented) => "no_certificate",
+        Some(rustls::Error::NoApplicationProtocol) => "wrong_alpn",
+        // The client sent an alert: it refused the relay's certificate.
+        Some(rustls::Error::AlertReceived(_)) => "client_refused_relay",
+        Some(_) => "tls_other",
+        None => match error.kind() {
+            std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe => "closed_by_peer",
+            _ => "other",
+        },
+    }
 }
 
 /// The client's (already verified) certificate, DER; empty if absent. Its

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use passage_relay::policy::{POLICY_SECTIONS, Policy, PolicyTables};
 use passage_relay::upstream::{ApiKey, UpstreamBase};
-use passage_relay::{Relay, RelayConfig, pki_cmd};
+use passage_relay::{Relay, RelayConfig, TcpListen, pki_cmd};
 use passage_shared::config_file::{self, FileSetting};
 use passage_shared::process::CommonArgs;
 
@@ -79,9 +79,17 @@ enum Command {
         /// PKI directory made by `init`.
         #[arg(long)]
         pki: PathBuf,
-        /// UDP address to listen on.
+        /// UDP address to listen on (QUIC); TLS over TCP is served on the
+        /// same port unless --listen-tcp or --no-tcp says otherwise.
         #[arg(long, default_value = "0.0.0.0:4433")]
         listen: SocketAddr,
+        /// TCP address for the fallback transport (TLS over TCP, for
+        /// clients whose networks block UDP); default: --listen's.
+        #[arg(long, value_name = "ADDR", conflicts_with = "no_tcp")]
+        listen_tcp: Option<SocketAddr>,
+        /// Serve QUIC only, no TCP fallback.
+        #[arg(long)]
+        no_tcp: bool,
         /// Upstream base URL; request paths are appended to it.
         #[arg(long, default_value = "https://api.openai.com")]
         upstream: String,
@@ -118,7 +126,7 @@ enum Command {
         max_body_mib: u64,
         /// Request streams one client connection may have open at once;
         /// more wait for a free one.
-        #[arg(long, default_value_t = passage_shared::quic::MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(long, default_value_t = passage_shared::transport::MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
         max_streams_per_connection: u32,
         #[command(flatten)]
         common: CommonArgs,
@@ -155,6 +163,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config: config_path,
             pki,
             listen,
+            listen_tcp,
+            no_tcp,
             upstream,
             api_key_env,
             connect_timeout,
@@ -170,6 +180,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             passage_shared::process::init_logging();
             let upstream = UpstreamBase::parse(&upstream)?;
             let mut config = RelayConfig::new(listen, pki, upstream);
+            config.listen_tcp = match (no_tcp, listen_tcp) {
+                (true, _) => TcpListen::Off,
+                (false, Some(addr)) => TcpListen::At(addr),
+                (false, None) => TcpListen::SamePort,
+            };
             config.api_keys = api_key_env
                 .iter()
                 .map(|var| read_api_key(var))

@@ -31,6 +31,10 @@ use tokio_util::codec::{Decoder, Encoder, FramedRead, FramedWrite};
 /// ALPN protocol name of this wire format; a new incompatible format gets a new name.
 pub const ALPN: &[u8] = b"passage/1";
 
+/// ALPN of the same wire format carried over TLS on TCP, in HTTP/2 streams
+/// (the fallback transport for networks that block UDP).
+pub const ALPN_TCP: &[u8] = b"passage-tcp/1";
+
 /// Largest encoded frame payload either side accepts or sends (1 MiB).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 
@@ -52,6 +56,18 @@ pub mod reset_code {
     /// The relay refused the stream unread (it is shutting down): nothing
     /// of the request went upstream, so the client may send it elsewhere.
     pub const REFUSED: u32 = 4;
+}
+
+/// Application codes that close a whole tunnel connection (QUIC's
+/// CONNECTION_CLOSE; on TCP, the reset of the client's control stream).
+pub mod close_code {
+    /// The relay closed the connection: the client certificate was revoked.
+    pub const REVOKED: u32 = 0x10;
+    /// The client abandoned a connection it raced and no longer needs
+    /// (another handshake won): routine, not a failure.
+    pub const ABANDONED: u32 = 0x11;
+    /// The client is shutting down.
+    pub const CLIENT_SHUTDOWN: u32 = 0;
 }
 
 /// Starting size of a stream's frame buffers: a head fits, and they grow

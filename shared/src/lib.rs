@@ -16,7 +16,6 @@ pub mod loopback_host;
 pub mod metrics_http;
 pub mod pki;
 pub mod process;
-pub mod quic;
 pub mod revocation;
 pub mod tls;
 pub mod transport;

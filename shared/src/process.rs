@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::quic::{Congestion, TransportTuning};
+use crate::transport::{Congestion, TransportTuning};
 
 /// Command-line options both programs take: shutdown, runtime and QUIC tuning.
 #[derive(Debug, Clone, clap::Args)]

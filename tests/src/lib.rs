@@ -7,3 +7,8 @@ pub mod mock_upstream;
 pub mod relays;
 pub mod secrets;
 pub mod stack;
+
+/// The transports a request-level test runs over: each such test takes a
+/// `#[values(Quic, Tcp)] transport: Transport` argument (rstest), so one
+/// body runs once per transport.
+pub use passage_client::connect::TransportChoice as Transport;

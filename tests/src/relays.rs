@@ -86,9 +86,12 @@ fn unused_port(free: impl Fn(SocketAddr) -> bool) -> SocketAddr {
     panic!("no free port on 127.0.0.1 between 20000 and 32000");
 }
 
-/// A UDP address on 127.0.0.1 that was free a moment ago.
+/// An address on 127.0.0.1 whose port was free a moment ago for both UDP
+/// and TCP: a relay serves QUIC and TCP on the same port.
 pub fn free_udp_port() -> SocketAddr {
-    unused_port(|addr| std::net::UdpSocket::bind(addr).is_ok())
+    unused_port(|addr| {
+        std::net::UdpSocket::bind(addr).is_ok() && std::net::TcpListener::bind(addr).is_ok()
+    })
 }
 
 /// A TCP address on 127.0.0.1 that was free a moment ago.

@@ -20,6 +20,7 @@ use passage_shared::pki::PkiDir;
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
+use crate::Transport;
 use crate::mock_upstream::MockUpstream;
 
 /// How a [`TestStack`] is put together.
@@ -37,13 +38,15 @@ pub struct StackOptions {
     pub upstream_http2: bool,
     /// The relay's upstream idle-read timeout (default 600 s).
     pub idle_read_timeout: Option<Duration>,
+    /// The client's transport (default `auto`).
+    pub transport: Transport,
 }
 
 /// A relay and a client wired to a mock upstream; everything stops on drop.
 pub struct TestStack {
     /// The mock upstream.
     pub upstream: MockUpstream,
-    /// The relay's UDP address.
+    /// The relay's address (UDP, and TCP on the same port).
     pub relay_addr: SocketAddr,
     /// The client's local HTTP address.
     pub client_addr: SocketAddr,
@@ -82,6 +85,15 @@ impl TestStack {
     /// A stack with default options; waits until the tunnel is up.
     pub async fn start() -> TestStack {
         Self::start_with(StackOptions::default()).await
+    }
+
+    /// A stack with default options whose client uses `transport`.
+    pub async fn start_over(transport: Transport) -> TestStack {
+        Self::start_with(StackOptions {
+            transport,
+            ..StackOptions::default()
+        })
+        .await
     }
 
     /// A stack with `options`; waits until the tunnel is up unless the
@@ -136,6 +148,7 @@ impl TestStack {
         let mut client_config = ClientConfig::new(bundle, "127.0.0.1:0".parse().expect("literal"));
         client_config.connect_wait = options.connect_wait.unwrap_or(Duration::from_secs(5));
         client_config.tunnel = TunnelSettings::default();
+        client_config.tunnel.choice = options.transport;
         let client = passage_client::Client::bind(client_config)
             .await
             .expect("client binds");
@@ -152,6 +165,15 @@ impl TestStack {
         };
         if options.bundle_override.is_none() {
             stack.wait_until_up(Duration::from_secs(10)).await;
+            let forced = match options.transport {
+                Transport::Quic => Some("quic"),
+                Transport::Tcp => Some("tcp"),
+                Transport::Auto => None,
+            };
+            if let Some(forced) = forced {
+                let health = body_json(stack.get("/healthz").await.expect("healthz")).await;
+                assert_eq!(health["transport"], forced, "{health}");
+            }
         }
         stack
     }

@@ -3,15 +3,18 @@
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
+use passage_tests::Transport::{self, Quic, Tcp};
 use passage_tests::mock_upstream::{pattern_bytes, sha256_hex};
 use passage_tests::stack::{TestStack, body_json};
+use rstest::rstest;
 use sha2::{Digest, Sha256};
 
 const BULK_BYTES: usize = 24 << 20;
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn multi_mib_upload_arrives_intact() {
-    let stack = TestStack::start().await;
+async fn multi_mib_upload_arrives_intact(#[values(Quic, Tcp)] transport: Transport) {
+    let stack = TestStack::start_over(transport).await;
     let payload = Bytes::from(pattern_bytes(7, BULK_BYTES));
     let request = Request::post(stack.url("/v1/files"))
         .header("content-type", "application/octet-stream")
@@ -24,9 +27,10 @@ async fn multi_mib_upload_arrives_intact() {
     assert_eq!(file["sha256"], sha256_hex(&payload));
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn multi_mib_download_arrives_intact() {
-    let stack = TestStack::start().await;
+async fn multi_mib_download_arrives_intact(#[values(Quic, Tcp)] transport: Transport) {
+    let stack = TestStack::start_over(transport).await;
     let response = stack
         .get(&format!("/download?bytes={BULK_BYTES}"))
         .await
@@ -51,9 +55,10 @@ async fn multi_mib_download_arrives_intact() {
     assert_eq!(got, expected);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hundred_concurrent_streams_stay_intact() {
-    let stack = std::sync::Arc::new(TestStack::start().await);
+async fn hundred_concurrent_streams_stay_intact(#[values(Quic, Tcp)] transport: Transport) {
+    let stack = std::sync::Arc::new(TestStack::start_over(transport).await);
     let mut tasks = Vec::new();
     for i in 0..100u64 {
         let stack = stack.clone();

@@ -1,14 +1,17 @@
 //! When the app goes away mid-response, the upstream call is dropped at
 //! once: that is what stops token spend.
 
+use passage_tests::Transport::{self, Quic, Tcp};
+use rstest::rstest;
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use passage_tests::stack::TestStack;
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn app_disconnect_cancels_the_upstream_request() {
-    let stack = TestStack::start().await;
+async fn app_disconnect_cancels_the_upstream_request(#[values(Quic, Tcp)] transport: Transport) {
+    let stack = TestStack::start_over(transport).await;
     let response = stack.get("/v1/endless").await.expect("head arrives");
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
@@ -38,9 +41,12 @@ async fn app_disconnect_cancels_the_upstream_request() {
     );
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn app_giving_up_before_the_response_head_cancels_the_upstream_request() {
-    let stack = TestStack::start().await;
+async fn app_giving_up_before_the_response_head_cancels_the_upstream_request(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    let stack = TestStack::start_over(transport).await;
     let cancelled = stack.upstream.record.cancelled.notified();
     tokio::pin!(cancelled);
     cancelled.as_mut().enable();

@@ -1,6 +1,8 @@
 //! Only clients with a certificate from the relay's CA get through; the
 //! upstream never sees a request from anyone else.
 
+use passage_tests::Transport::{self, Quic, Tcp};
+use rstest::rstest;
 use std::time::Duration;
 
 use passage_shared::bundle::Bundle;
@@ -22,11 +24,13 @@ fn foreign_client(issued: &Bundle, dir: &TempDir) -> Bundle {
     }
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn foreign_ca_client_is_refused() {
+async fn foreign_ca_client_is_refused(#[values(Quic, Tcp)] transport: Transport) {
     let stack = TestStack::start_with(StackOptions {
         bundle_override: Some(foreign_client),
         connect_wait: Some(Duration::from_millis(800)),
+        transport,
         ..StackOptions::default()
     })
     .await;
@@ -69,8 +73,9 @@ async fn foreign_ca_client_is_refused() {
     );
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_from_another_ca_is_not_trusted() {
+async fn relay_from_another_ca_is_not_trusted(#[values(Quic, Tcp)] transport: Transport) {
     /// A bundle whose CA is not the one that signed the relay's certificate.
     fn wrong_ca(issued: &Bundle, dir: &TempDir) -> Bundle {
         let other = PkiDir::new(dir.path().join("other-pki"));
@@ -86,6 +91,7 @@ async fn relay_from_another_ca_is_not_trusted() {
     let stack = TestStack::start_with(StackOptions {
         bundle_override: Some(wrong_ca),
         connect_wait: Some(Duration::from_millis(800)),
+        transport,
         ..StackOptions::default()
     })
     .await;
@@ -94,9 +100,10 @@ async fn relay_from_another_ca_is_not_trusted() {
     assert_eq!(stack.upstream.request_count(), 0);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn healthz_reports_the_tunnel_up() {
-    let stack = TestStack::start().await;
+async fn healthz_reports_the_tunnel_up(#[values(Quic, Tcp)] transport: Transport) {
+    let stack = TestStack::start_over(transport).await;
     let response = stack.get("/healthz").await.expect("answers");
     assert_eq!(response.status(), 200);
     let body = body_json(response).await;

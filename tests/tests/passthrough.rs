@@ -5,7 +5,9 @@
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
+use passage_tests::Transport::{self, Quic, Tcp};
 use passage_tests::stack::{StackOptions, TestStack, body_bytes, body_json};
+use rstest::rstest;
 
 fn header_values(echo: &serde_json::Value, name: &str) -> Vec<String> {
     echo["headers"]
@@ -17,9 +19,10 @@ fn header_values(echo: &serde_json::Value, name: &str) -> Vec<String> {
         .collect()
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn method_path_query_and_headers_pass_through() {
-    let stack = TestStack::start().await;
+async fn method_path_query_and_headers_pass_through(#[values(Quic, Tcp)] transport: Transport) {
+    let stack = TestStack::start_over(transport).await;
     for method in ["PUT", "PATCH", "DELETE", "GET", "POST"] {
         let request = Request::builder()
             .method(method)
@@ -53,9 +56,10 @@ async fn method_path_query_and_headers_pass_through() {
     }
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_errors_pass_through_unchanged() {
-    let stack = TestStack::start().await;
+async fn upstream_errors_pass_through_unchanged(#[values(Quic, Tcp)] transport: Transport) {
+    let stack = TestStack::start_over(transport).await;
     for code in [429u16, 401, 500] {
         let response = stack
             .get(&format!("/status/{code}"))
@@ -70,10 +74,12 @@ async fn upstream_errors_pass_through_unchanged() {
     }
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_key_replaces_the_apps_authorization() {
+async fn relay_key_replaces_the_apps_authorization(#[values(Quic, Tcp)] transport: Transport) {
     let stack = TestStack::start_with(StackOptions {
         api_key: Some("sk-relay-held-key".into()),
+        transport,
         ..StackOptions::default()
     })
     .await;
@@ -95,22 +101,27 @@ async fn relay_key_replaces_the_apps_authorization() {
     );
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_relay_key_the_apps_authorization_passes_through() {
-    let stack = TestStack::start().await;
+async fn without_a_relay_key_the_apps_authorization_passes_through(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    let stack = TestStack::start_over(transport).await;
     let response = stack.post_json("/v1/echo", serde_json::json!({})).await;
     let echo = body_json(response).await;
     assert_eq!(header_values(&echo, "authorization"), ["Bearer app-key"]);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreachable_upstream_is_a_502_passage_error() {
+async fn unreachable_upstream_is_a_502_passage_error(#[values(Quic, Tcp)] transport: Transport) {
     // Port 9 on loopback: nothing listens there on these machines.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}", closed.local_addr().expect("addr"));
     drop(closed);
     let stack = TestStack::start_with(StackOptions {
         upstream_url: Some(url),
+        transport,
         ..StackOptions::default()
     })
     .await;
@@ -124,9 +135,10 @@ async fn unreachable_upstream_is_a_502_passage_error() {
     assert_eq!(body["error"]["code"], "upstream_unreachable");
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connect_requests_are_refused_locally() {
-    let stack = TestStack::start().await;
+async fn connect_requests_are_refused_locally(#[values(Quic, Tcp)] transport: Transport) {
+    let stack = TestStack::start_over(transport).await;
     let request = Request::builder()
         .method("CONNECT")
         .uri(stack.client_addr.to_string())
@@ -139,10 +151,12 @@ async fn connect_requests_are_refused_locally() {
     assert_eq!(stack.upstream.request_count(), 0);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http2_upstream_carries_streams_and_bodies() {
+async fn an_http2_upstream_carries_streams_and_bodies(#[values(Quic, Tcp)] transport: Transport) {
     let stack = TestStack::start_with(StackOptions {
         upstream_http2: true,
+        transport,
         ..StackOptions::default()
     })
     .await;

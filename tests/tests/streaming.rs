@@ -5,12 +5,15 @@
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
+use passage_tests::Transport::{self, Quic, Tcp};
 use passage_tests::mock_upstream::{SSE_CHUNKS, SSE_INTERVAL};
 use passage_tests::stack::{TestStack, body_json, read_to_end};
+use rstest::rstest;
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn non_streaming_chat_completion_round_trips() {
-    let stack = TestStack::start().await;
+async fn non_streaming_chat_completion_round_trips(#[values(Quic, Tcp)] transport: Transport) {
+    let stack = TestStack::start_over(transport).await;
     let response = stack
         .post_json(
             "/v1/chat/completions",
@@ -28,9 +31,10 @@ async fn non_streaming_chat_completion_round_trips() {
     );
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sse_chunks_arrive_spaced_as_sent() {
-    let stack = TestStack::start().await;
+async fn sse_chunks_arrive_spaced_as_sent(#[values(Quic, Tcp)] transport: Transport) {
+    let stack = TestStack::start_over(transport).await;
     let response = stack
         .post_json(
             "/v1/chat/completions",
@@ -80,9 +84,12 @@ async fn sse_chunks_arrive_spaced_as_sent() {
     );
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_dying_mid_stream_ends_the_app_stream_with_an_error() {
-    let stack = TestStack::start().await;
+async fn upstream_dying_mid_stream_ends_the_app_stream_with_an_error(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    let stack = TestStack::start_over(transport).await;
     let response = stack.get("/v1/broken").await.expect("head arrives");
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
@@ -97,9 +104,12 @@ async fn upstream_dying_mid_stream_ends_the_app_stream_with_an_error() {
     assert_eq!(next.status(), 200);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_small_sized_body_that_breaks_keeps_the_upstream_head_and_is_cut() {
-    let stack = TestStack::start().await;
+async fn a_small_sized_body_that_breaks_keeps_the_upstream_head_and_is_cut(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    let stack = TestStack::start_over(transport).await;
     let response = stack.get("/v1/broken-sized").await.expect("head arrives");
     assert_eq!(
         response.status(),

@@ -3,88 +3,24 @@
 //! The numbers follow DESIGN.md ("The tunnel"): windows sized for long
 //! lossy links but bounded so a slow reader holds back the sender, many
 //! concurrent streams, keep-alive well under the idle timeout, and UDP
-//! socket buffers raised before the endpoint exists.
+//! socket buffers raised before the endpoint exists. Also the QUIC side of
+//! the stream-half traits, and how its errors read as [`StreamFault`]s.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+use sha2::{Digest, Sha256};
 
-/// Default per-stream receive window: what one request may have in flight (8 MiB).
-pub const STREAM_RECEIVE_WINDOW: u32 = 8 << 20;
-/// Requests a client may have in flight on one connection at once; sized
-/// for thousands of held streaming responses (the connection window, not
-/// this count, bounds the memory they can pin).
-pub const MAX_CONCURRENT_STREAMS: u32 = 8192;
+use super::{Congestion, RecvHalf, SendHalf, StreamEnd, StreamFault, TransportTuning};
+
 /// UDP socket buffer size requested from the kernel (it may grant less).
 pub const UDP_BUFFER_BYTES: usize = 4 << 20;
-
-/// Congestion controller of a tunnel connection (it governs what each end sends).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Congestion {
-    /// CUBIC (RFC 9438), loss-based; quinn's default.
-    Cubic,
-    /// BBR, model-based: keeps its rate through random loss. passage's
-    /// default: on an emulated 300 ms link with 1% loss it kept about three
-    /// quarters of its lossless throughput where CUBIC fell to 0.02×
-    /// (BENCHMARKS.md, one run per cell).
-    #[default]
-    Bbr,
-    /// NewReno, the classic loss-based controller.
-    NewReno,
-}
-
-impl std::str::FromStr for Congestion {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "cubic" => Ok(Congestion::Cubic),
-            "bbr" => Ok(Congestion::Bbr),
-            "newreno" => Ok(Congestion::NewReno),
-            _ => Err(format!(
-                "unknown congestion controller {s:?} (cubic, bbr, newreno)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for Congestion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Congestion::Cubic => "cubic",
-            Congestion::Bbr => "bbr",
-            Congestion::NewReno => "newreno",
-        })
-    }
-}
-
-/// Transport settings of a tunnel connection; both ends have their own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TransportTuning {
-    /// Interval between keep-alive packets on an otherwise idle connection.
-    pub keep_alive: Duration,
-    /// Silence after which the connection counts as dead.
-    pub idle_timeout: Duration,
-    /// Congestion controller for what this end sends.
-    pub congestion: Congestion,
-    /// Per-stream receive window in bytes; the connection window is 2.5×
-    /// this and the send window matches it.
-    pub stream_window: u32,
-}
-
-impl Default for TransportTuning {
-    fn default() -> Self {
-        TransportTuning {
-            keep_alive: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(5),
-            congestion: Congestion::default(),
-            stream_window: STREAM_RECEIVE_WINDOW,
-        }
-    }
-}
 
 /// Why an endpoint could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -169,11 +105,46 @@ pub fn client_config(
     Ok(config)
 }
 
+/// The relay's endpoint identity across restarts, derived from a secret
+/// only it holds (its private key): the key of its stateless resets and of
+/// its connection IDs.
+///
+/// quinn draws both at random per process by default. Then a relay killed
+/// and restarted neither recognises its old connection IDs nor sends a reset
+/// its clients can verify, so they only notice after their idle timeout.
+/// With keys that survive a restart, the new process answers the first
+/// packet of an old connection with a stateless reset the client accepts,
+/// and the client reconnects at once.
+pub fn stable_endpoint_config(secret: &[u8]) -> EndpointConfig {
+    let derive = |label: &[u8]| -> [u8; 32] {
+        let mut hash = Sha256::new();
+        hash.update(b"passage quic endpoint ");
+        hash.update(label);
+        hash.update(secret);
+        hash.finalize().into()
+    };
+    let reset = derive(b"stateless reset");
+    let cid = derive(b"connection id");
+    let cid_key = u64::from_le_bytes([
+        cid[0], cid[1], cid[2], cid[3], cid[4], cid[5], cid[6], cid[7],
+    ]);
+    let mut config = EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &reset,
+    )));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
+}
+
 /// Binds a UDP socket with enlarged buffers and makes a QUIC endpoint on it;
-/// with `server` set it accepts connections too.
+/// with `server` set it accepts connections too. `config` is quinn's
+/// default unless given (see [`stable_endpoint_config`]).
 pub fn endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
+    config: Option<EndpointConfig>,
 ) -> Result<quinn::Endpoint, QuicSetupError> {
     let socket_error = |source| QuicSetupError::Socket { addr, source };
     let socket = socket2::Socket::new(
@@ -195,5 +166,54 @@ pub fn endpoint(
         addr,
         source: std::io::Error::other("no async runtime for QUIC"),
     })?;
-    quinn::Endpoint::new(EndpointConfig::default(), server, socket, runtime).map_err(socket_error)
+    quinn::Endpoint::new(config.unwrap_or_default(), server, socket, runtime).map_err(socket_error)
+}
+
+/// What a quinn stream error says about the stream, if it is one.
+pub(super) fn fault(
+    inner: &(dyn std::error::Error + Send + Sync + 'static),
+) -> Option<StreamFault> {
+    if let Some(read) = inner.downcast_ref::<quinn::ReadError>() {
+        return Some(match read {
+            quinn::ReadError::Reset(code) => StreamFault::Reset(code.into_inner()),
+            quinn::ReadError::ConnectionLost(_) => StreamFault::ConnectionLost,
+            _ => StreamFault::Other,
+        });
+    }
+    if let Some(write) = inner.downcast_ref::<quinn::WriteError>() {
+        return Some(match write {
+            quinn::WriteError::Stopped(code) => StreamFault::Reset(code.into_inner()),
+            quinn::WriteError::ConnectionLost(_) => StreamFault::ConnectionLost,
+            _ => StreamFault::Other,
+        });
+    }
+    None
+}
+
+impl SendHalf for quinn::SendStream {
+    fn finish(&mut self) {
+        // Fails only if already finished or reset: nothing left to do then.
+        let _ = quinn::SendStream::finish(self);
+    }
+
+    fn reset(&mut self, code: u32) {
+        let _ = quinn::SendStream::reset(self, code.into());
+    }
+
+    fn stopped(&self) -> Pin<Box<dyn Future<Output = StreamEnd> + Send + 'static>> {
+        let stopped = quinn::SendStream::stopped(self);
+        Box::pin(async move {
+            match stopped.await {
+                Ok(None) => StreamEnd::Acknowledged,
+                Ok(Some(code)) => StreamEnd::Stopped(code.into_inner()),
+                Err(_) => StreamEnd::ConnectionLost,
+            }
+        })
+    }
+}
+
+impl RecvHalf for quinn::RecvStream {
+    fn stop(&mut self, code: u32) {
+        let _ = quinn::RecvStream::stop(self, code.into());
+    }
 }

@@ -1,0 +1,316 @@
+//! One tunnel connection to one relay, over QUIC or over TLS on TCP: the
+//! handshake, the relay's welcome, and a handle that hides which transport
+//! carries it.
+//!
+//! The tunnel ([`crate::tunnel`]) decides which transports to try and when;
+//! this module only knows how. Above it, request handling sees stream
+//! halves ([`passage_shared::transport`]) and nothing else.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use passage_shared::frame::{Frame, FrameCodec, close_code, frame_reader};
+use passage_shared::transport::tcp::{self, H2Recv};
+use passage_shared::transport::{BoxRecv, BoxSend, SendHalf, TransportKind, TransportTuning, quic};
+use tokio_util::codec::FramedRead;
+
+/// Which transports the client may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// QUIC first; TLS over TCP raced after a head start and used when it
+    /// wins, with QUIC probed again in the background.
+    #[default]
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// TLS over TCP only.
+    Tcp,
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(TransportChoice::Auto),
+            "quic" => Ok(TransportChoice::Quic),
+            "tcp" => Ok(TransportChoice::Tcp),
+            _ => Err(format!("unknown transport {s:?} (auto, quic, tcp)")),
+        }
+    }
+}
+
+impl std::fmt::Display for TransportChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TransportChoice::Auto => "auto",
+            TransportChoice::Quic => "quic",
+            TransportChoice::Tcp => "tcp",
+        })
+    }
+}
+
+/// A live tunnel connection, cheap to clone.
+#[derive(Debug, Clone)]
+pub enum Connection {
+    /// Over QUIC.
+    Quic(quinn::Connection),
+    /// Over TLS on TCP.
+    Tcp(tcp::ClientConnection),
+}
+
+impl Connection {
+    /// The transport under it.
+    pub fn kind(&self) -> TransportKind {
+        match self {
+            Connection::Quic(_) => TransportKind::Quic,
+            Connection::Tcp(_) => TransportKind::Tcp,
+        }
+    }
+
+    /// Opens a request stream, waiting while the relay's stream limit is reached.
+    pub async fn open_stream(&self) -> Result<(BoxSend, BoxRecv), String> {
+        match self {
+            Connection::Quic(connection) => match connection.open_bi().await {
+                Ok((send, recv)) => Ok((Box::new(send), Box::new(recv))),
+                Err(e) => Err(e.to_string()),
+            },
+            Connection::Tcp(connection) => match connection.open_stream().await {
+                Ok((send, recv)) => Ok((Box::new(send), Box::new(recv))),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+
+    /// Ends the connection now with `code`; streams still open on it fail.
+    pub fn close(&self, code: u32, reason: &str) {
+        match self {
+            Connection::Quic(connection) => connection.close(code.into(), reason.as_bytes()),
+            Connection::Tcp(connection) => connection.close(reason),
+        }
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<String> {
+        match self {
+            Connection::Quic(connection) => connection.close_reason().map(|r| r.to_string()),
+            Connection::Tcp(connection) => connection.close_reason(),
+        }
+    }
+
+    /// Resolves when the connection has ended, with the reason.
+    pub async fn closed(&self) -> String {
+        match self {
+            Connection::Quic(connection) => connection.closed().await.to_string(),
+            Connection::Tcp(connection) => connection.closed().await,
+        }
+    }
+
+    /// The current round-trip time estimate.
+    pub fn rtt(&self) -> Duration {
+        match self {
+            Connection::Quic(connection) => connection.rtt(),
+            Connection::Tcp(connection) => connection.rtt(),
+        }
+    }
+
+    /// The relay's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        match self {
+            Connection::Quic(connection) => connection.remote_address(),
+            Connection::Tcp(connection) => connection.remote_address(),
+        }
+    }
+
+    /// A count that grows whenever anything arrives from the relay
+    /// (datagrams on QUIC, bytes on TCP): the tunnel's sign of life.
+    pub fn heard(&self) -> u64 {
+        match self {
+            Connection::Quic(connection) => connection.stats().udp_rx.datagrams,
+            Connection::Tcp(connection) => connection.bytes_received(),
+        }
+    }
+}
+
+/// The relay's control messages on one connection (the welcome, then
+/// perhaps a go-away).
+pub enum Control {
+    /// QUIC: each message on a unidirectional stream of its own.
+    Quic(quinn::Connection),
+    /// TCP: the control stream.
+    Tcp {
+        /// The relay's control frames.
+        frames: FramedRead<H2Recv, FrameCodec>,
+        /// The client's side of the control stream.
+        send: tcp::H2Send,
+    },
+}
+
+impl Control {
+    /// The relay's next control frame; `None` once the connection ends.
+    pub async fn next_frame(&mut self) -> Option<Result<Frame, String>> {
+        match self {
+            Control::Quic(connection) => {
+                let stream = connection.accept_uni().await.ok()?;
+                let frame = frame_reader(stream).next().await;
+                Some(match frame {
+                    Some(Ok(frame)) => Ok(frame),
+                    Some(Err(e)) => Err(e.to_string()),
+                    None => Err("the relay closed a control stream early".to_owned()),
+                })
+            }
+            Control::Tcp { frames, .. } => frames
+                .next()
+                .await
+                .map(|frame| frame.map_err(|e| e.to_string())),
+        }
+    }
+
+    /// Resolves when the relay announces its shutdown; never if the connection ends first.
+    pub async fn go_away(&mut self) {
+        while let Some(frame) = self.next_frame().await {
+            if let Ok(Frame::GoAway) = frame {
+                return;
+            }
+        }
+        std::future::pending().await
+    }
+}
+
+/// A connection whose relay has welcomed this client.
+pub struct Established {
+    /// The connection.
+    pub connection: Connection,
+    /// Its control messages.
+    pub control: Control,
+}
+
+impl Established {
+    /// Closes a connection this client raced and no longer needs, with a
+    /// code the relay logs as routine ([`close_code::ABANDONED`]).
+    pub fn abandon(self) {
+        self.leave(close_code::ABANDONED, "another handshake won");
+    }
+
+    /// Stops using the connection: requests in flight on it finish, then
+    /// it closes (QUIC closes at once: it is never retired for another).
+    pub fn leave(self, code: u32, reason: &str) {
+        match (self.connection, self.control) {
+            (connection @ Connection::Quic(_), _) => connection.close(code, reason),
+            (Connection::Tcp(_), Control::Tcp { mut send, .. }) => {
+                // Resetting the control stream tells the relay; with every
+                // handle dropped, HTTP/2 closes once the last stream ends.
+                send.reset(code);
+            }
+            (Connection::Tcp(connection), Control::Quic(_)) => connection.close(reason),
+        }
+    }
+}
+
+/// What a connection attempt needs to know about its relay.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    /// TLS name the relay's certificate must carry.
+    pub server_name: String,
+    /// QUIC client configuration.
+    pub quic: quinn::ClientConfig,
+    /// TLS configuration for TCP (its ALPN is `passage-tcp/1`).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Transport settings (keep-alive, idle timeout, windows).
+    pub tuning: TransportTuning,
+    /// The UDP endpoints, made on first use per address family.
+    pub endpoints: Arc<Mutex<Endpoints>>,
+}
+
+impl Dialer {
+    /// One QUIC handshake to `addr` and the relay's welcome.
+    pub async fn quic(&self, addr: SocketAddr) -> Result<Established, String> {
+        let endpoint = self
+            .endpoints
+            .lock()
+            .map_err(|_| "endpoint lock poisoned".to_owned())?
+            .for_address(addr)?;
+        let connecting = endpoint
+            .connect_with(self.quic.clone(), addr, &self.server_name)
+            .map_err(|e| e.to_string())?;
+        let connection = connecting.await.map_err(|e| match e {
+            quinn::ConnectionError::TimedOut => NO_REPLY.to_owned(),
+            e => e.to_string(),
+        })?;
+        let mut control = Control::Quic(connection.clone());
+        welcome(&mut control).await?;
+        Ok(Established {
+            connection: Connection::Quic(connection),
+            control,
+        })
+    }
+
+    /// One TLS-over-TCP handshake to `addr` and the relay's welcome.
+    pub async fn tcp(&self, addr: SocketAddr) -> Result<Established, String> {
+        let (connection, control) =
+            tcp::ClientConnection::connect(addr, &self.server_name, self.tls.clone(), self.tuning)
+                .await
+                .map_err(|e| match e {
+                    tcp::ConnectError::Tcp(e) => e.to_string(),
+                    e => e.to_string(),
+                })?;
+        let mut control = Control::Tcp {
+            frames: frame_reader(control.recv),
+            send: control.send,
+        };
+        welcome(&mut control).await?;
+        Ok(Established {
+            connection: Connection::Tcp(connection),
+            control,
+        })
+    }
+}
+
+/// How a QUIC handshake that got no answer reads in errors.
+pub const NO_REPLY: &str = "no reply";
+
+/// Reads the relay's welcome: in TLS 1.3 the client finishes its handshake
+/// before the relay has judged its certificate, so only the welcome proves
+/// it was accepted.
+async fn welcome(control: &mut Control) -> Result<(), String> {
+    match control.next_frame().await {
+        Some(Ok(Frame::Welcome(_))) => Ok(()),
+        Some(Ok(frame)) => Err(format!(
+            "the relay sent a {} frame instead of a welcome",
+            frame.kind()
+        )),
+        Some(Err(e)) => Err(format!("the relay refused the connection: {e}")),
+        None => Err("the relay refused the connection".to_owned()),
+    }
+}
+
+/// The UDP endpoints of one link, made on first use per address family.
+#[derive(Debug, Default)]
+pub struct Endpoints {
+    v4: Option<quinn::Endpoint>,
+    v6: Option<quinn::Endpoint>,
+}
+
+impl Endpoints {
+    fn for_address(&mut self, addr: SocketAddr) -> Result<quinn::Endpoint, String> {
+        let (slot, bind): (_, SocketAddr) = if addr.is_ipv4() {
+            (&mut self.v4, (std::net::Ipv4Addr::UNSPECIFIED, 0).into())
+        } else {
+            (&mut self.v6, (std::net::Ipv6Addr::UNSPECIFIED, 0).into())
+        };
+        if let Some(endpoint) = slot {
+            return Ok(endpoint.clone());
+        }
+        let endpoint =
+            quic::endpoint(bind, None, None).map_err(|e| passage_shared::error_chain(&e))?;
+        *slot = Some(endpoint.clone());
+        Ok(endpoint)
+    }
+
+    /// Every endpoint made so far.
+    pub fn all(&self) -> Vec<quinn::Endpoint> {
+        self.v4.iter().chain(self.v6.iter()).cloned().collect()
+    }
+}

@@ -1,0 +1,860 @@
+//! The fallback transport: TLS 1.3 over TCP, requests multiplexed with
+//! HTTP/2 (the `h2` crate), for networks that block or throttle UDP.
+//!
+//! It keeps QUIC's identities and rules: the same CA, client certificates,
+//! revocation list and refusals (see [`crate::tls`]), under its own ALPN
+//! ([`crate::frame::ALPN_TCP`]). HTTP/2 stands in for QUIC's streams:
+//!
+//! - **Control.** The client's first stream, `POST /control`, carries the
+//!   relay's `Welcome` and, later, its `GoAway` frames (QUIC sends each on a
+//!   unidirectional stream of its own).
+//! - **Requests.** Every request gets its own stream, `POST /stream`, whose
+//!   DATA frames carry the same passage frames as a QUIC stream, so
+//!   request handling is the same code on both transports. The relay
+//!   answers each new stream with an HTTP/2 `200` head at once, before its
+//!   handler reads anything: that head is the client's proof that the relay
+//!   has the request (QUIC's acknowledgement, see the client's `forward`).
+//! - **Reset and stop.** RST_STREAM, with passage's codes mapped to HTTP/2
+//!   reasons ([`reason_for`]). HTTP/2 cannot close one direction alone, so
+//!   a client that stops reading a response resets the whole stream.
+//! - **Flow control.** HTTP/2 windows sized as QUIC's (per stream and 2.5×
+//!   that per connection), released as the reader consumes the bytes, so
+//!   a slow reader holds back the sender.
+//! - **Liveness.** An HTTP/2 PING every keep-alive interval; no answer
+//!   within the idle timeout closes the connection. `TCP_USER_TIMEOUT`
+//!   does the same for data the peer never acknowledges, and
+//!   `TCP_NOTSENT_LOWAT` keeps the kernel's unsent queue short so a PING
+//!   never waits behind megabytes of body.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use h2::Reason;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::{Congestion, Ended, RecvHalf, SendHalf, StreamEnd, StreamFault, TransportTuning};
+use crate::frame::{Frame, encode_frame, reset_code};
+
+/// Path of the request streams.
+const STREAM_PATH: &str = "/stream";
+/// Path of the control stream (the client's first).
+const CONTROL_PATH: &str = "/control";
+/// Largest HTTP/2 DATA frame either end accepts.
+const MAX_FRAME_SIZE: u32 = 64 * 1024;
+/// Largest header block the relay reads: the heads of this protocol are a
+/// few dozen bytes (the app's headers travel inside passage frames).
+const MAX_HEADER_LIST: u32 = 4 * 1024;
+/// Unsent bytes the kernel may queue per socket (`TCP_NOTSENT_LOWAT`).
+const NOTSENT_LOWAT: u32 = 128 * 1024;
+/// Streams the client may reset before the relay has accepted them (HTTP/2
+/// "rapid reset" guard); an app that cancels a burst of requests is normal.
+const PENDING_ACCEPT_RESETS: usize = 256;
+/// Longest wait for the client's control stream after the TLS handshake.
+const CONTROL_WAIT: Duration = Duration::from_secs(10);
+
+/// Offset of passage's own reset codes among HTTP/2 reasons (ASCII "PA"),
+/// far from the codes HTTP/2 defines.
+const PASSAGE_REASONS: u32 = 0x5041_0000;
+/// Offset of HTTP/2's own reasons that have no passage meaning, among the
+/// codes [`StreamFault::Reset`] reports, so they never read as passage's.
+const HTTP2_REASONS: u64 = 1 << 32;
+
+/// The HTTP/2 reason that carries passage reset `code`.
+pub fn reason_for(code: u32) -> Reason {
+    match code {
+        reset_code::CANCELLED => Reason::CANCEL,
+        reset_code::PROTOCOL_ERROR => Reason::PROTOCOL_ERROR,
+        // HTTP/2 defines REFUSED_STREAM just so: nothing was processed.
+        reset_code::REFUSED => Reason::REFUSED_STREAM,
+        other => Reason::from(PASSAGE_REASONS | (other & 0xffff)),
+    }
+}
+
+/// The passage reset code an HTTP/2 reason carries (see [`reason_for`]).
+pub fn code_for(reason: Reason) -> u64 {
+    let raw = u32::from(reason);
+    if reason == Reason::CANCEL {
+        u64::from(reset_code::CANCELLED)
+    } else if reason == Reason::PROTOCOL_ERROR {
+        u64::from(reset_code::PROTOCOL_ERROR)
+    } else if reason == Reason::REFUSED_STREAM {
+        u64::from(reset_code::REFUSED)
+    } else if raw & 0xffff_0000 == PASSAGE_REASONS {
+        u64::from(raw & 0xffff)
+    } else {
+        HTTP2_REASONS | u64::from(raw)
+    }
+}
+
+/// How a stream of this transport failed; wrapped in the `io::Error`s its
+/// halves return, and read back by [`super::stream_fault`].
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StreamError {
+    /// The stream was reset with this passage code.
+    #[error("stream reset (code {0})")]
+    Reset(u64),
+    /// The connection ended.
+    #[error("tunnel connection lost: {0}")]
+    ConnectionLost(String),
+    /// The relay answered the stream with something other than 200.
+    #[error("the relay answered the stream with HTTP/2 status {0}")]
+    Status(u16),
+    /// Anything else HTTP/2 reported.
+    #[error("HTTP/2: {0}")]
+    Other(String),
+}
+
+impl StreamError {
+    fn from_h2(error: h2::Error) -> StreamError {
+        if error.is_reset() {
+            StreamError::Reset(error.reason().map_or(HTTP2_REASONS, code_for))
+        } else if error.is_io() || error.is_go_away() || error.reason().is_some() {
+            StreamError::ConnectionLost(error.to_string())
+        } else {
+            StreamError::Other(error.to_string())
+        }
+    }
+
+    fn into_io(self) -> io::Error {
+        let kind = match self {
+            StreamError::ConnectionLost(_) => io::ErrorKind::ConnectionAborted,
+            StreamError::Reset(_) => io::ErrorKind::ConnectionReset,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, self)
+    }
+}
+
+/// What an error of this transport says about the stream, if it is one.
+pub(super) fn fault(
+    inner: &(dyn std::error::Error + Send + Sync + 'static),
+) -> Option<StreamFault> {
+    inner
+        .downcast_ref::<StreamError>()
+        .map(|error| match error {
+            StreamError::Reset(code) => StreamFault::Reset(*code),
+            StreamError::ConnectionLost(_) => StreamFault::ConnectionLost,
+            StreamError::Status(_) | StreamError::Other(_) => StreamFault::Other,
+        })
+}
+
+/// One HTTP/2 stream's sending side, shared by its two halves: the
+/// receiving half resets through it ([`RecvHalf::stop`]).
+type SharedSend = Arc<Mutex<h2::SendStream<Bytes>>>;
+
+fn lock(stream: &SharedSend) -> MutexGuard<'_, h2::SendStream<Bytes>> {
+    stream.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Why a stream can send no more: its reset reason if the peer reset it.
+fn closed_error(stream: &mut h2::SendStream<Bytes>, cx: &mut Context<'_>) -> StreamError {
+    match stream.poll_reset(cx) {
+        Poll::Ready(Ok(reason)) => StreamError::Reset(code_for(reason)),
+        Poll::Ready(Err(e)) => StreamError::from_h2(e),
+        Poll::Pending => StreamError::Other("the stream is closed for sending".to_owned()),
+    }
+}
+
+/// The sending half of one request stream.
+pub struct H2Send {
+    stream: SharedSend,
+    /// Client side: set once the relay's head for this stream arrived.
+    acknowledged: Option<Arc<AtomicBool>>,
+}
+
+impl AsyncWrite for H2Send {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let mut stream = lock(&self.stream);
+        // Send only what the peer's window and h2's send buffer have room
+        // for: the rest waits here, which is the backpressure.
+        stream.reserve_capacity(buf.len());
+        loop {
+            let capacity = stream.capacity();
+            if capacity > 0 {
+                let n = capacity.min(buf.len());
+                return Poll::Ready(
+                    match stream.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
+                        Ok(()) => Ok(n),
+                        Err(_) => Err(closed_error(&mut stream, cx).into_io()),
+                    },
+                );
+            }
+            match ready!(stream.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(StreamError::from_h2(e).into_io())),
+                None => return Poll::Ready(Err(closed_error(&mut stream, cx).into_io())),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The connection's task writes whatever the stream has queued.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        SendHalf::finish(&mut *self);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl SendHalf for H2Send {
+    fn finish(&mut self) {
+        // Fails only if already finished or reset: nothing left to do then.
+        let _ = lock(&self.stream).send_data(Bytes::new(), true);
+    }
+
+    fn reset(&mut self, code: u32) {
+        lock(&self.stream).send_reset(reason_for(code));
+    }
+
+    fn stopped(&self) -> Pin<Box<dyn Future<Output = StreamEnd> + Send + 'static>> {
+        let stream = self.stream.clone();
+        let acknowledged = self.acknowledged.clone();
+        Box::pin(std::future::poll_fn(move |cx| {
+            let outcome = match ready!(lock(&stream).poll_reset(cx)) {
+                Ok(reason) => StreamError::Reset(code_for(reason)),
+                Err(e) => StreamError::from_h2(e),
+            };
+            Poll::Ready(match outcome {
+                StreamError::Reset(code) => StreamEnd::Stopped(code),
+                // HTTP/2 acknowledges no bytes; the relay's head for the
+                // stream is the proof that it had the request.
+                _ if acknowledged
+                    .as_ref()
+                    .is_some_and(|a| a.load(Ordering::Acquire)) =>
+                {
+                    StreamEnd::Acknowledged
+                }
+                _ => StreamEnd::ConnectionLost,
+            })
+        }))
+    }
+}
+
+/// Where the receiving half of a stream stands.
+enum RecvState {
+    /// Client side: waiting for the relay's head for this stream.
+    Waiting(h2::client::ResponseFuture),
+    /// Reading DATA frames.
+    Open(h2::RecvStream),
+    /// The head was refused; nothing more to read.
+    Failed(StreamError),
+}
+
+/// The receiving half of one request stream.
+pub struct H2Recv {
+    state: RecvState,
+    /// Bytes of the last DATA frame not yet read.
+    pending: Bytes,
+    stream: SharedSend,
+    acknowledged: Option<Arc<AtomicBool>>,
+    /// Client side: dropping this half before the end cancels the stream
+    /// (as dropping a QUIC receive stream stops the sender).
+    cancel_on_drop: bool,
+    ended: bool,
+}
+
+impl AsyncRead for H2Recv {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending[..n]);
+                this.pending.advance(n);
+                if let RecvState::Open(body) = &mut this.state {
+                    // Open the window only for what the reader took.
+                    let _ = body.flow_control().release_capacity(n);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            match &mut this.state {
+                RecvState::Waiting(response) => match ready!(Pin::new(response).poll(cx)) {
+                    Ok(response) if response.status() == http::StatusCode::OK => {
+                        if let Some(acknowledged) = &this.acknowledged {
+                            acknowledged.store(true, Ordering::Release);
+                        }
+                        this.state = RecvState::Open(response.into_body());
+                    }
+                    Ok(response) => {
+                        this.state =
+                            RecvState::Failed(StreamError::Status(response.status().as_u16()));
+                    }
+                    Err(e) => this.state = RecvState::Failed(StreamError::from_h2(e)),
+                },
+                RecvState::Open(body) => match ready!(body.poll_data(cx)) {
+                    Some(Ok(data)) => this.pending = data,
+                    Some(Err(e)) => return Poll::Ready(Err(StreamError::from_h2(e).into_io())),
+                    None => {
+                        this.ended = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                },
+                RecvState::Failed(error) => return Poll::Ready(Err(error.clone().into_io())),
+            }
+        }
+    }
+}
+
+impl RecvHalf for H2Recv {
+    fn stop(&mut self, code: u32) {
+        lock(&self.stream).send_reset(reason_for(code));
+    }
+}
+
+impl Drop for H2Recv {
+    fn drop(&mut self) {
+        if self.cancel_on_drop && !self.ended {
+            lock(&self.stream).send_reset(Reason::CANCEL);
+        }
+    }
+}
+
+/// A TCP socket that counts the bytes it receives: any byte from the peer
+/// proves the connection alive.
+pub struct CountedTcp {
+    inner: TcpStream,
+    received: Arc<AtomicU64>,
+}
+
+impl AsyncRead for CountedTcp {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = ready!(Pin::new(&mut self.inner).poll_read(cx, buf));
+        let read = (buf.filled().len() - before) as u64;
+        self.received.fetch_add(read, Ordering::Relaxed);
+        Poll::Ready(result)
+    }
+}
+
+impl AsyncWrite for CountedTcp {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Socket options for a tunnel connection, best effort: a kernel without
+/// one of them still carries the tunnel.
+fn tune_socket(tcp: &TcpStream, tuning: &TransportTuning) {
+    let _ = tcp.set_nodelay(true);
+    let socket = socket2::SockRef::from(tcp);
+    let _ = socket.set_tcp_user_timeout(Some(tuning.idle_timeout));
+    let _ = socket.set_tcp_notsent_lowat(NOTSENT_LOWAT);
+    if tuning.congestion == Congestion::Bbr {
+        // Only where the kernel has BBR; otherwise its default (CUBIC) stays.
+        let _ = socket.set_tcp_congestion(b"bbr");
+    }
+}
+
+/// State both ends keep per connection: liveness and how it ended.
+#[derive(Debug)]
+struct ConnectionState {
+    remote: SocketAddr,
+    /// Bytes received from the peer so far.
+    received: Arc<AtomicU64>,
+    /// Round-trip time of the last keep-alive, in microseconds.
+    rtt_micros: AtomicU64,
+    /// Cancelled when the connection has ended or must end now.
+    closed: CancellationToken,
+    reason: Mutex<Option<String>>,
+}
+
+impl ConnectionState {
+    fn new(remote: SocketAddr, received: Arc<AtomicU64>) -> Arc<ConnectionState> {
+        Arc::new(ConnectionState {
+            remote,
+            received,
+            rtt_micros: AtomicU64::new(0),
+            closed: CancellationToken::new(),
+            reason: Mutex::new(None),
+        })
+    }
+
+    /// Ends the connection, keeping the first reason given.
+    fn close(&self, reason: String) {
+        self.reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(reason);
+        self.closed.cancel();
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Pings the peer every keep-alive interval; a ping unanswered within the
+/// idle timeout closes the connection.
+async fn keep_alive(
+    mut ping_pong: h2::PingPong,
+    state: Arc<ConnectionState>,
+    tuning: TransportTuning,
+) {
+    loop {
+        tokio::select! {
+            _ = state.closed.cancelled() => return,
+            _ = tokio::time::sleep(tuning.keep_alive) => {}
+        }
+        let sent = Instant::now();
+        let pong = tokio::select! {
+            _ = state.closed.cancelled() => return,
+            pong = tokio::time::timeout(tuning.idle_timeout, ping_pong.ping(h2::Ping::opaque())) => pong,
+        };
+        match pong {
+            Ok(Ok(_)) => state
+                .rtt_micros
+                .store(sent.elapsed().as_micros() as u64, Ordering::Relaxed),
+            // The connection has ended; its task records why.
+            Ok(Err(_)) => return,
+            Err(_) => {
+                state.close(format!(
+                    "no answer to a keep-alive within {:?}",
+                    tuning.idle_timeout
+                ));
+                return;
+            }
+        }
+    }
+}
+
+/// HTTP/2 flow-control windows from the tuning: per stream, and 2.5× that
+/// per connection, as on QUIC.
+fn windows(tuning: &TransportTuning) -> (u32, u32) {
+    let stream = tuning.stream_window.min(i32::MAX as u32);
+    let connection = (u64::from(stream) * 5 / 2).min(i32::MAX as u64) as u32;
+    (stream, connection)
+}
+
+/// Why a connection to a relay could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The TCP connection failed.
+    #[error("TCP: {0}")]
+    Tcp(io::Error),
+    /// The server name is not a valid TLS name.
+    #[error("invalid TLS server name {0:?}")]
+    ServerName(String),
+    /// The TLS handshake failed.
+    #[error("TLS: {0}")]
+    Tls(io::Error),
+    /// The HTTP/2 handshake or the control stream failed.
+    #[error("HTTP/2: {0}")]
+    Http2(StreamError),
+}
+
+/// The client's end of one TCP tunnel connection; cheap to clone.
+#[derive(Clone)]
+pub struct ClientConnection {
+    send_request: h2::client::SendRequest<Bytes>,
+    state: Arc<ConnectionState>,
+    stream_uri: http::Uri,
+}
+
+impl std::fmt::Debug for ClientConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConnection")
+            .field("remote", &self.state.remote)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The client's control stream: the relay's welcome and go-away arrive on
+/// `recv`; `send` stays open while the connection lives.
+pub struct ControlStream {
+    /// The relay's control frames.
+    pub recv: H2Recv,
+    /// The client's side, open for the connection's life.
+    pub send: H2Send,
+}
+
+impl ClientConnection {
+    /// Connects to `addr`, verifies the relay as `server_name` with `tls`
+    /// (whose ALPN must be [`crate::frame::ALPN_TCP`]), sets up HTTP/2 and
+    /// opens the control stream. The relay's welcome is the caller's to read.
+    pub async fn connect(
+        addr: SocketAddr,
+        server_name: &str,
+        tls: Arc<rustls::ClientConfig>,
+        tuning: TransportTuning,
+    ) -> Result<(ClientConnection, ControlStream), ConnectError> {
+        let name = ServerName::try_from(server_name.to_owned())
+            .map_err(|_| ConnectError::ServerName(server_name.to_owned()))?;
+        let tcp = TcpStream::connect(addr).await.map_err(ConnectError::Tcp)?;
+        tune_socket(&tcp, &tuning);
+        let received = Arc::new(AtomicU64::new(0));
+        let io = CountedTcp {
+            inner: tcp,
+            received: received.clone(),
+        };
+        let tls = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, io)
+            .await
+            .map_err(ConnectError::Tls)?;
+        let (stream_window, connection_window) = windows(&tuning);
+        let (send_request, mut connection) = h2::client::Builder::new()
+            .initial_window_size(stream_window)
+            .initial_connection_window_size(connection_window)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| ConnectError::Http2(StreamError::from_h2(e)))?;
+        let state = ConnectionState::new(addr, received);
+        let ping_pong = connection.ping_pong();
+        let driver_state = state.clone();
+        tokio::spawn(async move {
+            let reason = tokio::select! {
+                ended = &mut connection => match ended {
+                    Ok(()) => "closed by the relay".to_owned(),
+                    Err(e) => e.to_string(),
+                },
+                _ = driver_state.closed.cancelled() => String::new(),
+            };
+            driver_state.close(reason);
+            // Dropping the connection fails every stream still open on it.
+        });
+        if let Some(ping_pong) = ping_pong {
+            tokio::spawn(keep_alive(ping_pong, state.clone(), tuning));
+        }
+        let authority = format!("{server_name}:{}", addr.port());
+        let uri = |path: &str| {
+            http::Uri::builder()
+                .scheme("https")
+                .authority(authority.as_str())
+                .path_and_query(path)
+                .build()
+        };
+        let (Ok(stream_uri), Ok(control_uri)) = (uri(STREAM_PATH), uri(CONTROL_PATH)) else {
+            return Err(ConnectError::ServerName(server_name.to_owned()));
+        };
+        let connection = ClientConnection {
+            send_request,
+            state,
+            stream_uri,
+        };
+        let (send, recv) = connection
+            .open(control_uri)
+            .await
+            .map_err(ConnectError::Http2)?;
+        Ok((connection, ControlStream { recv, send }))
+    }
+
+    /// Opens a request stream, waiting while the relay's stream limit is reached.
+    pub async fn open_stream(&self) -> Result<(H2Send, H2Recv), StreamError> {
+        self.open(self.stream_uri.clone()).await
+    }
+
+    async fn open(&self, uri: http::Uri) -> Result<(H2Send, H2Recv), StreamError> {
+        let lost = |e: h2::Error| match self.state.reason() {
+            Some(reason) => StreamError::ConnectionLost(reason),
+            None => StreamError::from_h2(e),
+        };
+        let mut send_request = self.send_request.clone().ready().await.map_err(lost)?;
+        let mut request = http::Request::new(());
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = uri;
+        let (response, send) = send_request.send_request(request, false).map_err(lost)?;
+        let stream = Arc::new(Mutex::new(send));
+        let acknowledged = Arc::new(AtomicBool::new(false));
+        let recv = H2Recv {
+            state: RecvState::Waiting(response),
+            pending: Bytes::new(),
+            stream: stream.clone(),
+            acknowledged: Some(acknowledged.clone()),
+            cancel_on_drop: true,
+            ended: false,
+        };
+        let send = H2Send {
+            stream,
+            acknowledged: Some(acknowledged),
+        };
+        Ok((send, recv))
+    }
+
+    /// Ends the connection now; streams still open on it fail.
+    pub fn close(&self, reason: &str) {
+        self.state.close(reason.to_owned());
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<String> {
+        if self.state.closed.is_cancelled() {
+            Some(self.state.reason().unwrap_or_default())
+        } else {
+            None
+        }
+    }
+
+    /// Resolves when the connection has ended, with the reason.
+    pub async fn closed(&self) -> String {
+        self.state.closed.cancelled().await;
+        self.state.reason().unwrap_or_default()
+    }
+
+    /// Round-trip time of the last keep-alive.
+    pub fn rtt(&self) -> Duration {
+        Duration::from_micros(self.state.rtt_micros.load(Ordering::Relaxed))
+    }
+
+    /// The relay's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.state.remote
+    }
+
+    /// Bytes received from the relay so far (any byte proves it alive).
+    pub fn bytes_received(&self) -> u64 {
+        self.state.received.load(Ordering::Relaxed)
+    }
+}
+
+/// The relay's TLS acceptor side of a new TCP connection: tunes the socket
+/// and runs the handshake, whose verifier checks the client certificate.
+pub async fn accept_tls(
+    tcp: TcpStream,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tuning: &TransportTuning,
+) -> io::Result<(tokio_rustls::server::TlsStream<CountedTcp>, Arc<AtomicU64>)> {
+    tune_socket(&tcp, tuning);
+    let received = Arc::new(AtomicU64::new(0));
+    let io = CountedTcp {
+        inner: tcp,
+        received: received.clone(),
+    };
+    let tls = acceptor.accept(io).await?;
+    Ok((tls, received))
+}
+
+/// The client's certificate (DER) on a finished TLS connection; empty if absent.
+pub fn peer_leaf(tls: &tokio_rustls::server::TlsStream<CountedTcp>) -> Vec<u8> {
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain: &[CertificateDer<'static>]| chain.first())
+        .map(|leaf| leaf.to_vec())
+        .unwrap_or_default()
+}
+
+/// A handle that ends a connection from elsewhere (a revocation).
+#[derive(Debug, Clone)]
+pub struct Closer(Arc<ConnectionState>);
+
+impl Closer {
+    /// Ends the connection now with `reason`.
+    pub fn close(&self, reason: &str) {
+        self.0.close(reason.to_owned());
+    }
+}
+
+/// The relay's end of one TCP tunnel connection.
+pub struct ServerConnection {
+    connection: h2::server::Connection<tokio_rustls::server::TlsStream<CountedTcp>, Bytes>,
+    control: h2::SendStream<Bytes>,
+    state: Arc<ConnectionState>,
+}
+
+impl ServerConnection {
+    /// Sets up HTTP/2 on a verified TLS connection and waits for the
+    /// client's control stream; `max_streams` request streams may be open
+    /// at once.
+    pub async fn handshake(
+        tls: tokio_rustls::server::TlsStream<CountedTcp>,
+        received: Arc<AtomicU64>,
+        remote: SocketAddr,
+        tuning: TransportTuning,
+        max_streams: u32,
+    ) -> Result<ServerConnection, StreamError> {
+        let (stream_window, connection_window) = windows(&tuning);
+        let mut connection = h2::server::Builder::new()
+            .initial_window_size(stream_window)
+            .initial_connection_window_size(connection_window)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .max_header_list_size(MAX_HEADER_LIST)
+            // One more for the control stream.
+            .max_concurrent_streams(max_streams.saturating_add(1))
+            .max_pending_accept_reset_streams(PENDING_ACCEPT_RESETS)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(StreamError::from_h2)?;
+        let first = tokio::time::timeout(CONTROL_WAIT, connection.accept())
+            .await
+            .map_err(|_| StreamError::Other("no control stream in time".to_owned()))?;
+        let (request, mut respond) = match first {
+            Some(Ok(accepted)) => accepted,
+            Some(Err(e)) => return Err(StreamError::from_h2(e)),
+            None => {
+                return Err(StreamError::ConnectionLost(
+                    "closed before its control stream".to_owned(),
+                ));
+            }
+        };
+        if request.uri().path() != CONTROL_PATH {
+            respond.send_reset(Reason::PROTOCOL_ERROR);
+            return Err(StreamError::Other(format!(
+                "expected the control stream, got {}",
+                request.uri().path()
+            )));
+        }
+        let control = respond
+            .send_response(http::Response::new(()), false)
+            .map_err(StreamError::from_h2)?;
+        let state = ConnectionState::new(remote, received);
+        if let Some(ping_pong) = connection.ping_pong() {
+            tokio::spawn(keep_alive(ping_pong, state.clone(), tuning));
+        }
+        Ok(ServerConnection {
+            connection,
+            control,
+            state,
+        })
+    }
+
+    /// Sends one control frame (welcome, go-away) to the client. Control
+    /// frames are a few bytes, so they skip flow control and never wait.
+    pub fn send_control(&mut self, frame: Frame) -> Result<(), String> {
+        let mut encoded = BytesMut::new();
+        encode_frame(&frame, &mut encoded).map_err(|e| e.to_string())?;
+        self.control
+            .send_data(encoded.freeze(), false)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The next request stream, answered at once with the `200` head that
+    /// tells the client the relay has it. Drives the connection while it
+    /// waits; `Err` once the connection is over.
+    pub async fn accept_stream(&mut self) -> Result<(H2Send, H2Recv), Ended> {
+        loop {
+            let (connection, control) = (&mut self.connection, &mut self.control);
+            let next = tokio::select! {
+                _ = self.state.closed.cancelled() => {
+                    return Err(Ended::failed(self.state.reason().unwrap_or_default()));
+                }
+                reset = std::future::poll_fn(|cx| control.poll_reset(cx)) => {
+                    return Err(Ended {
+                        reason: "the client closed its control stream".to_owned(),
+                        code: reset.ok().map(code_for),
+                    });
+                }
+                next = connection.accept() => next,
+            };
+            let (request, mut respond) = match next {
+                Some(Ok(accepted)) => accepted,
+                Some(Err(e)) => return Err(Ended::failed(e.to_string())),
+                None => {
+                    // The client said goodbye: let its last streams finish.
+                    tokio::select! {
+                        _ = self.state.closed.cancelled() => {}
+                        _ = std::future::poll_fn(|cx| self.connection.poll_closed(cx)) => {}
+                    }
+                    return Err(Ended::failed("closed by the client".to_owned()));
+                }
+            };
+            if request.uri().path() != STREAM_PATH {
+                respond.send_reset(Reason::PROTOCOL_ERROR);
+                continue;
+            }
+            let Ok(send) = respond.send_response(http::Response::new(()), false) else {
+                continue;
+            };
+            let stream = Arc::new(Mutex::new(send));
+            let recv = H2Recv {
+                state: RecvState::Open(request.into_body()),
+                pending: Bytes::new(),
+                stream: stream.clone(),
+                acknowledged: None,
+                cancel_on_drop: false,
+                ended: false,
+            };
+            let send = H2Send {
+                stream,
+                acknowledged: None,
+            };
+            return Ok((send, recv));
+        }
+    }
+
+    /// A handle that ends this connection from elsewhere.
+    pub fn closer(&self) -> Closer {
+        Closer(self.state.clone())
+    }
+
+    /// Bytes received from the client so far.
+    pub fn bytes_received(&self) -> u64 {
+        self.state.received.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passage_codes_survive_the_http2_mapping() {
+        for code in [
+            reset_code::CANCELLED,
+            reset_code::PROTOCOL_ERROR,
+            reset_code::BODY_FAILED,
+            reset_code::REFUSED,
+            0x11,
+        ] {
+            assert_eq!(code_for(reason_for(code)), u64::from(code));
+        }
+        // HTTP/2's own reasons never read as one of passage's codes.
+        assert_eq!(code_for(Reason::INTERNAL_ERROR), HTTP2_REASONS | 2);
+        assert_eq!(code_for(Reason::NO_ERROR), HTTP2_REASONS);
+    }
+}
