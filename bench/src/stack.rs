@@ -402,6 +402,11 @@ impl Tunnel {
         &self.relay_log
     }
 
+    /// The client's log file.
+    pub fn client_log(&self) -> PathBuf {
+        self._dir.path().join("client.log")
+    }
+
     /// Stops the relay with SIGTERM (it drains, then exits), waits up to
     /// `limit` for it to exit, and starts it again on the same address.
     pub async fn restart_relay(&mut self, limit: Duration) -> anyhow::Result<()> {
