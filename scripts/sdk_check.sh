@@ -5,6 +5,8 @@
 # all through the real passage-client and passage-relay binaries, against
 # the mock upstream on 127.0.0.1. The relay holds the API key; the check
 # also greps both programs' logs to make sure the key never appears there.
+# It runs twice: over QUIC, and with a relay reachable only over TCP (the
+# client's `auto` transport must fall back by itself).
 #
 # Usage: scripts/sdk_check.sh        (run from anywhere; builds debug binaries)
 set -euo pipefail
@@ -33,47 +35,76 @@ trap cleanup EXIT
 free_port() { # $1: tcp or udp
   python3 -c 'import socket,sys; k=socket.SOCK_STREAM if sys.argv[1]=="tcp" else socket.SOCK_DGRAM; s=socket.socket(socket.AF_INET,k); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' "$1"
 }
-relay_port=$(free_port udp)
-client_port=$(free_port tcp)
 relay_key="sk-relay-held-$(python3 -c 'import secrets; print(secrets.token_hex(8))')"
 
 "$bin/passage-mock-upstream" --listen 127.0.0.1:0 >"$work/mock.url" 2>"$work/mock.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -s "$work/mock.url" ] && break; sleep 0.05; done
 upstream=$(cat "$work/mock.url")
-
 "$bin/passage-relay" init --dir "$work/pki" >/dev/null
-"$bin/passage-relay" issue --dir "$work/pki" --name sdk-check --relay "127.0.0.1:$relay_port" --out "$work/client.toml" >/dev/null
 
-PASSAGE_TEST_KEY="$relay_key" RUST_LOG=debug "$bin/passage-relay" serve --pki "$work/pki" \
-  --listen "127.0.0.1:$relay_port" --upstream "$upstream" --api-key-env PASSAGE_TEST_KEY 2>"$work/relay.log" &
-pids+=($!)
-RUST_LOG=debug "$bin/passage-client" run --bundle "$work/client.toml" --listen "127.0.0.1:$client_port" 2>"$work/client.log" &
-pids+=($!)
+passed=0
+failed=0
+# One round: a relay and a client, the SDK's checks through them, the logs
+# searched for the key. $1 names the round: "quic" (the relay serves both
+# transports, the client takes QUIC) or "tcp-only" (the relay's QUIC port
+# is not the one in the bundle, so only TCP reaches it, as where UDP is
+# blocked; the client's default `auto` must fall back by itself).
+run_round() {
+  local round=$1 dir="$work/$1"
+  mkdir -p "$dir"
+  local relay_port client_port quic_listen expected
+  relay_port=$(free_port udp)
+  client_port=$(free_port tcp)
+  if [ "$round" = "tcp-only" ]; then
+    quic_listen="127.0.0.1:$(free_port udp)"
+    expected=tcp
+  else
+    quic_listen="127.0.0.1:$relay_port"
+    expected=quic
+  fi
+  "$bin/passage-relay" issue --dir "$work/pki" --name "sdk-$round" --relay "127.0.0.1:$relay_port" --out "$dir/client.toml" >/dev/null
+  PASSAGE_TEST_KEY="$relay_key" RUST_LOG=debug "$bin/passage-relay" serve --pki "$work/pki" \
+    --listen "$quic_listen" --listen-tcp "127.0.0.1:$relay_port" \
+    --upstream "$upstream" --api-key-env PASSAGE_TEST_KEY 2>"$dir/relay.log" &
+  local relay_pid=$!
+  pids+=("$relay_pid")
+  RUST_LOG=debug "$bin/passage-client" run --bundle "$dir/client.toml" --state-file none \
+    --listen "127.0.0.1:$client_port" 2>"$dir/client.log" &
+  local client_pid=$!
+  pids+=("$client_pid")
 
-healthy=""
-for _ in $(seq 200); do
-  if python3 -c 'import sys,urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
-      "http://127.0.0.1:$client_port/healthz" 2>/dev/null; then healthy=1; break; fi
-  sleep 0.05
-done
-if [ -z "$healthy" ]; then
-  echo "the tunnel did not come up; logs:" >&2
-  cat "$work/relay.log" "$work/client.log" >&2
-  exit 1
-fi
+  local transport=""
+  for _ in $(seq 200); do
+    transport=$(python3 -c 'import json,sys,urllib.request; print(json.load(urllib.request.urlopen(sys.argv[1], timeout=1))["transport"])' \
+      "http://127.0.0.1:$client_port/healthz" 2>/dev/null) && break
+    sleep 0.05
+  done
+  local status=0
+  if [ "$transport" != "$expected" ]; then
+    echo "FAIL ($round): the tunnel is not up over $expected (got '${transport}')" >&2
+    status=1
+  else
+    echo "== $round: tunnel up over $transport"
+    "$venv/bin/python" scripts/sdk_check.py "http://127.0.0.1:$client_port/v1" || status=$?
+  fi
+  if grep -q -- "$relay_key" "$dir/relay.log" "$dir/client.log"; then
+    echo "FAIL ($round): the relay's API key appears in a log" >&2
+    status=1
+  fi
+  kill "$client_pid" "$relay_pid" 2>/dev/null || true
+  wait "$client_pid" "$relay_pid" 2>/dev/null || true
+  if [ "$status" -ne 0 ]; then
+    echo "--- relay log ($round)" >&2; tail -n 40 "$dir/relay.log" >&2
+    echo "--- client log ($round)" >&2; tail -n 40 "$dir/client.log" >&2
+    failed=$((failed + 1))
+  else
+    echo "the relay's key appears in no log line ($round)"
+    passed=$((passed + 1))
+  fi
+}
 
-status=0
-"$venv/bin/python" scripts/sdk_check.py "http://127.0.0.1:$client_port/v1" || status=$?
-if grep -q -- "$relay_key" "$work/relay.log" "$work/client.log"; then
-  echo "FAIL: the relay's API key appears in a log" >&2
-  status=1
-fi
-if [ "$status" -ne 0 ]; then
-  echo "--- relay log" >&2; tail -n 40 "$work/relay.log" >&2
-  echo "--- client log" >&2; tail -n 40 "$work/client.log" >&2
-  echo "sdk-check: 0 passed, 1 failed"
-  exit "$status"
-fi
-echo "the relay's key appears in no log line"
-echo "sdk-check: 1 passed, 0 failed"
+run_round quic
+run_round tcp-only
+echo "sdk-check: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

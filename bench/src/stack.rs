@@ -386,10 +386,22 @@ impl Tunnel {
 
     async fn wait_until_up(&self, limit: Duration) -> anyhow::Result<()> {
         let url = format!("{}/healthz", self.url);
-        match &self.client_netns {
+        let up = match &self.client_netns {
             Some(ns) => crate::linkem::in_netns(ns, move || wait_for_ok(url, limit)).await,
             None => wait_for_ok(url, limit).await,
-        }
+        };
+        up.map_err(|e| {
+            let tail = |path: &Path| {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            };
+            anyhow::anyhow!(
+                "{e:#}\nclient log:\n{}\nrelay log:\n{}",
+                tail(&self.client_log()),
+                tail(&self.relay_log)
+            )
+        })
     }
 
     /// The client's network namespace, if it runs in one.

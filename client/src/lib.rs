@@ -11,6 +11,7 @@ pub mod forward;
 pub mod local_access;
 pub mod metrics;
 pub mod server;
+pub mod transport_memory;
 pub mod tunnel;
 
 use std::net::SocketAddr;
@@ -28,6 +29,7 @@ use tracing::info;
 use crate::local_access::{LocalAccess, LocalAccessError};
 use crate::metrics::ClientMetrics;
 use crate::server::ServerContext;
+use crate::transport_memory::TransportMemory;
 use crate::tunnel::{RelayTarget, Tunnel, TunnelSettings, TunnelSetup};
 
 /// Default address of the local endpoint.
@@ -50,6 +52,9 @@ pub struct ClientConfig {
     pub tunnel: TunnelSettings,
     /// The relays' TCP port, when it differs from the port in their address.
     pub tcp_port: Option<u16>,
+    /// File that remembers which transport last worked per relay (none:
+    /// remembered for this process only).
+    pub state_file: Option<std::path::PathBuf>,
     /// Address to serve Prometheus metrics on, if any.
     pub metrics: Option<SocketAddr>,
     /// Whether `listen` may be an address other machines can reach
@@ -82,6 +87,7 @@ impl ClientConfig {
             drain_timeout: Duration::from_secs(30),
             tunnel: TunnelSettings::default(),
             tcp_port: None,
+            state_file: None,
             metrics: None,
             allow_non_loopback: false,
             access_token: None,
@@ -239,6 +245,7 @@ impl Client {
             quic: self.quic,
             tls: self.tls,
             settings: self.config.tunnel,
+            memory: Arc::new(TransportMemory::load(self.config.state_file.clone())),
         };
         let (tunnel, manager) = Tunnel::start(self.targets, setup, tunnel_shutdown.clone());
         let metrics = self.metrics.map(|listener| {

@@ -50,6 +50,12 @@ enum Command {
         /// than its UDP one (its --listen-tcp).
         #[arg(long)]
         tcp_port: Option<u16>,
+        /// File remembering which transport last worked per relay, so a
+        /// restart on a network that blocks UDP goes straight to TCP
+        /// (default: $XDG_STATE_HOME or ~/.local/state, then
+        /// passage-client/transports.json); `none` keeps it in memory.
+        #[arg(long, value_name = "FILE")]
+        state_file: Option<PathBuf>,
         /// Seconds a request waits for the tunnel before failing with 503.
         #[arg(long, default_value_t = 5)]
         connect_wait: u64,
@@ -95,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         relays,
         transport: choice,
         tcp_port,
+        state_file,
         connect_wait,
         metrics,
         access_token_env,
@@ -113,6 +120,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.tunnel = TunnelSettings::for_transport(transport);
     config.tunnel.choice = choice;
     config.tcp_port = tcp_port;
+    config.state_file = match state_file {
+        Some(path) if path.as_os_str() == "none" => None,
+        Some(path) => Some(path),
+        None => passage_client::transport_memory::default_state_file(),
+    };
     config.metrics = metrics;
     config.allow_non_loopback = allow_non_loopback;
     config.cors_origins = cors_origins;

@@ -15,7 +15,8 @@
 //! runs on TCP it probes QUIC again in the background (after 10 s, then
 //! backing off to 60 s) and moves new requests to QUIC once a probe
 //! succeeds; requests in flight finish on TCP. A link whose last good
-//! connection was TCP races both at once next time.
+//! connection was TCP (in this process or, through the state file, the
+//! previous one) races both at once next time.
 //!
 //! Reconnecting: a link starts a handshake at once, then another after
 //! each backoff step (100 ms doubling to a 1 s cap, each step drawn from
@@ -51,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::connect::{Connection, Dialer, Endpoints, Established, NO_REPLY, TransportChoice};
+use crate::transport_memory::TransportMemory;
 
 /// A connection that lasted this long resets the reconnect backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
@@ -281,6 +283,8 @@ pub struct TunnelSetup {
     pub tls: Arc<rustls::ClientConfig>,
     /// Timing and transport choice.
     pub settings: TunnelSettings,
+    /// Which transport last worked per relay.
+    pub memory: Arc<TransportMemory>,
 }
 
 impl Tunnel {
@@ -319,6 +323,7 @@ impl Tunnel {
                 target,
                 settings,
                 links: links_tx.clone(),
+                memory: setup.memory.clone(),
             };
             tasks.spawn(link.run(shutdown.clone()));
         }
@@ -617,6 +622,7 @@ struct Link {
     dialer: Dialer,
     settings: TunnelSettings,
     links: Arc<watch::Sender<Vec<RelayLink>>>,
+    memory: Arc<TransportMemory>,
 }
 
 impl Link {
@@ -641,7 +647,7 @@ impl Link {
         let relay = self.target.address.clone();
         let mut backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
         let mut next_attempt = Instant::now();
-        let mut last_good = None;
+        let mut last_good = self.memory.get(&relay);
         let mut replacement = None;
         loop {
             let mut established = match replacement.take() {
@@ -657,6 +663,7 @@ impl Link {
             let connection = established.connection.clone();
             let kind = connection.kind();
             last_good = Some(kind);
+            self.memory.remember(&relay, kind);
             info!(%relay, transport = %kind, rtt_ms = connection.rtt().as_millis() as u64, "tunnel up");
             let liveness = Arc::new(Liveness::new());
             liveness.heard_now();

@@ -24,6 +24,7 @@ use tempfile::TempDir;
 use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::Transport;
 use crate::stack::{http_client, init_test_logging};
 
 /// A fresh CA and relay certificate in a temporary directory.
@@ -347,12 +348,17 @@ impl RelayProcess {
 
     /// Sends SIGHUP (the relay re-reads its revocation list).
     pub fn hang_up(&self) {
+        self.signal("HUP");
+    }
+
+    /// Sends signal `name` (`HUP`, `STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, name: &str) {
         let pid = self.child.id().expect("passage-relay is running");
         let status = std::process::Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
+            .args([&format!("-{name}"), &pid.to_string()])
             .status()
             .expect("kill runs");
-        assert!(status.success(), "kill -HUP {pid}");
+        assert!(status.success(), "kill -{name} {pid}");
     }
 
     /// Kills the process outright (SIGKILL): no goodbye on the wire.
@@ -398,6 +404,20 @@ impl LocalClient {
             shutdown,
             task,
         }
+    }
+
+    /// Starts a client with `bundle` on `transport`, after `adjust` has had
+    /// its say on the configuration.
+    pub async fn start_over(
+        bundle: Bundle,
+        transport: Transport,
+        adjust: impl FnOnce(&mut ClientConfig),
+    ) -> LocalClient {
+        Self::start(bundle, |config| {
+            config.tunnel.choice = transport;
+            adjust(config);
+        })
+        .await
     }
 
     /// URL of `path` on the local endpoint.

@@ -1,45 +1,49 @@
 //! A peer with a valid certificate that breaks the frame protocol: each
 //! bad stream ends with an error and nothing else, while the same
-//! connection's other streams and the relay carry on.
+//! connection's other streams and the relay carry on, on either transport.
 
+use passage_tests::Transport::{self, Quic, Tcp};
+use rstest::rstest;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use passage_shared::frame::{ALPN, Frame, Header, RequestHead, encode_frame, frame_reader};
+use passage_client::connect::{Connection, Dialer, Established};
+use passage_shared::frame::{ALPN_TCP, Frame, Header, RequestHead, encode_frame, frame_reader};
 use passage_shared::pki::{parse_cert, parse_key};
+use passage_shared::transport::{TransportTuning, quic};
 use passage_tests::mock_upstream::MockUpstream;
 use passage_tests::relays::{InProcessRelay, TestPki, free_udp_port};
+use tokio::io::AsyncWriteExt;
 
-/// A QUIC connection to the relay as a passage client, welcomed.
+/// A connection to the relay over `transport` as a passage client, welcomed.
 async fn connect(
     relay: std::net::SocketAddr,
     bundle: &passage_shared::bundle::Bundle,
-) -> quinn::Connection {
+    transport: Transport,
+) -> Established {
     let tls = passage_shared::tls::client_tls_config(
         parse_cert(&bundle.ca_cert, "ca").expect("ca"),
         vec![parse_cert(&bundle.cert, "cert").expect("cert")],
         parse_key(&bundle.key, "key").expect("key"),
     )
     .expect("tls");
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
-    let mut endpoint =
-        quinn::Endpoint::client("127.0.0.1:0".parse().expect("literal")).expect("endpoint");
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let connection = endpoint
-        .connect(relay, "localhost")
-        .expect("connect")
-        .await
-        .expect("handshake");
-    let uni = connection.accept_uni().await.expect("welcome stream");
-    let welcome = frame_reader(uni).next().await;
-    assert!(
-        matches!(welcome, Some(Ok(Frame::Welcome(_)))),
-        "{welcome:?}"
-    );
-    assert_eq!(ALPN, b"passage/1");
-    connection
+    let mut tcp_tls = tls.clone();
+    tcp_tls.alpn_protocols = vec![ALPN_TCP.to_vec()];
+    let tuning = TransportTuning::default();
+    let dialer = Dialer {
+        server_name: "localhost".to_owned(),
+        quic: quic::client_config(tls, tuning).expect("quic config"),
+        tls: Arc::new(tcp_tls),
+        tuning,
+        endpoints: Arc::default(),
+    };
+    let welcomed = match transport {
+        Transport::Tcp => dialer.tcp(relay).await,
+        _ => dialer.quic(relay).await,
+    };
+    welcomed.expect("welcomed")
 }
 
 fn head(id: &str, method: &str, path: &str, has_body: bool) -> Frame {
@@ -65,11 +69,11 @@ fn encode(frames: &[Frame]) -> Vec<u8> {
 
 /// Sends `bytes` on a new stream and says how the relay ended it:
 /// `reset`, `status N` (a response head), or `closed`.
-async fn exchange(connection: &quinn::Connection, bytes: &[u8], finish: bool) -> String {
-    let (mut send, recv) = connection.open_bi().await.expect("open a stream");
+async fn exchange(connection: &Connection, bytes: &[u8], finish: bool) -> String {
+    let (mut send, recv) = connection.open_stream().await.expect("open a stream");
     let _ = send.write_all(bytes).await;
     if finish {
-        let _ = send.finish();
+        send.finish();
     }
     let mut frames = frame_reader(recv);
     let first = tokio::time::timeout(Duration::from_secs(15), frames.next())
@@ -83,18 +87,20 @@ async fn exchange(connection: &quinn::Connection, bytes: &[u8], finish: bool) ->
     }
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broken_streams_end_alone() {
+async fn broken_streams_end_alone(#[values(Quic, Tcp)] transport: Transport) {
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let pki = TestPki::new();
     let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), |config| {
         config.head_timeout = Duration::from_secs(2);
     });
     let bundle = pki.issue("peer", &[relay.addr]);
-    let connection = connect(relay.addr, &bundle).await;
+    let established = connect(relay.addr, &bundle, transport).await;
+    let connection = &established.connection;
 
     // A request left open the whole time on the same connection.
-    let (mut long_send, long_recv) = connection.open_bi().await.expect("open");
+    let (mut long_send, long_recv) = connection.open_stream().await.expect("open");
     long_send
         .write_all(&encode(&[
             head("long", "GET", "/v1/endless", false),
@@ -130,7 +136,7 @@ async fn broken_streams_end_alone() {
         ("a go-away from a client", encode(&[Frame::GoAway]), true),
     ];
     for (what, bytes, finish) in cases {
-        let ended = exchange(&connection, &bytes, finish).await;
+        let ended = exchange(connection, &bytes, finish).await;
         assert_eq!(ended, "reset", "{what}");
     }
     // Two heads: the second one breaks the body, and the request fails
@@ -139,11 +145,11 @@ async fn broken_streams_end_alone() {
         head("two", "POST", "/sink", true),
         head("again", "POST", "/sink", true),
     ]);
-    let ended = exchange(&connection, &two_heads, true).await;
+    let ended = exchange(connection, &two_heads, true).await;
     assert_eq!(ended, "status 400", "two heads");
     // A bad request id or target: a clear 400.
     let ended = exchange(
-        &connection,
+        connection,
         &encode(&[head("bad id!", "GET", "/v1/models", false), Frame::End]),
         true,
     )
@@ -152,7 +158,7 @@ async fn broken_streams_end_alone() {
 
     // The connection and its long stream are unharmed.
     let ended = exchange(
-        &connection,
+        connection,
         &encode(&[head("ok", "GET", "/v1/models", false), Frame::End]),
         true,
     )

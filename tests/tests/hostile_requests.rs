@@ -5,6 +5,8 @@
 //! A listener stands in for "somewhere else": requests name it in their
 //! target or Host, and the test checks that nothing ever connects to it.
 
+use passage_tests::Transport::{self, Quic, Tcp};
+use rstest::rstest;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -78,23 +80,26 @@ fn error_code(body: &str) -> String {
         .to_owned()
 }
 
-async fn setup() -> (MockUpstream, InProcessRelay, LocalClient) {
+async fn setup(transport: Transport) -> (MockUpstream, InProcessRelay, LocalClient) {
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let pki = TestPki::new();
     let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), |config| {
         config.max_body = MAX_BODY;
         config.max_streams_per_connection = 2;
     });
-    let client = LocalClient::start(pki.issue("app", &[relay.addr]), |_| {}).await;
+    let client = LocalClient::start_over(pki.issue("app", &[relay.addr]), transport, |_| {}).await;
     client
         .wait_for_relay(relay.addr, Duration::from_secs(10))
         .await;
     (upstream, relay, client)
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_request_makes_passage_connect_anywhere_but_the_upstream() {
-    let (upstream, _relay, client) = setup().await;
+async fn no_request_makes_passage_connect_anywhere_but_the_upstream(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    let (upstream, _relay, client) = setup(transport).await;
     let elsewhere = Elsewhere::start().await;
     let evil = elsewhere.addr;
     let before = upstream.request_count();
@@ -169,9 +174,10 @@ async fn no_request_makes_passage_connect_anywhere_but_the_upstream() {
     );
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_heads_get_431() {
-    let (upstream, _relay, client) = setup().await;
+async fn oversized_heads_get_431(#[values(Quic, Tcp)] transport: Transport) {
+    let (upstream, _relay, client) = setup(transport).await;
     let before = upstream.request_count();
     let lines = |n: usize| -> String { (0..n).map(|i| format!("x-h{i}: 1\r\n")).collect() };
     let big = format!("x-big: {}\r\n", "a".repeat(70 * 1024));
@@ -193,9 +199,10 @@ async fn oversized_heads_get_431() {
     assert_eq!(upstream.request_count(), before + 1);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_bodies_get_413_declared_or_not() {
-    let (upstream, _relay, client) = setup().await;
+async fn oversized_bodies_get_413_declared_or_not(#[values(Quic, Tcp)] transport: Transport) {
+    let (upstream, _relay, client) = setup(transport).await;
     let before = upstream.request_count();
     let body = vec![b'x'; (MAX_BODY + 1) as usize];
 
@@ -233,9 +240,10 @@ async fn oversized_bodies_get_413_declared_or_not() {
     assert_eq!(status, 200, "{answer}");
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_holds_only_its_share_of_streams() {
-    let (upstream, _relay, client) = setup().await;
+async fn a_connection_holds_only_its_share_of_streams(#[values(Quic, Tcp)] transport: Transport) {
+    let (upstream, _relay, client) = setup(transport).await;
     let first = after_first_event(client.get("/v1/endless").await.expect("answer")).await;
     let _second = after_first_event(client.get("/v1/endless").await.expect("answer")).await;
     let before = upstream.request_count();
@@ -256,9 +264,12 @@ async fn a_connection_holds_only_its_share_of_streams() {
     assert_eq!(answer.status(), 200);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_answer_with_too_many_headers_is_a_502() {
-    let (_upstream, _relay, client) = setup().await;
+async fn an_upstream_answer_with_too_many_headers_is_a_502(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    let (_upstream, _relay, client) = setup(transport).await;
     // Up to the 100 lines the relay reads from an HTTP/1.1 upstream, an
     // answer passes whole; past it, the app gets passage's own 502.
     let (status, body) = raw(

@@ -3,6 +3,8 @@
 //! reloads. Real relay processes where the config file matters, in-process
 //! relays where the test sets the policy itself.
 
+use passage_tests::Transport::{self, Quic, Tcp};
+use rstest::rstest;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -105,14 +107,22 @@ async fn relay_with_config(
     (relay, dir)
 }
 
-async fn client_for(pki: &TestPki, name: &str, relay: std::net::SocketAddr) -> LocalClient {
-    let client = LocalClient::start(pki.issue(name, &[relay]), |_| {}).await;
+async fn client_for(
+    pki: &TestPki,
+    name: &str,
+    relay: std::net::SocketAddr,
+    transport: Transport,
+) -> LocalClient {
+    let client = LocalClient::start_over(pki.issue(name, &[relay]), transport, |_| {}).await;
     client.wait_for_relay(relay, WAIT).await;
     client
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_tables_in_the_config_file_allow_paths_and_models() {
+async fn client_tables_in_the_config_file_allow_paths_and_models(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let pki = TestPki::new();
     let (relay, _dir) = relay_with_config(
@@ -131,8 +141,8 @@ allow_paths = ["/v1/models"]
         &[],
     )
     .await;
-    let alice = client_for(&pki, "alice", relay.addr).await;
-    let bob = client_for(&pki, "bob", relay.addr).await;
+    let alice = client_for(&pki, "alice", relay.addr, transport).await;
+    let bob = client_for(&pki, "bob", relay.addr, transport).await;
     let before = upstream.request_count();
 
     let (status, _) = answer(
@@ -227,8 +237,9 @@ fn rules(edit: impl FnOnce(&mut ClientRules)) -> ClientRules {
     rules
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limits_answer_429_with_retry_after() {
+async fn rate_limits_answer_429_with_retry_after(#[values(Quic, Tcp)] transport: Transport) {
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let pki = TestPki::new();
     let mut tables = PolicyTables::default();
@@ -255,7 +266,7 @@ async fn rate_limits_answer_429_with_retry_after() {
     });
 
     // Requests per minute: three, then a 429 that says when to come back.
-    let rpm = client_for(&pki, "rpm", relay.addr).await;
+    let rpm = client_for(&pki, "rpm", relay.addr, transport).await;
     for _ in 0..3 {
         assert_eq!(rpm.get("/v1/models").await.expect("answer").status(), 200);
     }
@@ -278,7 +289,7 @@ async fn rate_limits_answer_429_with_retry_after() {
 
     // Concurrency: a second request while one streams is refused; once
     // the first is gone, the next is admitted.
-    let single = client_for(&pki, "one-at-a-time", relay.addr).await;
+    let single = client_for(&pki, "one-at-a-time", relay.addr, transport).await;
     let streaming = after_first_event(single.get("/v1/endless").await.expect("answer")).await;
     let refused = single.get("/v1/models").await.expect("answer");
     assert_eq!(refused.status(), 429);
@@ -295,7 +306,7 @@ async fn rate_limits_answer_429_with_retry_after() {
 
     // Tokens per minute from the JSON usage (10 per mock completion): the
     // second request is admitted at 10 < 15, the third is over.
-    let tokens = client_for(&pki, "tokens", relay.addr).await;
+    let tokens = client_for(&pki, "tokens", relay.addr, transport).await;
     for _ in 0..2 {
         let (status, _) = answer(tokens.post_json("/v1/chat/completions", &chat("m")).await).await;
         assert_eq!(status, 200);
@@ -324,7 +335,7 @@ async fn rate_limits_answer_429_with_retry_after() {
     // plus one per event, here about 40); either puts the client over its
     // limit of 16. The relay counts them before the stream's last frame.
     for (name, include_usage) in [("streamer", true), ("estimated", false)] {
-        let streamer = client_for(&pki, name, relay.addr).await;
+        let streamer = client_for(&pki, name, relay.addr, transport).await;
         let response = streamer
             .post_json("/v1/chat/completions", &chat_stream("m", include_usage))
             .await
@@ -343,8 +354,9 @@ async fn rate_limits_answer_429_with_retry_after() {
     }
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn usage_lines_and_metrics_on_both_ends() {
+async fn usage_lines_and_metrics_on_both_ends(#[values(Quic, Tcp)] transport: Transport) {
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let pki = TestPki::new();
     let relay_metrics = free_tcp_port();
@@ -353,7 +365,7 @@ async fn usage_lines_and_metrics_on_both_ends() {
         ..RelayLaunch::default()
     };
     let relay = RelayProcess::launch(&pki, free_udp_port(), &upstream.url(), launch).await;
-    let client = LocalClient::start(pki.issue("app", &[relay.addr]), |config| {
+    let client = LocalClient::start_over(pki.issue("app", &[relay.addr]), transport, |config| {
         config.metrics = Some("127.0.0.1:0".parse().expect("literal"));
     })
     .await;
@@ -444,7 +456,7 @@ async fn usage_lines_and_metrics_on_both_ends() {
     // the relay's) is refused at the handshake and counted by reason.
     let mut stranger = TestPki::new().issue("stranger", &[relay.addr]);
     stranger.ca_cert = pki.issue("helper", &[relay.addr]).ca_cert;
-    let _stranger = LocalClient::start(stranger, |_| {}).await;
+    let _stranger = LocalClient::start_over(stranger, transport, |_| {}).await;
     eventually("no bad_signature handshake failure counted", || async {
         let text = scrape(relay_metrics).await;
         let series = r#"passage_relay_handshake_failures_total{reason="bad_signature"}"#;
@@ -504,8 +516,11 @@ async fn usage_lines_and_metrics_on_both_ends() {
     );
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_is_bad() {
+async fn sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_is_bad(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let pki = TestPki::new();
     let (relay, dir) = relay_with_config(
@@ -515,7 +530,7 @@ async fn sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_is_bad() {
         &[],
     )
     .await;
-    let client = client_for(&pki, "app", relay.addr).await;
+    let client = client_for(&pki, "app", relay.addr, transport).await;
     let (status, _) = answer(client.post_json("/v1/chat/completions", &chat("m")).await).await;
     assert_eq!(status, 403, "not allowed yet");
 
@@ -557,8 +572,11 @@ async fn sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_is_bad() {
     }
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_upstream_key_never_reaches_a_log_line_or_the_metrics() {
+async fn the_upstream_key_never_reaches_a_log_line_or_the_metrics(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
     const KEY: &str = "sk-passage-custody-test-4f9c2b7e";
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let pki = TestPki::new();
@@ -582,7 +600,7 @@ async fn the_upstream_key_never_reaches_a_log_line_or_the_metrics() {
         rust_log: "trace".into(),
     };
     let relay = RelayProcess::launch(&pki, free_udp_port(), &upstream.url(), launch).await;
-    let client = client_for(&pki, "app", relay.addr).await;
+    let client = client_for(&pki, "app", relay.addr, transport).await;
 
     // Every path a request can take: through, refused by a rule, failing
     // upstream (401 rests the key), cut by the app, over the limit.
@@ -674,7 +692,7 @@ async fn the_upstream_key_never_reaches_a_log_line_or_the_metrics() {
         },
     )
     .await;
-    let client = client_for(&pki, "app", passing.addr).await;
+    let client = client_for(&pki, "app", passing.addr, transport).await;
     let keyed = with_key(&client, "/v1/keyed", app_key)
         .await
         .expect("answer");
@@ -745,8 +763,9 @@ async fn form(
     send(client, request).await
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn model_and_path_rules_resist_tricks() {
+async fn model_and_path_rules_resist_tricks(#[values(Quic, Tcp)] transport: Transport) {
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let pki = TestPki::new();
     let mut tables = PolicyTables::default();
@@ -767,7 +786,7 @@ async fn model_and_path_rules_resist_tricks() {
         config.policy = policy;
         config.model_scan_limit = 4 * 1024;
     });
-    let client = client_for(&pki, "app", relay.addr).await;
+    let client = client_for(&pki, "app", relay.addr, transport).await;
     let multipart = "multipart/form-data; boundary=XYZ";
     let model = |value: &str| ("name=\"model\"", value.to_owned());
 
@@ -857,8 +876,9 @@ async fn model_and_path_rules_resist_tricks() {
     assert_eq!(encodings, ["identity"]);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn model_checks_reserve_only_what_a_body_needs() {
+async fn model_checks_reserve_only_what_a_body_needs(#[values(Quic, Tcp)] transport: Transport) {
     // 80 requests waiting on their answers, each under a model rule with
     // the default 1 MiB scan limit: reserving the limit per request would
     // let only 64 through the relay's 64 MiB read-ahead budget.
@@ -873,7 +893,7 @@ async fn model_checks_reserve_only_what_a_body_needs() {
     let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), |config| {
         config.policy = policy;
     });
-    let client = std::sync::Arc::new(client_for(&pki, "app", relay.addr).await);
+    let client = std::sync::Arc::new(client_for(&pki, "app", relay.addr, transport).await);
     let waiting: Vec<_> = (0..80)
         .map(|_| {
             let client = client.clone();
@@ -906,8 +926,11 @@ async fn model_checks_reserve_only_what_a_body_needs() {
     }
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_client_cannot_take_the_whole_read_ahead_budget() {
+async fn one_client_cannot_take_the_whole_read_ahead_budget(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
     // Chunked JSON bodies (no length, so each reserves the whole 1 MiB
     // scan limit) that stop after a few bytes: the relay holds their
     // reservations while it waits for the rest. One client may hold a
@@ -927,8 +950,8 @@ async fn one_client_cannot_take_the_whole_read_ahead_budget() {
     let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), |config| {
         config.policy = policy;
     });
-    let app = client_for(&pki, "app", relay.addr).await;
-    let bob = client_for(&pki, "bob", relay.addr).await;
+    let app = client_for(&pki, "app", relay.addr, transport).await;
+    let bob = client_for(&pki, "bob", relay.addr, transport).await;
     let stalled_head = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n\
                         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n\
                         5\r\n{\"mod\r\n";

@@ -2,6 +2,8 @@
 //! closes that client's connection and refuses its handshakes, while other
 //! clients carry on.
 
+use passage_tests::Transport::{self, Quic, Tcp};
+use rstest::rstest;
 use std::time::{Duration, Instant};
 
 use passage_shared::pki::PkiDir;
@@ -9,16 +11,19 @@ use passage_tests::mock_upstream::MockUpstream;
 use passage_tests::relays::{InProcessRelay, LocalClient, RelayProcess, TestPki, free_udp_port};
 use passage_tests::stack::body_json;
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_client_is_cut_off_and_others_carry_on() {
+async fn a_revoked_client_is_cut_off_and_others_carry_on(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let pki = TestPki::new();
     let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), |_| {});
-    let alice = LocalClient::start(pki.issue("alice", &[relay.addr]), |config| {
+    let alice = LocalClient::start_over(pki.issue("alice", &[relay.addr]), transport, |config| {
         config.connect_wait = Duration::from_millis(500);
     })
     .await;
-    let bob = LocalClient::start(pki.issue("bob", &[relay.addr]), |_| {}).await;
+    let bob = LocalClient::start_over(pki.issue("bob", &[relay.addr]), transport, |_| {}).await;
     alice
         .wait_for_relay(relay.addr, Duration::from_secs(10))
         .await;
@@ -58,13 +63,16 @@ async fn a_revoked_client_is_cut_off_and_others_carry_on() {
     assert_eq!(models.status(), 200);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_makes_the_relay_program_apply_a_revocation() {
+async fn sighup_makes_the_relay_program_apply_a_revocation(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let pki = TestPki::new();
     let addr = free_udp_port();
     let relay = RelayProcess::start(&pki, addr, &upstream.url()).await;
-    let alice = LocalClient::start(pki.issue("alice", &[addr]), |config| {
+    let alice = LocalClient::start_over(pki.issue("alice", &[addr]), transport, |config| {
         config.connect_wait = Duration::from_millis(500);
     })
     .await;

@@ -2,23 +2,29 @@
 //! time, and an app that reads slowly: each gets a bounded, clear outcome,
 //! and the relay stays healthy.
 
+use passage_tests::Transport::{self, Quic, Tcp};
+use rstest::rstest;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use passage_tests::stack::{StackOptions, TestStack, after_first_event, body_json, read_to_end};
 
-async fn stack_with_idle_timeout(timeout: Duration) -> TestStack {
+async fn stack_with_idle_timeout(timeout: Duration, transport: Transport) -> TestStack {
     TestStack::start_with(StackOptions {
         idle_read_timeout: Some(timeout),
+        transport,
         ..StackOptions::default()
     })
     .await
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_silent_past_the_idle_timeout_is_a_504() {
-    let stack = stack_with_idle_timeout(Duration::from_millis(500)).await;
+async fn an_upstream_silent_past_the_idle_timeout_is_a_504(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    let stack = stack_with_idle_timeout(Duration::from_millis(500), transport).await;
     let asked = Instant::now();
     let response = stack.get("/v1/slow-head").await.expect("an answer");
     let waited = asked.elapsed();
@@ -43,9 +49,12 @@ async fn an_upstream_silent_past_the_idle_timeout_is_a_504() {
     assert_eq!(next.status(), 200);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_silent_mid_stream_cuts_the_app_stream() {
-    let stack = stack_with_idle_timeout(Duration::from_millis(500)).await;
+async fn an_upstream_silent_mid_stream_cuts_the_app_stream(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    let stack = stack_with_idle_timeout(Duration::from_millis(500), transport).await;
     let response = stack
         .get("/v1/endless?interval_ms=5000")
         .await
@@ -62,10 +71,13 @@ async fn an_upstream_silent_mid_stream_cuts_the_app_stream() {
     assert_eq!(next.status(), 200);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_that_keeps_sending_outlives_the_idle_timeout() {
+async fn a_stream_that_keeps_sending_outlives_the_idle_timeout(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
     // No total timeout: only silence ends a response.
-    let stack = stack_with_idle_timeout(Duration::from_millis(400)).await;
+    let stack = stack_with_idle_timeout(Duration::from_millis(400), transport).await;
     let response = stack
         .get("/v1/stamped?chunks=15&interval_ms=100")
         .await
@@ -78,12 +90,13 @@ async fn a_stream_that_keeps_sending_outlives_the_idle_timeout() {
     assert_eq!(text.matches("data:").count(), 15);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_reader_holds_back_the_upstream() {
+async fn a_slow_reader_holds_back_the_upstream(#[values(Quic, Tcp)] transport: Transport) {
     // 1 GiB offered, read at about 1 MB/s: flow control must keep what the
     // upstream has written within the windows and buffers on the way,
     // rather than let the download pile up in memory.
-    let stack = TestStack::start().await;
+    let stack = TestStack::start_over(transport).await;
     let response = stack
         .get(&format!("/download?bytes={}", 1u64 << 30))
         .await

@@ -533,7 +533,11 @@ impl ClientConnection {
     ) -> Result<(ClientConnection, ControlStream), ConnectError> {
         let name = ServerName::try_from(server_name.to_owned())
             .map_err(|_| ConnectError::ServerName(server_name.to_owned()))?;
+        let started = Instant::now();
         let tcp = TcpStream::connect(addr).await.map_err(ConnectError::Tcp)?;
+        // The TCP handshake took one round trip: the first RTT estimate,
+        // until the first keep-alive measures it again.
+        let first_rtt = started.elapsed();
         tune_socket(&tcp, &tuning);
         let received = Arc::new(AtomicU64::new(0));
         let io = CountedTcp {
@@ -555,6 +559,9 @@ impl ClientConnection {
             .await
             .map_err(|e| ConnectError::Http2(StreamError::from_h2(e)))?;
         let state = ConnectionState::new(addr, received);
+        state
+            .rtt_micros
+            .store(first_rtt.as_micros().max(1) as u64, Ordering::Relaxed);
         let ping_pong = connection.ping_pong();
         let driver_state = state.clone();
         tokio::spawn(async move {
@@ -705,6 +712,8 @@ pub struct ServerConnection {
     connection: h2::server::Connection<tokio_rustls::server::TlsStream<CountedTcp>, Bytes>,
     control: h2::SendStream<Bytes>,
     state: Arc<ConnectionState>,
+    /// Set once the client reset its control stream, with its code.
+    leaving: Option<Option<u64>>,
 }
 
 impl ServerConnection {
@@ -760,6 +769,7 @@ impl ServerConnection {
             connection,
             control,
             state,
+            leaving: None,
         })
     }
 
@@ -783,11 +793,11 @@ impl ServerConnection {
                 _ = self.state.closed.cancelled() => {
                     return Err(Ended::failed(self.state.reason().unwrap_or_default()));
                 }
-                reset = std::future::poll_fn(|cx| control.poll_reset(cx)) => {
-                    return Err(Ended {
-                        reason: "the client closed its control stream".to_owned(),
-                        code: reset.ok().map(code_for),
-                    });
+                reset = std::future::poll_fn(|cx| control.poll_reset(cx)), if self.leaving.is_none() => {
+                    // The client is leaving this connection; its streams in
+                    // flight still need the connection driven to the end.
+                    self.leaving = Some(reset.ok().map(code_for));
+                    continue;
                 }
                 next = connection.accept() => next,
             };
@@ -800,7 +810,10 @@ impl ServerConnection {
                         _ = self.state.closed.cancelled() => {}
                         _ = std::future::poll_fn(|cx| self.connection.poll_closed(cx)) => {}
                     }
-                    return Err(Ended::failed("closed by the client".to_owned()));
+                    return Err(Ended {
+                        reason: "closed by the client".to_owned(),
+                        code: self.leaving.flatten(),
+                    });
                 }
             };
             if request.uri().path() != STREAM_PATH {
