@@ -7,6 +7,8 @@
 //! `BENCHMARKS.md`.
 
 pub mod bulk;
+#[cfg(target_os = "linux")]
+pub mod hostile_net;
 pub mod http;
 pub mod impair;
 pub mod linkem;

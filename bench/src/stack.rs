@@ -51,6 +51,14 @@ impl Proc {
         cpu_ticks(self.pid()?)
     }
 
+    /// Waits up to `limit` for the process to exit; its exit status.
+    pub async fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .with_context(|| format!("{} did not exit within {limit:?}", self.name))?
+            .with_context(|| format!("waiting for {}", self.name))
+    }
+
     /// Resets the peak-RSS mark (Linux `clear_refs` 5).
     pub fn reset_peak(&self) -> anyhow::Result<()> {
         let path = format!("/proc/{}/clear_refs", self.pid()?);
@@ -242,7 +250,7 @@ async fn start_hop(bin_dir: &Path, to: SocketAddr) -> anyhow::Result<(Proc, Sock
 }
 
 /// The first line `proc` prints on its piped stdout (its address).
-async fn first_line(proc: &mut Proc, name: &str) -> anyhow::Result<String> {
+pub async fn first_line(proc: &mut Proc, name: &str) -> anyhow::Result<String> {
     let stdout = proc
         .child
         .stdout
@@ -485,7 +493,8 @@ fn spawn_relay(
     )
 }
 
-async fn run_quiet(command: &mut Command) -> anyhow::Result<()> {
+/// Runs `command` to its end; its stderr becomes the error when it fails.
+pub async fn run_quiet(command: &mut Command) -> anyhow::Result<()> {
     let output = command.output().await.context("running a PKI command")?;
     if !output.status.success() {
         bail!("{}", String::from_utf8_lossy(&output.stderr).trim());

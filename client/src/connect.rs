@@ -125,11 +125,11 @@ impl Connection {
     }
 
     /// A count that grows whenever anything arrives from the relay
-    /// (datagrams on QUIC, bytes on TCP): the tunnel's sign of life.
+    /// (datagrams on QUIC, segments on TCP): the tunnel's sign of life.
     pub fn heard(&self) -> u64 {
         match self {
             Connection::Quic(connection) => connection.stats().udp_rx.datagrams,
-            Connection::Tcp(connection) => connection.bytes_received(),
+            Connection::Tcp(connection) => connection.heard(),
         }
     }
 }

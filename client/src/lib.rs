@@ -83,7 +83,7 @@ impl ClientConfig {
             bundle,
             listen,
             extra_relays: Vec::new(),
-            connect_wait: Duration::from_secs(5),
+            connect_wait: Duration::from_secs(4),
             drain_timeout: Duration::from_secs(30),
             tunnel: TunnelSettings::default(),
             tcp_port: None,

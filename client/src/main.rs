@@ -57,7 +57,7 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         state_file: Option<PathBuf>,
         /// Seconds a request waits for the tunnel before failing with 503.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 4)]
         connect_wait: u64,
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long, value_name = "ADDR")]

@@ -1,6 +1,7 @@
 //! The client's Prometheus metrics (served with `--metrics ADDR`): requests
 //! and latency by status, time to the response head, bytes, open streams,
-//! and per relay the tunnel's RTT, state and reconnects.
+//! and per relay the tunnel's RTT, state, reconnects and transport (with
+//! fallbacks to TCP and QUIC probes counted).
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -372,7 +372,7 @@ async fn tcp_connection(
     unannounced: Unannounced,
 ) {
     let handshake = tcp::accept_tls(stream, &acceptor, &context.tuning);
-    let (tls, received) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let accepted = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(accepted)) => accepted,
         Ok(Err(e)) => {
             refused(&context, remote, tls_failure_reason(&e), &e);
@@ -384,18 +384,13 @@ async fn tcp_connection(
         }
     };
     // rustls lets a client that offers no ALPN at all through; QUIC does not.
-    if tls.get_ref().1.alpn_protocol() != Some(ALPN_TCP) {
+    if accepted.tls.get_ref().1.alpn_protocol() != Some(ALPN_TCP) {
         refused(&context, remote, "wrong_alpn", &"no passage-tcp/1 ALPN");
         return;
     }
-    let leaf = tcp::peer_leaf(&tls);
-    let connection = tcp::ServerConnection::handshake(
-        tls,
-        received,
-        remote,
-        context.tuning,
-        context.max_streams,
-    );
+    let leaf = tcp::peer_leaf(&accepted.tls);
+    let connection =
+        tcp::ServerConnection::handshake(accepted, remote, context.tuning, context.max_streams);
     let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connection).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(e)) => {

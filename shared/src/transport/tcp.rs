@@ -20,11 +20,20 @@
 //! - **Flow control.** HTTP/2 windows sized as QUIC's (per stream and 2.5×
 //!   that per connection), released as the reader consumes the bytes, so
 //!   a slow reader holds back the sender.
-//! - **Liveness.** An HTTP/2 PING every keep-alive interval; no answer
-//!   within the idle timeout closes the connection. `TCP_USER_TIMEOUT`
-//!   does the same for data the peer never acknowledges, and
-//!   `TCP_NOTSENT_LOWAT` keeps the kernel's unsent queue short so a PING
-//!   never waits behind megabytes of body.
+//! - **Liveness.** An HTTP/2 PING every keep-alive interval keeps packets
+//!   flowing both ways. What proves the peer alive is any TCP segment
+//!   carrying data from it, as the kernel counts them (`TCP_INFO`), in
+//!   order or not: on a lossy link a lost segment holds back every byte
+//!   behind it, and the PING's answer with them, while later segments
+//!   still arrive. Bare acknowledgements do not count (a frozen peer's
+//!   kernel still sends them). Nothing from the peer for the idle timeout
+//!   closes the connection.
+//!   `TCP_THIN_LINEAR_TIMEOUTS` keeps a thin stream (an SSE response)
+//!   retransmitting every RTO instead of backing off exponentially, so
+//!   heavy loss does not stall it for seconds; `TCP_USER_TIMEOUT` is only
+//!   a backstop (3× the idle timeout); `TCP_NOTSENT_LOWAT` keeps the
+//!   kernel's unsent queue short so a PING never waits behind megabytes
+//!   of body.
 
 use std::future::Future;
 use std::io;
@@ -388,7 +397,8 @@ impl AsyncWrite for CountedTcp {
 fn tune_socket(tcp: &TcpStream, tuning: &TransportTuning) {
     let _ = tcp.set_nodelay(true);
     let socket = socket2::SockRef::from(tcp);
-    let _ = socket.set_tcp_user_timeout(Some(tuning.idle_timeout));
+    let _ = socket.set_tcp_user_timeout(Some(tuning.idle_timeout * 3));
+    let _ = socket.set_tcp_thin_linear_timeouts(true);
     let _ = socket.set_tcp_notsent_lowat(NOTSENT_LOWAT);
     if tuning.congestion == Congestion::Bbr {
         // Only where the kernel has BBR; otherwise its default (CUBIC) stays.
@@ -400,8 +410,13 @@ fn tune_socket(tcp: &TcpStream, tuning: &TransportTuning) {
 #[derive(Debug)]
 struct ConnectionState {
     remote: SocketAddr,
-    /// Bytes received from the peer so far.
+    /// Bytes received from the peer so far (the sign of life where the
+    /// kernel's segment count cannot be read).
     received: Arc<AtomicU64>,
+    /// A second handle on the socket, to read the kernel's count of
+    /// segments received; given up when the connection ends, so it never
+    /// keeps a closed connection's socket open.
+    socket: Mutex<Option<std::os::fd::OwnedFd>>,
     /// Round-trip time of the last keep-alive, in microseconds.
     rtt_micros: AtomicU64,
     /// Cancelled when the connection has ended or must end now.
@@ -410,10 +425,15 @@ struct ConnectionState {
 }
 
 impl ConnectionState {
-    fn new(remote: SocketAddr, received: Arc<AtomicU64>) -> Arc<ConnectionState> {
+    fn new(
+        remote: SocketAddr,
+        received: Arc<AtomicU64>,
+        socket: Option<std::os::fd::OwnedFd>,
+    ) -> Arc<ConnectionState> {
         Arc::new(ConnectionState {
             remote,
             received,
+            socket: Mutex::new(socket),
             rtt_micros: AtomicU64::new(0),
             closed: CancellationToken::new(),
             reason: Mutex::new(None),
@@ -426,7 +446,22 @@ impl ConnectionState {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get_or_insert(reason);
+        self.socket
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         self.closed.cancel();
+    }
+
+    /// A count that grows whenever anything arrives from the peer: TCP
+    /// segments with data as the kernel counts them (out of order
+    /// included), else the bytes read.
+    fn heard(&self) -> u64 {
+        let socket = self.socket.lock().unwrap_or_else(PoisonError::into_inner);
+        match socket.as_ref().and_then(segments_received) {
+            Some(segments) => segments,
+            None => self.received.load(Ordering::Relaxed),
+        }
     }
 
     fn reason(&self) -> Option<String> {
@@ -437,38 +472,85 @@ impl ConnectionState {
     }
 }
 
-/// Pings the peer every keep-alive interval; a ping unanswered within the
-/// idle timeout closes the connection.
+/// Pings the peer every keep-alive interval (keeping packets flowing and
+/// measuring the RTT), and closes the connection once nothing at all has
+/// arrived from the peer for the idle timeout.
 async fn keep_alive(
     mut ping_pong: h2::PingPong,
     state: Arc<ConnectionState>,
     tuning: TransportTuning,
 ) {
-    loop {
-        tokio::select! {
-            _ = state.closed.cancelled() => return,
-            _ = tokio::time::sleep(tuning.keep_alive) => {}
+    let pinger = async {
+        loop {
+            tokio::time::sleep(tuning.keep_alive).await;
+            let sent = Instant::now();
+            match ping_pong.ping(h2::Ping::opaque()).await {
+                Ok(_) => state
+                    .rtt_micros
+                    .store(sent.elapsed().as_micros() as u64, Ordering::Relaxed),
+                // The connection has ended; its task records why.
+                Err(_) => return,
+            }
         }
-        let sent = Instant::now();
-        let pong = tokio::select! {
-            _ = state.closed.cancelled() => return,
-            pong = tokio::time::timeout(tuning.idle_timeout, ping_pong.ping(h2::Ping::opaque())) => pong,
-        };
-        match pong {
-            Ok(Ok(_)) => state
-                .rtt_micros
-                .store(sent.elapsed().as_micros() as u64, Ordering::Relaxed),
-            // The connection has ended; its task records why.
-            Ok(Err(_)) => return,
-            Err(_) => {
+    };
+    let watchdog = async {
+        let mut heard = state.heard();
+        let mut heard_at = Instant::now();
+        loop {
+            tokio::time::sleep(tuning.keep_alive.min(Duration::from_millis(250))).await;
+            let now = state.heard();
+            if now != heard {
+                heard = now;
+                heard_at = Instant::now();
+            } else if heard_at.elapsed() >= tuning.idle_timeout {
                 state.close(format!(
-                    "no answer to a keep-alive within {:?}",
+                    "nothing heard from the peer for {:?}",
                     tuning.idle_timeout
                 ));
                 return;
             }
         }
+    };
+    tokio::select! {
+        _ = state.closed.cancelled() => {}
+        () = pinger => {}
+        () = watchdog => {}
     }
+}
+
+/// Segments with data the kernel has received on `socket`, in order or
+/// not (`tcpi_data_segs_in`), if it says. Pure acknowledgements do not
+/// count: a frozen peer's kernel still acknowledges.
+#[cfg(target_os = "linux")]
+fn segments_received(socket: &std::os::fd::OwnedFd) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `info` is a plain C struct the kernel fills up to `len`
+    // bytes; `len` starts at its size, and the descriptor is open (owned).
+    let (result, info) = unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let result = libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        (result, info)
+    };
+    (result == 0).then_some(u64::from(info.tcpi_data_segs_in))
+}
+
+/// Elsewhere the bytes read stand in (see [`ConnectionState::heard`]).
+#[cfg(not(target_os = "linux"))]
+fn segments_received(_socket: &std::os::fd::OwnedFd) -> Option<u64> {
+    None
+}
+
+/// A second handle on `tcp` for reading its kernel counters.
+fn counter_handle(tcp: &TcpStream) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
+    tcp.as_fd().try_clone_to_owned().ok()
 }
 
 /// HTTP/2 flow-control windows from the tuning: per stream, and 2.5× that
@@ -539,6 +621,7 @@ impl ClientConnection {
         // until the first keep-alive measures it again.
         let first_rtt = started.elapsed();
         tune_socket(&tcp, &tuning);
+        let counters = counter_handle(&tcp);
         let received = Arc::new(AtomicU64::new(0));
         let io = CountedTcp {
             inner: tcp,
@@ -558,7 +641,7 @@ impl ClientConnection {
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| ConnectError::Http2(StreamError::from_h2(e)))?;
-        let state = ConnectionState::new(addr, received);
+        let state = ConnectionState::new(addr, received, counters);
         state
             .rtt_micros
             .store(first_rtt.as_micros().max(1) as u64, Ordering::Relaxed);
@@ -663,9 +746,10 @@ impl ClientConnection {
         self.state.remote
     }
 
-    /// Bytes received from the relay so far (any byte proves it alive).
-    pub fn bytes_received(&self) -> u64 {
-        self.state.received.load(Ordering::Relaxed)
+    /// A count that grows whenever data arrives from the relay (TCP
+    /// segments, out of order included): the tunnel's sign of life.
+    pub fn heard(&self) -> u64 {
+        self.state.heard()
     }
 }
 
@@ -675,15 +759,28 @@ pub async fn accept_tls(
     tcp: TcpStream,
     acceptor: &tokio_rustls::TlsAcceptor,
     tuning: &TransportTuning,
-) -> io::Result<(tokio_rustls::server::TlsStream<CountedTcp>, Arc<AtomicU64>)> {
+) -> io::Result<AcceptedTls> {
     tune_socket(&tcp, tuning);
+    let counters = counter_handle(&tcp);
     let received = Arc::new(AtomicU64::new(0));
     let io = CountedTcp {
         inner: tcp,
         received: received.clone(),
     };
     let tls = acceptor.accept(io).await?;
-    Ok((tls, received))
+    Ok(AcceptedTls {
+        tls,
+        received,
+        counters,
+    })
+}
+
+/// A TCP connection whose TLS handshake the relay has accepted.
+pub struct AcceptedTls {
+    /// The TLS stream.
+    pub tls: tokio_rustls::server::TlsStream<CountedTcp>,
+    received: Arc<AtomicU64>,
+    counters: Option<std::os::fd::OwnedFd>,
 }
 
 /// The client's certificate (DER) on a finished TLS connection; empty if absent.
@@ -721,12 +818,16 @@ impl ServerConnection {
     /// client's control stream; `max_streams` request streams may be open
     /// at once.
     pub async fn handshake(
-        tls: tokio_rustls::server::TlsStream<CountedTcp>,
-        received: Arc<AtomicU64>,
+        accepted: AcceptedTls,
         remote: SocketAddr,
         tuning: TransportTuning,
         max_streams: u32,
     ) -> Result<ServerConnection, StreamError> {
+        let AcceptedTls {
+            tls,
+            received,
+            counters,
+        } = accepted;
         let (stream_window, connection_window) = windows(&tuning);
         let mut connection = h2::server::Builder::new()
             .initial_window_size(stream_window)
@@ -761,7 +862,7 @@ impl ServerConnection {
         let control = respond
             .send_response(http::Response::new(()), false)
             .map_err(StreamError::from_h2)?;
-        let state = ConnectionState::new(remote, received);
+        let state = ConnectionState::new(remote, received, counters);
         if let Some(ping_pong) = connection.ping_pong() {
             tokio::spawn(keep_alive(ping_pong, state.clone(), tuning));
         }
@@ -844,10 +945,12 @@ impl ServerConnection {
     pub fn closer(&self) -> Closer {
         Closer(self.state.clone())
     }
+}
 
-    /// Bytes received from the client so far.
-    pub fn bytes_received(&self) -> u64 {
-        self.state.received.load(Ordering::Relaxed)
+impl Drop for ServerConnection {
+    fn drop(&mut self) {
+        // Stops its keep-alive task and lets go of the counter handle.
+        self.state.close("connection ended".to_owned());
     }
 }
 
