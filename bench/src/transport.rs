@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use crate::bulk::{download, upload};
 use crate::http::{client, drain, get};
 use crate::linkem::{FAR_ADDR, Link, LinkConfig, ProbeResult, in_netns, unavailable_reason};
-use crate::overhead::{WrkRun, wrk, wrk_script};
+use crate::overhead::{WrkOutcome, WrkRun, wrk_outcome, wrk_script};
 use crate::report::{Section, fixed};
 use crate::stack::{TICKS_PER_SECOND, Tunnel, TunnelOptions, Upstream, idle_share, machine_ticks};
 use crate::stats::{median, percentile};
@@ -62,6 +62,8 @@ fn transport_args(flag: &str, selectable: bool) -> Vec<String> {
 struct Figures {
     wrk_1: Vec<WrkRun>,
     wrk_32: Vec<WrkRun>,
+    /// wrk runs at 1 and at 32 connections that saw failed requests.
+    failed_runs: [usize; 2],
     /// CPU of client + relay per request in each 32-connection run, µs.
     cpu_us_32: Vec<f64>,
     /// Share of the machine's CPU time idle during each 32-connection run, %.
@@ -86,6 +88,31 @@ impl Figures {
             &self.wrk_32
         };
         some_median(&runs.iter().map(pick).collect::<Vec<_>>())
+    }
+
+    /// "failed requests in k of n runs" at `connections`, if any run saw some.
+    fn wrk_mark(&self, connections: u32) -> Option<String> {
+        let (failed, runs) = if connections == 1 {
+            (self.failed_runs[0], self.wrk_1.len())
+        } else {
+            (self.failed_runs[1], self.wrk_32.len())
+        };
+        (failed > 0).then(|| format!("failed requests in {failed} of {runs} runs"))
+    }
+
+    /// Keeps a wrk run's figures; notes its failed requests, if any.
+    fn wrk_run(&mut self, name: &str, connections: u32, outcome: WrkOutcome) {
+        if let Some(failures) = &outcome.failures {
+            let line = format!("wrk @{connections} conns: {failures}");
+            eprintln!("passage-bench: transport {name}: {line}");
+            self.failures.push(line);
+            self.failed_runs[usize::from(connections != 1)] += 1;
+        }
+        if connections == 1 {
+            self.wrk_1.push(outcome.run);
+        } else {
+            self.wrk_32.push(outcome.run);
+        }
     }
 
     /// Records a failed measurement (and says so on stderr).
@@ -154,8 +181,13 @@ async fn loopback(
     let path = "/v1/chat/completions";
     for ((name, tunnel), figures) in tunnels.iter().zip(figures.iter_mut()) {
         let url = format!("{}{path}", tunnel.url);
-        if let Err(e) = wrk(&script, &url, 4, Duration::from_secs(1)).await {
-            figures.failed(name, "wrk warm-up", &e);
+        match wrk_outcome(&script, &url, 4, Duration::from_secs(1)).await {
+            Ok(WrkOutcome {
+                failures: Some(failures),
+                ..
+            }) => figures.failures.push(format!("wrk warm-up: {failures}")),
+            Ok(_) => {}
+            Err(e) => figures.failed(name, "wrk warm-up", &e),
         }
         tunnel.client.reset_peak()?;
         tunnel.relay.reset_peak()?;
@@ -168,24 +200,23 @@ async fn loopback(
                     Ok(tunnel.client.cpu_ticks()? + tunnel.relay.cpu_ticks()?)
                 };
                 let (ticks_before, machine_before) = (ticks()?, machine_ticks()?);
-                let run = match wrk(&script, &url, connections, settings.wrk_duration).await {
-                    Ok(run) => run,
-                    Err(e) => {
-                        figures.failed(name, &format!("wrk @{connections} conns"), &e);
-                        continue;
-                    }
-                };
-                if connections == 1 {
-                    figures.wrk_1.push(run);
-                } else {
+                let outcome =
+                    match wrk_outcome(&script, &url, connections, settings.wrk_duration).await {
+                        Ok(outcome) => outcome,
+                        Err(e) => {
+                            figures.failed(name, &format!("wrk @{connections} conns"), &e);
+                            continue;
+                        }
+                    };
+                if connections != 1 {
                     let used = ticks()?.saturating_sub(ticks_before) as f64 / TICKS_PER_SECOND;
-                    let requests = run.rps * settings.wrk_duration.as_secs_f64();
+                    let requests = outcome.run.rps * settings.wrk_duration.as_secs_f64();
                     figures.cpu_us_32.push(used * 1e6 / requests.max(1.0));
                     figures
                         .idle_32
                         .push(idle_share(machine_before, machine_ticks()?) * 100.0);
-                    figures.wrk_32.push(run);
                 }
+                figures.wrk_run(name, connections, outcome);
             }
         }
     }
@@ -310,14 +341,20 @@ struct Row {
     quic: Option<f64>,
     tcp: Option<f64>,
     digits: usize,
+    /// Remarks appended to the QUIC and TCP figures (failed requests).
+    marks: [Option<String>; 2],
     how: String,
 }
 
 impl Row {
     /// The row's cells; a missing TCP figure reads `tcp_missing`.
     fn cells(&self, tcp_missing: &str) -> Vec<String> {
-        let show = |value: Option<f64>, missing: &str| {
-            value.map_or_else(|| missing.to_owned(), |v| fixed(v, self.digits))
+        let show = |value: Option<f64>, missing: &str, mark: &Option<String>| {
+            let shown = value.map_or_else(|| missing.to_owned(), |v| fixed(v, self.digits));
+            match mark {
+                Some(mark) => format!("{shown} ({mark})"),
+                None => shown,
+            }
         };
         let ratio = match (self.quic, self.tcp) {
             (Some(quic), Some(tcp)) if quic > 0.0 => fixed(tcp / quic, 2),
@@ -325,8 +362,8 @@ impl Row {
         };
         vec![
             self.measure.clone(),
-            show(self.quic, "failed"),
-            show(self.tcp, tcp_missing),
+            show(self.quic, "failed", &self.marks[0]),
+            show(self.tcp, tcp_missing, &self.marks[1]),
             ratio,
             self.how.clone(),
         ]
@@ -397,6 +434,10 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
                 quic: quic.wrk_median(connections, pick),
                 tcp: tcp.and_then(|t| t.wrk_median(connections, pick)),
                 digits,
+                marks: [
+                    quic.wrk_mark(connections),
+                    tcp.and_then(|t| t.wrk_mark(connections)),
+                ],
                 how: wrk_how.clone(),
             });
         }
@@ -406,6 +447,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         quic: some_median(&quic.cpu_us_32),
         tcp: tcp.and_then(|t| some_median(&t.cpu_us_32)),
         digits: 0,
+        marks: [quic.wrk_mark(32), tcp.and_then(|t| t.wrk_mark(32))],
         how: "user + system time of both programs during a run / requests served; median".into(),
     });
     rows.push(Row {
@@ -413,6 +455,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         quic: some_median(&quic.idle_32),
         tcp: tcp.and_then(|t| some_median(&t.idle_32)),
         digits: 0,
+        marks: Default::default(),
         how: "share of all cores' time `/proc/stat` counts idle during a run; median".into(),
     });
     let bulk_how = format!(
@@ -424,6 +467,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         quic: quic.download_mbs,
         tcp: tcp.and_then(|t| t.download_mbs),
         digits: 0,
+        marks: Default::default(),
         how: bulk_how.clone(),
     });
     rows.push(Row {
@@ -431,6 +475,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         quic: quic.upload_mbs,
         tcp: tcp.and_then(|t| t.upload_mbs),
         digits: 0,
+        marks: Default::default(),
         how: bulk_how,
     });
     let rss_how = "VmHWM, reset after warm-up; peak over the wrk runs and both transfers";
@@ -439,6 +484,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         quic: mib(quic.client_peak_kib),
         tcp: tcp.and_then(|t| mib(t.client_peak_kib)),
         digits: 1,
+        marks: Default::default(),
         how: rss_how.into(),
     });
     rows.push(Row {
@@ -446,6 +492,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         quic: mib(quic.relay_peak_kib),
         tcp: tcp.and_then(|t| mib(t.relay_peak_kib)),
         digits: 1,
+        marks: Default::default(),
         how: rss_how.into(),
     });
     if let Some(report) = &link_report {
@@ -466,6 +513,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
                     quic: quic_ttfb.as_ref().map(|t| percentile(t, p)),
                     tcp: tcp_ttfb.as_ref().map(|t| percentile(t, p)),
                     digits: 1,
+                    marks: Default::default(),
                     how: how.clone(),
                 });
             }
@@ -506,7 +554,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
             continue;
         }
         notes.push(format!(
-            "{name} failures ({}; the figures above count only the runs that succeeded): {}.",
+            "{name} failures ({}): {}.",
             figures.failures.len(),
             figures.failures.join("; ")
         ));
@@ -534,8 +582,10 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
              namespace, passage-relay and the mock upstream in the other, and a fresh tunnel \
              per transport and loss measures the time to the first SSE event (`/v1/stamped`, \
              one event) of streaming requests sent one at a time from inside the client's \
-             namespace. TCP / QUIC is the TCP figure divided by the QUIC one. A run that saw \
-             failed requests is left out of the figures and listed below the table.",
+             namespace. TCP / QUIC is the TCP figure divided by the QUIC one. A wrk run that saw \
+             failed requests still counts (its figures include the failures, fast error \
+             answers and the stalls around them) and is marked; its failures are listed below \
+             the table. A transfer or TTFB measurement that failed is marked failed.",
             settings.wrk_duration.as_secs(),
             settings.rounds,
             settings.bulk_bytes >> 20,
@@ -564,7 +614,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         (Some(quic_rps), Some(tcp_rps)) => {
             let ratio = tcp_rps / quic_rps;
             let caveat = if failures > 0 {
-                format!(" ({failures} TCP measurements failed)")
+                format!(" ({failures} TCP measurements saw failed requests)")
             } else {
                 String::new()
             };
@@ -630,6 +680,7 @@ mod tests {
             quic: Some(1000.0),
             tcp: Some(900.0),
             digits: 0,
+            marks: Default::default(),
             how: "wrk".into(),
         };
         assert_eq!(row.cells("failed"), ["req/s", "1000", "900", "0.90", "wrk"]);
