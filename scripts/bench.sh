@@ -3,7 +3,9 @@
 # binaries, installs wrk and nginx from Debian's packages if they are
 # missing, runs passage-bench, and writes BENCHMARKS.md from its results.
 #
-# Usage: scripts/bench.sh [--only overhead,streaming,bulk,many] [--quick]
+# Usage: scripts/bench.sh [--only overhead,streaming,bulk,many,longhaul,transport] [--quick]
+# The transport scenario's emulated link needs root (network namespaces
+# and TUN devices) and the ip program; without them its link rows are skipped.
 # Every figure is measured next to a baseline in the same invocation;
 # BENCHMARKS.md records the machine, the command and the method.
 set -euo pipefail
@@ -13,6 +15,7 @@ cd "$root"
 missing=()
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing+=(iproute2)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing ${missing[*]} from Debian's packages" >&2
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null

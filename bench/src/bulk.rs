@@ -12,7 +12,8 @@ use crate::report::{Section, fixed};
 use crate::stack::{Tunnel, TunnelOptions};
 use crate::{Bench, Settings};
 
-async fn download(client: &HttpClient, base: &str, bytes: u64) -> anyhow::Result<f64> {
+/// Downloads `bytes` from `base`/download; returns MB/s.
+pub async fn download(client: &HttpClient, base: &str, bytes: u64) -> anyhow::Result<f64> {
     let started = Instant::now();
     let response = get(client, &format!("{base}/download?bytes={bytes}")).await?;
     anyhow::ensure!(response.status() == 200, "status {}", response.status());
@@ -21,7 +22,8 @@ async fn download(client: &HttpClient, base: &str, bytes: u64) -> anyhow::Result
     Ok(bytes as f64 / started.elapsed().as_secs_f64() / 1e6)
 }
 
-async fn upload(client: &HttpClient, base: &str, bytes: u64) -> anyhow::Result<f64> {
+/// Uploads `bytes` to `base`/sink; returns MB/s.
+pub async fn upload(client: &HttpClient, base: &str, bytes: u64) -> anyhow::Result<f64> {
     let started = Instant::now();
     let request = Request::post(format!("{base}/sink"))
         .header("content-type", "application/octet-stream")

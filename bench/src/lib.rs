@@ -11,6 +11,7 @@ pub mod bulk;
 pub mod hostile_net;
 pub mod http;
 pub mod impair;
+pub mod linkem;
 pub mod longhaul;
 pub mod many_streams;
 pub mod overhead;
@@ -19,6 +20,7 @@ pub mod soak;
 pub mod stack;
 pub mod stats;
 pub mod streaming;
+pub mod transport;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,7 +29,14 @@ use crate::report::Section;
 use crate::stack::{HopChain, Tunnel, TunnelOptions, Upstream};
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 5] = ["overhead", "streaming", "bulk", "many", "longhaul"];
+pub const SCENARIOS: [&str; 6] = [
+    "overhead",
+    "streaming",
+    "bulk",
+    "many",
+    "longhaul",
+    "transport",
+];
 
 /// Sizes and durations of one run.
 #[derive(Debug, Clone)]
@@ -151,6 +160,7 @@ pub async fn run(
             "bulk" => bulk::run(&bench, settings).await,
             "many" => many_streams::run(&bench, settings).await,
             "longhaul" => longhaul::run(&bench, settings).await,
+            "transport" => transport::run(&bench, settings).await,
             other => anyhow::bail!(
                 "unknown scenario {other:?}; known: {}",
                 SCENARIOS.join(", ")

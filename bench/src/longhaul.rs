@@ -62,6 +62,7 @@ async fn measure(
         client_args: args,
         via: Some(forwarder.addr),
         relay_port: Some(relay_port),
+        ..TunnelOptions::default()
     };
     let tunnel = Tunnel::start(&bench.bin_dir, &bench.upstream.url, &options).await?;
     let http = client();

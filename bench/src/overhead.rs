@@ -33,7 +33,8 @@ pub struct WrkRun {
 
 const BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}"#;
 
-fn wrk_script(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+/// Writes the wrk script that POSTs the fixed chat completion; returns its path.
+pub fn wrk_script(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     let path = dir.join("post.lua");
     std::fs::write(
         &path,
@@ -46,13 +47,37 @@ fn wrk_script(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     Ok(path)
 }
 
-/// Runs wrk with one thread against `url`.
+/// Runs wrk with one thread against `url`; fails if any request failed.
 pub async fn wrk(
     script: &Path,
     url: &str,
     connections: u32,
     duration: Duration,
 ) -> anyhow::Result<WrkRun> {
+    let outcome = wrk_outcome(script, url, connections, duration).await?;
+    match outcome.failures {
+        Some(failures) => bail!("wrk saw failed requests: {failures}"),
+        None => Ok(outcome.run),
+    }
+}
+
+/// What one wrk run measured, and whether it saw failures.
+#[derive(Debug, Clone)]
+pub struct WrkOutcome {
+    /// The figures (they include any failed requests).
+    pub run: WrkRun,
+    /// wrk's lines about failed requests (non-2xx answers, socket errors), if any.
+    pub failures: Option<String>,
+}
+
+/// Runs wrk with one thread against `url`, reporting failed requests
+/// beside the figures instead of refusing the run.
+pub async fn wrk_outcome(
+    script: &Path,
+    url: &str,
+    connections: u32,
+    duration: Duration,
+) -> anyhow::Result<WrkOutcome> {
     let wrk = find_program("wrk").context("wrk is not installed (apt-get install wrk)")?;
     let output = Command::new(wrk)
         .args([
@@ -70,21 +95,27 @@ pub async fn wrk(
     if !output.status.success() {
         bail!("wrk failed: {}", String::from_utf8_lossy(&output.stderr));
     }
-    parse_wrk(&text).with_context(|| format!("reading wrk's output:\n{text}"))
+    parse_wrk_outcome(&text).with_context(|| format!("reading wrk's output:\n{text}"))
 }
 
 /// Reads requests/s and the 50th/99th latency percentiles from wrk's output;
 /// refuses runs with errors or non-2xx answers.
 pub fn parse_wrk(text: &str) -> anyhow::Result<WrkRun> {
-    if let Some(line) = text
+    let outcome = parse_wrk_outcome(text)?;
+    match outcome.failures {
+        Some(failures) => bail!("wrk saw failed requests: {failures}"),
+        None => Ok(outcome.run),
+    }
+}
+
+/// Reads requests/s and the 50th/99th latency percentiles from wrk's
+/// output, and its lines about failed requests or socket errors.
+pub fn parse_wrk_outcome(text: &str) -> anyhow::Result<WrkOutcome> {
+    let failures: Vec<&str> = text
         .lines()
-        .find(|l| l.contains("Non-2xx or 3xx responses"))
-    {
-        bail!("wrk saw failed requests: {}", line.trim());
-    }
-    if let Some(line) = text.lines().find(|l| l.contains("Socket errors")) {
-        bail!("wrk saw socket errors: {}", line.trim());
-    }
+        .map(str::trim)
+        .filter(|l| l.starts_with("Non-2xx or 3xx responses") || l.starts_with("Socket errors"))
+        .collect();
     let percentile = |p: &str| -> anyhow::Result<f64> {
         let line = text
             .lines()
@@ -99,10 +130,13 @@ pub fn parse_wrk(text: &str) -> anyhow::Result<WrkRun> {
         .context("no Requests/sec line")?
         .trim()
         .parse()?;
-    Ok(WrkRun {
-        rps,
-        p50_us: percentile("50%")?,
-        p99_us: percentile("99%")?,
+    Ok(WrkOutcome {
+        run: WrkRun {
+            rps,
+            p50_us: percentile("50%")?,
+            p99_us: percentile("99%")?,
+        },
+        failures: (!failures.is_empty()).then(|| failures.join("; ")),
     })
 }
 
@@ -435,7 +469,14 @@ mod tests {
         assert_eq!(run.p50_us, 57.0);
         assert_eq!(run.p99_us, 1040.0);
         assert_eq!(run.rps, 16127.41);
-        assert!(parse_wrk(&format!("{text}  Non-2xx or 3xx responses: 3\n")).is_err());
+        let failing = format!("{text}  Non-2xx or 3xx responses: 3\n");
+        assert!(parse_wrk(&failing).is_err());
+        let outcome = parse_wrk_outcome(&failing).expect("parses");
+        assert_eq!(outcome.run.rps, 16127.41);
+        assert_eq!(
+            outcome.failures.as_deref(),
+            Some("Non-2xx or 3xx responses: 3")
+        );
     }
 
     #[test]

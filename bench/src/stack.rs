@@ -2,7 +2,7 @@
 //! passage-client as a user runs them (the same binaries and defaults),
 //! each a child process so its memory can be read on its own.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
+
+use crate::linkem::command_in;
 
 /// A child process killed when dropped.
 pub struct Proc {
@@ -162,6 +164,19 @@ pub fn free_port(udp: bool) -> anyhow::Result<u16> {
     bail!("no port free for both UDP and TCP on 127.0.0.1")
 }
 
+/// A port free on 127.0.0.1 for both UDP and TCP (the relay serves both
+/// on one port number), bound and released, so a small race remains.
+pub fn free_port_pair() -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let port = udp.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port free for both UDP and TCP in 100 tries")
+}
+
 /// The mock upstream process.
 pub struct Upstream {
     /// Its process.
@@ -175,7 +190,13 @@ pub struct Upstream {
 impl Upstream {
     /// Starts `passage-mock-upstream` from `bin_dir`.
     pub async fn start(bin_dir: &Path) -> anyhow::Result<Upstream> {
-        let mut command = Command::new(bin_dir.join("passage-mock-upstream"));
+        Upstream::start_in(bin_dir, None).await
+    }
+
+    /// Starts `passage-mock-upstream` inside network namespace `netns`
+    /// (its loopback there), or in this one.
+    pub async fn start_in(bin_dir: &Path, netns: Option<&str>) -> anyhow::Result<Upstream> {
+        let mut command = command_in(netns, &bin_dir.join("passage-mock-upstream"));
         command
             .args(["--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
@@ -251,8 +272,15 @@ pub struct TunnelOptions {
     pub client_args: Vec<String>,
     /// Address the client dials instead of the relay's own (an impairment forwarder).
     pub via: Option<SocketAddr>,
-    /// UDP port for the relay (default: a free one).
+    /// Port for the relay, UDP and TCP (default: one free for both).
     pub relay_port: Option<u16>,
+    /// Address the relay listens on and the client dials (default 127.0.0.1).
+    pub relay_ip: Option<IpAddr>,
+    /// Network namespace for passage-relay (default: this one).
+    pub relay_netns: Option<String>,
+    /// Network namespace for passage-client (default: this one); the
+    /// client's URL is then reachable only from inside it.
+    pub client_netns: Option<String>,
 }
 
 /// passage-relay and passage-client running against an upstream.
@@ -261,6 +289,8 @@ pub struct Tunnel {
     pub relay: Proc,
     relay_bin: PathBuf,
     relay_args: Vec<String>,
+    relay_netns: Option<String>,
+    client_netns: Option<String>,
     relay_log: PathBuf,
     relay_starts: u32,
     /// The client process.
@@ -286,12 +316,25 @@ impl Tunnel {
         let relay_bin = bin_dir.join("passage-relay");
         let relay_port = match options.relay_port {
             Some(port) => port,
-            None => free_port(true)?,
+            None => free_port_pair()?,
         };
-        let relay_addr: SocketAddr = ([127, 0, 0, 1], relay_port).into();
+        let relay_ip = options.relay_ip.unwrap_or(Ipv4Addr::LOCALHOST.into());
+        let relay_addr = SocketAddr::new(relay_ip, relay_port);
         let dialled = options.via.unwrap_or(relay_addr);
         let bundle = dir.path().join("bench.toml");
-        run_quiet(Command::new(&relay_bin).arg("init").arg("--dir").arg(&pki)).await?;
+        let mut init = Command::new(&relay_bin);
+        init.arg("init").arg("--dir").arg(&pki);
+        if !relay_ip.is_loopback() {
+            // The relay's certificate must name the address the client dials.
+            for host in [
+                "localhost".to_owned(),
+                "127.0.0.1".to_owned(),
+                relay_ip.to_string(),
+            ] {
+                init.arg("--host").arg(host);
+            }
+        }
+        run_quiet(&mut init).await?;
         run_quiet(
             Command::new(&relay_bin)
                 .args(["issue", "--name", "bench", "--relay", &dialled.to_string()])
@@ -313,26 +356,32 @@ impl Tunnel {
         ];
         relay_args.extend(options.relay_args.iter().cloned());
         let relay_log = dir.path().join("relay.log");
-        let relay = spawn_relay(&relay_bin, &relay_args, &relay_log)?;
+        let relay_netns = options.relay_netns.clone();
+        let relay = spawn_relay(&relay_bin, relay_netns.as_deref(), &relay_args, &relay_log)?;
         let client_port = free_port(false)?;
         let client_log = std::fs::File::create(dir.path().join("client.log"))?;
         let client = Proc::spawn(
             "passage-client",
-            Command::new(bin_dir.join("passage-client"))
-                .arg("run")
-                .arg("--bundle")
-                .arg(&bundle)
-                // Remembered transports stay in this tunnel's directory.
-                .env("XDG_STATE_HOME", dir.path())
-                .args(["--listen", &format!("127.0.0.1:{client_port}")])
-                .args(&options.client_args)
-                .stdout(Stdio::null())
-                .stderr(client_log),
+            command_in(
+                options.client_netns.as_deref(),
+                &bin_dir.join("passage-client"),
+            )
+            .arg("run")
+            .arg("--bundle")
+            .arg(&bundle)
+            // Remembered transports stay in this tunnel's directory.
+            .env("XDG_STATE_HOME", dir.path())
+            .args(["--listen", &format!("127.0.0.1:{client_port}")])
+            .args(&options.client_args)
+            .stdout(Stdio::null())
+            .stderr(client_log),
         )?;
         let tunnel = Tunnel {
             relay,
             relay_bin,
             relay_args,
+            relay_netns,
+            client_netns: options.client_netns.clone(),
             relay_log,
             relay_starts: 1,
             client,
@@ -346,34 +395,38 @@ impl Tunnel {
     }
 
     async fn wait_until_up(&self, limit: Duration) -> anyhow::Result<()> {
-        let client = crate::http::client();
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Ok(response) = crate::http::get(&client, &format!("{}/healthz", self.url)).await
-                && response.status() == 200
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let tail = |path: &Path| {
-                    let text = std::fs::read_to_string(path).unwrap_or_default();
-                    let lines: Vec<&str> = text.lines().collect();
-                    lines[lines.len().saturating_sub(15)..].join("\n")
-                };
-                let client_log = self.relay_log.with_file_name("client.log");
-                bail!(
-                    "the tunnel did not come up within {limit:?}\nclient log:\n{}\nrelay log:\n{}",
-                    tail(&client_log),
-                    tail(&self.relay_log)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let url = format!("{}/healthz", self.url);
+        let up = match &self.client_netns {
+            Some(ns) => crate::linkem::in_netns(ns, move || wait_for_ok(url, limit)).await,
+            None => wait_for_ok(url, limit).await,
+        };
+        up.map_err(|e| {
+            let tail = |path: &Path| {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            };
+            anyhow::anyhow!(
+                "{e:#}\nclient log:\n{}\nrelay log:\n{}",
+                tail(&self.client_log()),
+                tail(&self.relay_log)
+            )
+        })
+    }
+
+    /// The client's network namespace, if it runs in one.
+    pub fn client_netns(&self) -> Option<&str> {
+        self.client_netns.as_deref()
     }
 
     /// The current relay process's log file.
     pub fn relay_log(&self) -> &Path {
         &self.relay_log
+    }
+
+    /// The client's log file.
+    pub fn client_log(&self) -> PathBuf {
+        self._dir.path().join("client.log")
     }
 
     /// Stops the relay with SIGTERM (it drains, then exits), waits up to
@@ -392,7 +445,12 @@ impl Tunnel {
         let log = self
             .relay_log
             .with_file_name(format!("relay-{}.log", self.relay_starts));
-        self.relay = spawn_relay(&self.relay_bin, &self.relay_args, &log)?;
+        self.relay = spawn_relay(
+            &self.relay_bin,
+            self.relay_netns.as_deref(),
+            &self.relay_args,
+            &log,
+        )?;
         self.relay_log = log;
         Ok(())
     }
@@ -403,11 +461,34 @@ impl Tunnel {
     }
 }
 
-fn spawn_relay(program: &Path, args: &[String], log: &Path) -> anyhow::Result<Proc> {
+/// Polls `url` until it answers 200, for at most `limit`.
+async fn wait_for_ok(url: String, limit: Duration) -> anyhow::Result<()> {
+    let client = crate::http::client();
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Ok(response)) =
+            tokio::time::timeout(Duration::from_secs(2), crate::http::get(&client, &url)).await
+            && response.status() == 200
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the tunnel did not come up within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn spawn_relay(
+    program: &Path,
+    netns: Option<&str>,
+    args: &[String],
+    log: &Path,
+) -> anyhow::Result<Proc> {
     let log = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     Proc::spawn(
         "passage-relay",
-        Command::new(program)
+        command_in(netns, program)
             .args(args)
             .stdout(Stdio::null())
             .stderr(log),

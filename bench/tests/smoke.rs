@@ -39,6 +39,7 @@ fn every_scenario_runs_in_its_smoke_version() {
         "## 3. Bulk transfer",
         "## 4. Many concurrent streams",
         "## 5. Long-haul links",
+        "## 6. Transports: QUIC beside TCP",
     ] {
         assert!(
             report.contains(heading),
