@@ -618,6 +618,27 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
             } else {
                 String::new()
             };
+            if ratio < 0.8 {
+                let cpu = |f: Option<&Figures>| some_median(&f?.cpu_us_32);
+                let idle = |f: Option<&Figures>| some_median(&f?.idle_32);
+                if let (Some(quic_cpu), Some(tcp_cpu), Some(tcp_idle)) =
+                    (cpu(Some(quic)), cpu(tcp), idle(tcp))
+                {
+                    let bound = if tcp_idle < 10.0 {
+                        "so the rate is bound by CPU, "
+                    } else {
+                        ""
+                    };
+                    section.notes.push(format!(
+                        "TCP misses the 0.8× target at 32 connections by {:.2} ({ratio:.2}×). \
+                         The machine was {tcp_idle:.0}% idle during TCP's runs, {bound}and \
+                         client + relay spent {tcp_cpu:.0} µs of CPU per request over TCP \
+                         against {quic_cpu:.0} µs over QUIC ({:.2}×).",
+                        0.8 - ratio,
+                        tcp_cpu / quic_cpu
+                    ));
+                }
+            }
             section.target(
                 "TCP vs QUIC req/s @32 conns",
                 format!("{ratio:.2}×{caveat}"),
