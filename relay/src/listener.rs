@@ -468,11 +468,12 @@ impl ClientConnection {
         }
     }
 
-    /// The client's address now (a QUIC client may migrate).
-    fn remote_address(&self, first: SocketAddr) -> SocketAddr {
+    /// The client's address now, where it can change (a QUIC client may
+    /// migrate; a TCP connection is bound to its address).
+    fn current_address(&self) -> Option<SocketAddr> {
         match self {
-            ClientConnection::Quic(connection) => connection.remote_address(),
-            ClientConnection::Tcp(_) => first,
+            ClientConnection::Quic(connection) => Some(connection.remote_address()),
+            ClientConnection::Tcp(_) => None,
         }
     }
 
@@ -565,6 +566,7 @@ async fn serve_connection(
             .map(|metrics| GaugeGuard::up(&metrics.connections));
         let mut unannounced = Some(unannounced);
         let mut address = remote;
+        let migrates = connection.current_address().is_some();
         let mut address_check = tokio::time::interval(ADDRESS_CHECK);
         address_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -580,8 +582,8 @@ async fn serve_connection(
                     unannounced = None;
                     continue;
                 }
-                _ = address_check.tick() => {
-                    let now = connection.remote_address(address);
+                _ = address_check.tick(), if migrates => {
+                    let now = connection.current_address().unwrap_or(address);
                     if now != address {
                         info!(from = %address, to = %now, "client address changed; the connection follows it");
                         address = now;
