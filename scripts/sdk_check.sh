@@ -13,7 +13,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-cargo build --workspace --bins --quiet
+# The same build as `cargo test --workspace` (same features, so nothing is
+# compiled twice when both run); it builds every binary of the workspace.
+cargo test --workspace --no-run --quiet
 bin="$root/target/debug"
 
 venv="${PASSAGE_SDK_VENV:-$root/target/sdk-venv}"
