@@ -14,8 +14,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 rev=${1:?usage: scripts/bench_ab.sh REV [ROUNDS]}
 rounds=${2:-2}
-command -v wrk >/dev/null 2>&1 && { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || {
-  apt-get update -qq && apt-get install -y -qq wrk nginx-light >/dev/null
+command -v wrk >/dev/null 2>&1 && { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } &&
+  command -v stunnel4 >/dev/null 2>&1 || {
+  apt-get update -qq && apt-get install -y -qq wrk nginx-light stunnel4 >/dev/null
 }
 base=target/ab/$(git rev-parse --short "$rev")
 if [ ! -d "$base" ]; then
@@ -25,7 +26,7 @@ fi
 cargo build --release --workspace --bins
 out=target/ab/runs
 mkdir -p "$out"
-printf '%-6s %-5s %22s %22s %18s\n' side round "added p50 @1 (µs)" "CPU/request (µs)" "@32 vs nginx"
+printf '%-6s %-5s %22s %22s %18s %18s\n' side round "added p50 @1 (µs)" "CPU/request (µs)" "@32 vs nginx" "@1 vs stunnel"
 for round in $(seq 1 "$rounds"); do
   for side in base new; do
     bins=target/release
@@ -35,8 +36,9 @@ for round in $(seq 1 "$rounds"); do
     direct=$(awk -F'|' '$2 ~ /^ direct / {print $3+0}' "$report")
     passage=$(awk -F'|' '$2 ~ /^ passage / {print $3+0; exit}' "$report")
     cpu=$(awk -F'|' '$2 ~ /^ passage / {print $5+0; exit}' "$report")
-    ratio=$(awk -F'|' '$2 ~ /throughput @32 conns vs nginx/ {gsub(/[ ×]/, "", $3); print $3}' "$report")
-    printf '%-6s %-5s %22s %22s %18s\n' "$side" "$round" "$((passage - direct))" "$cpu" "$ratio"
+    ratio=$(awk -F'|' '$2 ~ /req\/s @32 conns vs nginx/ {gsub(/[ ×]/, "", $3); print $3}' "$report")
+    stunnel=$(awk -F'|' '$2 ~ /req\/s @1 conn vs stunnel pair/ {gsub(/[ ×]/, "", $3); print $3}' "$report")
+    printf '%-6s %-5s %22s %22s %18s %18s\n' "$side" "$round" "$((passage - direct))" "$cpu" "$ratio" "$stunnel"
   done
 done
 echo "reports: $out (base = $rev, new = working tree)"

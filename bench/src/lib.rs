@@ -20,6 +20,7 @@ pub mod soak;
 pub mod stack;
 pub mod stats;
 pub mod streaming;
+pub mod stunnel;
 pub mod transport;
 
 use std::path::PathBuf;

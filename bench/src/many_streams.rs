@@ -172,8 +172,8 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         section.target(
             &format!("{n} streams, upstream {upstream}: client + relay growth"),
             format!("{:.1} MiB", mib(growth)),
-            "< 150 MiB (at 5,000 streams)",
-            mib(growth) < 150.0,
+            "≤ 100 MiB (at 5,000 streams)",
+            mib(growth) <= 100.0,
         );
     }
     if let [h1_cost, h2_cost] = relay_per_stream[..] {

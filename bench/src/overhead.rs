@@ -1,8 +1,10 @@
 //! Scenario 1, request overhead: wrk drives a fixed chat completion POST
 //! straight at the upstream (`direct`), through an nginx reverse proxy
-//! (`nginx`, the classic single hop), and through passage (`passage`), at 1
-//! connection (latency) and 32 connections (throughput). Variants take
-//! turns within each round so they share the machine's noise.
+//! (`nginx`, the classic single hop), through a stunnel pair (two hops with
+//! mutual TLS 1.3 between them, passage's shape without its streams),
+//! through two bare forwarders (the floor of two hops) and through passage
+//! (`passage`), at 1 connection (latency) and 32 connections (throughput).
+//! Variants take turns within each round so they share the machine's noise.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -18,7 +20,15 @@ use crate::stack::{
     process_tree, send_signal,
 };
 use crate::stats::median;
+use crate::stunnel::StunnelPair;
 use crate::{Bench, Settings};
+
+/// Index of each variant in the scenario's list.
+const DIRECT: usize = 0;
+const NGINX: usize = 1;
+const STUNNEL: usize = 2;
+const HOPS: usize = 3;
+const PASSAGE: usize = 4;
 
 /// What one wrk run measured.
 #[derive(Debug, Clone, Copy)]
@@ -233,14 +243,15 @@ impl Nginx {
 }
 
 /// The processes that stand between wrk and the upstream in variant `index`.
-fn proxy_pids(bench: &Bench, nginx: &Nginx, index: usize) -> Vec<u32> {
+fn proxy_pids(bench: &Bench, nginx: &Nginx, stunnel: &StunnelPair, index: usize) -> Vec<u32> {
     match index {
-        1 => nginx.proc.pid().map(process_tree).unwrap_or_default(),
-        2 => [&bench.hops.near, &bench.hops.far]
+        NGINX => nginx.proc.pid().map(process_tree).unwrap_or_default(),
+        STUNNEL => stunnel.pids(),
+        HOPS => [&bench.hops.near, &bench.hops.far]
             .iter()
             .filter_map(|p| p.pid().ok())
             .collect(),
-        3 => [&bench.tunnel.client, &bench.tunnel.relay]
+        PASSAGE => [&bench.tunnel.client, &bench.tunnel.relay]
             .iter()
             .filter_map(|p| p.pid().ok())
             .collect(),
@@ -257,10 +268,12 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
     let scratch = tempfile::tempdir()?;
     let script = wrk_script(scratch.path())?;
     let nginx = Nginx::start(bench.upstream.addr).await?;
+    let stunnel = StunnelPair::start(&bench.bin_dir, bench.upstream.addr).await?;
     let path = "/v1/chat/completions";
     let variants = [
         ("direct", format!("{}{path}", bench.upstream.url)),
         ("nginx", format!("{}{path}", nginx.url)),
+        ("stunnel pair", format!("{}{path}", stunnel.url)),
         ("two hops (floor)", format!("{}{path}", bench.hops.url)),
         ("passage", format!("{}{path}", bench.tunnel.url)),
     ];
@@ -278,7 +291,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
     for _ in 0..settings.rounds {
         for connections in [1u32, 32] {
             for (index, (_, url)) in variants.iter().enumerate() {
-                let proxies = proxy_pids(bench, &nginx, index);
+                let proxies = proxy_pids(bench, &nginx, &stunnel, index);
                 let ticks_before = total_ticks(&proxies);
                 let machine_before = machine_ticks()?;
                 let run = wrk(&script, url, connections, duration).await?;
@@ -310,15 +323,19 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
     let mut section = Section {
         title: "1. Request overhead (wrk, POST chat completion)".into(),
         method: format!(
-            "wrk 1 thread, {}s per run, {} rounds; in each round the four variants run back to back \
+            "wrk 1 thread, {}s per run, {} rounds; in each round the five variants run back to back \
              at 1 connection and at 32 connections; figures are medians over rounds. The upstream \
              (passage-mock-upstream) answers a fixed chat completion at once. nginx: `worker_processes \
              auto`, `keepalive 64` to the upstream, `proxy_buffering off`, `proxy_request_buffering off`. \
+             stunnel pair: two Debian `stunnel4` processes in a chain, TLS 1.3 between them with \
+             client certificates (identities from `passage-relay init` and `issue`), `TCP_NODELAY` \
+             on every socket; each app connection is one TLS connection and one upstream \
+             connection, kept alive like wrk's. \
              two hops (floor): two `passage-hop` processes in a chain (accept, connect, copy bytes \
              both ways; no TLS, HTTP or framing), the least that passage's two processes on the \
              path can cost here. passage: the binaries under test with default settings (log level info, to a file). \
              Proxy CPU per request: user + system time of the proxy processes (this nginx's master \
-             and workers; the two hops; passage-client + passage-relay) during a run, divided by \
+             and workers; the two stunnels; the two hops; passage-client + passage-relay) during a run, divided by \
              the requests served: a guide to the work each hop adds per request, including work \
              off the request's critical path (acknowledgements, logging). Machine idle: the share \
              of all cores' time that `/proc/stat` counts as idle during the 32-connection run.",
@@ -342,13 +359,13 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         .map(String::from)
         .to_vec(),
     );
-    let direct_rps = med(0, 32, |r| r.rps);
+    let direct_rps = med(DIRECT, 32, |r| r.rps);
     for (index, (name, _)) in variants.iter().enumerate() {
         section.table.push(vec![
             (*name).to_owned(),
             fixed(med(index, 1, |r| r.p50_us), 0),
             fixed(med(index, 1, |r| r.p99_us), 0),
-            if index == 0 {
+            if index == DIRECT {
                 "–".to_owned()
             } else {
                 fixed(median(&cpu_us[index]), 0)
@@ -356,7 +373,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
             fixed(med(index, 1, |r| r.rps), 0),
             fixed(med(index, 32, |r| r.rps), 0),
             fixed(med(index, 32, |r| r.rps) / direct_rps, 2),
-            if index == 0 {
+            if index == DIRECT {
                 "–".to_owned()
             } else {
                 fixed(median(&cpu_us_32[index]), 0)
@@ -364,94 +381,76 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
             format!("{:.0}%", median(&idle_32[index])),
         ]);
     }
-    let added = |index: usize| med(index, 1, |r| r.p50_us) - med(0, 1, |r| r.p50_us);
-    let added_p50 = added(3);
-    let vs_nginx = med(3, 32, |r| r.rps) / med(1, 32, |r| r.rps);
+    let added = |index: usize| med(index, 1, |r| r.p50_us) - med(DIRECT, 1, |r| r.p50_us);
+    let ratio = |connections: u32, of: usize| {
+        med(PASSAGE, connections, |r| r.rps) / med(of, connections, |r| r.rps)
+    };
+    let above_floor = added(PASSAGE) - added(HOPS);
+    let cpu_1 = median(&cpu_us[PASSAGE]);
     section.notes.push(format!(
-        "passage adds {added_p50:.0} µs at the median over direct at 1 connection \
-         (nginx adds {:.0} µs, the two-hop floor {:.0} µs); at 32 connections passage reaches \
-         {vs_nginx:.3}× nginx's throughput.",
-        added(1),
-        added(2)
+        "passage ÷ stunnel pair: {:.2}× the requests per second at 1 connection, {:.2}× at 32; \
+         passage ÷ nginx: {:.2}× at 1 connection, {:.2}× at 32.",
+        ratio(1, STUNNEL),
+        ratio(32, STUNNEL),
+        ratio(1, NGINX),
+        ratio(32, NGINX),
     ));
     section.notes.push(format!(
-        "Where passage's time goes: its two processes use {:.0} µs of CPU per request against \
-         {:.0} µs for the two bare forwarders, and its added latency is {:.0} µs above the floor. \
-         A profile of the relay under this 1-connection load (`perf record -F 4999 -p PID`, by \
-         hand) puts about half of its samples in the kernel (the UDP and TCP paths and the \
-         wake-up of a sleeping thread, costly on this VM) and spreads the rest over quinn, \
-         rustls, hyper, tokio, tracing and malloc with no function above 1.5%: there is no hot \
-         spot to remove, only per-packet work of a QUIC stack and HTTP on both sides. Each \
-         request crosses the tunnel as one UDP datagram each way, plus the relay's immediate \
-         acknowledgement that makes safe retries possible (README, Errors). Against a real \
-         upstream, whose first byte takes far longer than QUIC's 25 ms acknowledgement delay, \
-         that acknowledgement is a packet of its own anyway; against this instant mock it is \
-         a datagram passage could otherwise save (measured by hand with it switched off, \
-         alternating twice: about 55 µs less CPU per request at 1 connection, 5% more requests \
-         per second there, 1% more at 32 connections). \
-         Allocator: both programs run on jemalloc with a 1 MiB thread cache and freed pages \
-         returned after 0.1 s (`shared/src/allocator.rs`). Chosen by A/B against glibc's malloc \
-         (`passage-bench --only overhead,streaming,bulk,many`, glibc and jemalloc builds of the \
-         same commit alternating twice in one session, 2026-11-26; figures glibc → jemalloc): \
-         throughput at 32 connections 0.492/0.478× → 0.515/0.525× nginx's; added p50 at 1 \
-         connection 303/301 → 292/290 µs; proxy CPU per request 350/351 → 337/339 µs at 1 \
-         connection, 70/69 → 66/66 µs at 32; 5,000 held streams grew client + relay by \
-         224.7/224.5 → 207.0/206.6 MiB (HTTP/1.1 upstream) and 125.7/125.6 → 110.0/110.5 MiB \
-         (HTTP/2), and 2 s after they closed the two programs still held 240 MiB on glibc, \
-         75 MiB on jemalloc (HTTP/1.1 case); the cost is bulk transfer, 409/440 → 389/418 MB/s in the slower direction \
-         with peak RSS 26.0/24.8 → 29.1/30.5 MiB. Untuned jemalloc had cost bulk about 12% and \
-         doubled its peak RSS; the thread cache and the short decay remove most of that.",
-        median(&cpu_us[3]),
-        median(&cpu_us[2]),
-        added_p50 - added(2)
+        "At 1 connection passage adds {:.0} µs at the median over direct (nginx {:.0} µs, the \
+         stunnel pair {:.0} µs, the two-hop floor {:.0} µs): {above_floor:.0} µs above the \
+         floor. Its two processes use {cpu_1:.0} µs of CPU per request against {:.0} µs for \
+         the stunnel pair and {:.0} µs for the two bare forwarders. Where each µs goes, by \
+         program and by kind of work, is in section 7 (`scripts/request_cost.sh`).",
+        added(PASSAGE),
+        added(NGINX),
+        added(STUNNEL),
+        added(HOPS),
+        median(&cpu_us[STUNNEL]),
+        median(&cpu_us[HOPS]),
     ));
-    if added_p50 > 200.0 && added(2) < 200.0 {
-        section.notes.push(format!(
-            "Limiting factor at 1 connection: the two-hop floor already adds {:.0} µs, which \
-             leaves passage {:.0} µs for everything its two processes do beyond copying bytes, \
-             and it needs {:.0} µs. A syscall trace of both programs under this load (`perf trace \
-             -p CLIENT,RELAY`, by hand, 2026-11-26) shows a request's path: the client reads \
-             the app's request and sends one datagram; the relay wakes, reads it (quinn reads \
-             again until the socket is empty), sends the immediate acknowledgement that makes \
-             safe retries possible, and writes to the upstream; it reads the answer and sends \
-             one datagram; the client reads it (and again until empty) and writes to the app. \
-             That is 11 syscalls where the two forwarders make 8 (under `strace -c` a \
-             loopback send took 10-15 µs here, a read about 3 µs), plus QUIC, TLS, frame and \
-             HTTP work in both processes, tens of µs each way from cold caches. The trace also showed the \
-             relay writing the usage line and metrics before the QUIC driver sent the answer; \
-             the relay now yields first (A/B at 1 connection, alternating three times: p50 \
-             394/393/398 → 378/378/377 µs). Without the immediate acknowledgement (measured \
-             above) about 20 µs more would go; nothing of this size is left to take out.",
-            added(2),
-            200.0 - added(2),
-            added_p50 - added(2)
-        ));
-    }
     section.notes.push(format!(
-        "What moves the 32-connection figure: not CPU alone. During passage's run the machine was \
-         {:.0}% idle, while passage's processes used {:.0} µs of CPU per request; wrk, the two \
-         programs and the upstream take turns on two cores, and a request spends most of its \
-         time waiting to be scheduled. Measured by hand (same machine, 2026-11-26, 5 s runs, \
-         the two settings alternating): the relay at `RUST_LOG=warn` (no usage line, no \
-         request span) used 35 µs of CPU per request instead of 42 µs, and throughput did not \
-         move beyond noise (15.5-16.5k req/s either way); the relay on two runtime threads \
-         (`--threads 2`) needed 65-70 µs per request and served 25% fewer requests. Cutting \
-         work in one program did not by itself raise this figure; jemalloc, which cut work \
-         in both (above), did.",
-        median(&idle_32[3]),
-        median(&cpu_us_32[3])
+        "At 32 connections the machine was {:.0}% idle during passage's run: wrk, the two \
+         programs and the upstream take turns on two cores, so throughput there follows the \
+         CPU every process on the path spends per request (passage {:.0} µs, nginx {:.0} µs, \
+         the stunnel pair {:.0} µs).",
+        median(&idle_32[PASSAGE]),
+        median(&cpu_us_32[PASSAGE]),
+        median(&cpu_us_32[NGINX]),
+        median(&cpu_us_32[STUNNEL]),
     ));
     section.target(
-        "throughput @32 conns vs nginx",
-        format!("{vs_nginx:.3}×"),
-        "≥ 0.5×",
-        vs_nginx >= 0.5,
+        "req/s @1 conn vs stunnel pair",
+        format!("{:.2}×", ratio(1, STUNNEL)),
+        "≥ 1.0×",
+        ratio(1, STUNNEL) >= 1.0,
     );
     section.target(
-        "added p50 latency @1 conn vs direct",
-        format!("{added_p50:.0} µs (two-hop floor {:.0} µs)", added(2)),
-        "≤ 200 µs",
-        added_p50 <= 200.0,
+        "added p50 @1 conn above the two-hop floor",
+        format!(
+            "{above_floor:.0} µs (passage {:.0} µs, floor {:.0} µs over direct)",
+            added(PASSAGE),
+            added(HOPS)
+        ),
+        "≤ 60 µs",
+        above_floor <= 60.0,
+    );
+    section.target(
+        "proxy CPU per request @1 conn",
+        format!("{cpu_1:.0} µs"),
+        "≤ 175 µs",
+        cpu_1 <= 175.0,
+    );
+    section.target(
+        "req/s @32 conns vs stunnel pair",
+        format!("{:.2}×", ratio(32, STUNNEL)),
+        "≥ 2.5×",
+        ratio(32, STUNNEL) >= 2.5,
+    );
+    section.target(
+        "req/s @32 conns vs nginx",
+        format!("{:.3}×", ratio(32, NGINX)),
+        "≥ 0.8×",
+        ratio(32, NGINX) >= 0.8,
     );
     Ok(section)
 }
