@@ -37,22 +37,26 @@ import urllib.request
 
 BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
 
-# Buckets, first match wins; (name, regex on "symbol (dso)").
+# Buckets, first match wins: (name, regex on the symbol). Samples in the
+# kernel go to the first three by symbol, whatever their regex.
+KERNEL_BUCKETS = [
+    ("kernel: scheduling, wake-ups", r"schedul|wake|futex|epoll|ep_poll|ep_|task_switch|pick_next|enqueue|dequeue|update_curr|switch_|__switch|hrtimer|idle|_raw_spin|irq|rcu|tick"),
+    ("kernel: network send/receive", r"udp|tcp|\bip|_ip|skb|sock|net|loopback|nf_|nft_|inet|dev_|napi|csum|copy_|_copy|iov|sendmsg|recvmsg|__sys_send|__sys_recv|gro|gso|neigh|dst_|fib|xmit"),
+    ("kernel: other (syscall entry, files)", r""),
+]
 BUCKETS = [
-    ("kernel: scheduling, wake-ups", r"(?=.*\[kernel\]).*(schedul|wake|futex|epoll|ep_poll|ep_|task_switch|pick_next|enqueue|dequeue|update_curr|switch_|__switch|hrtimer|idle|_raw_spin|irq|rcu|tick)"),
-    ("kernel: network send/receive", r"(?=.*\[kernel\]).*(udp|tcp|\bip|_ip|skb|sock|net|loopback|nf_|inet|dev_|napi|csum|copy_|_copy|iov|sendmsg|recvmsg|__sys_send|__sys_recv|gro|gso|neigh|dst_|fib|xmit)"),
-    ("kernel: other (syscall entry, files)", r"\[kernel\]"),
     ("logging, formatting", r"tracing|core::fmt|alloc::fmt|\bfmt::|itoa|ryu|time::format"),
     ("crypto", r"\bring\b|ring_core|aes_|gcm|chacha|poly1305|sha2|_GFp|aws_lc"),
     ("QUIC packets (quinn)", r"quinn"),
     ("TLS records (rustls)", r"rustls"),
-    ("HTTP/2 tunnel (h2)", r"\bh2::"),
+    ("HTTP/2 tunnel (h2)", r"^h2::|<h2::"),
     ("HTTP parse/serve (hyper)", r"hyper|httparse|\bhttp::"),
     ("frames (encode/decode)", r"frame|bincode|tokio_util::codec|FramedRead|FramedWrite"),
-    ("allocation", r"\bje_|jemalloc|\bmalloc|\bfree\b|realloc|__rust_(alloc|dealloc|realloc)|cfree|arena_"),
+    ("JSON (serde)", r"serde"),
+    ("allocation", r"\bje_|jemalloc|_rjem_|\bmalloc|\bfree\b|realloc|__rust_(alloc|dealloc|realloc)|cfree|arena_"),
     ("copies (memcpy)", r"memcpy|memmove|memset|__memcmp|bcmp"),
-    ("async runtime (tokio)", r"tokio::|mio::|parking_lot"),
-    ("passage code", r"passage"),
+    ("async runtime (tokio)", r"tokio::|mio::|parking_lot|epoll_wait|clock_gettime|\[vdso\]"),
+    ("passage code", r"passage_"),
 ]
 
 
@@ -83,7 +87,7 @@ class Stack:
 
     started = 0
 
-    def __init__(self, bin_dir, work, transport):
+    def __init__(self, bin_dir, work, transport, log=None):
         self.procs = []
         self.work = work
         Stack.started += 1
@@ -105,15 +109,16 @@ class Stack:
         bundle = os.path.join(work, f"client-{tag}.toml")
         run([f"{bin_dir}/passage-relay", "issue", "--dir", pki, "--name", f"cost-{tag}",
              "--relay", f"127.0.0.1:{self.relay_port}", "--out", bundle])
+        env = dict(os.environ, RUST_LOG=log) if log else None
         self.relay = subprocess.Popen(
             [f"{bin_dir}/passage-relay", "serve", "--pki", pki, "--listen",
-             f"127.0.0.1:{self.relay_port}", "--upstream", url],
+             f"127.0.0.1:{self.relay_port}", "--upstream", url], env=env,
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, f"relay-{tag}.log"), "w"))
         self.procs.append(self.relay)
         self.client_port = free_port()
         self.client = subprocess.Popen(
             [f"{bin_dir}/passage-client", "run", "--bundle", bundle, "--state-file", "none",
-             "--transport", transport, "--listen", f"127.0.0.1:{self.client_port}"],
+             "--transport", transport, "--listen", f"127.0.0.1:{self.client_port}"], env=env,
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, f"client-{tag}.log"), "w"))
         self.procs.append(self.client)
         health = f"http://127.0.0.1:{self.client_port}/healthz"
@@ -285,22 +290,25 @@ def buckets(data):
     counts = collections.Counter()
     symbols = collections.Counter()
     compiled = [(name, re.compile(rx)) for name, rx in BUCKETS]
+    kernel = [(name, re.compile(rx)) for name, rx in KERNEL_BUCKETS]
     total = 0
     for line in out.splitlines():
         line = line.strip()
         if not line:
             continue
         line = line.split(None, 1)[1] if " " in line else line  # drop the address
-        total += 1
         # perf prints "symbol (dso)"; the kernel's dso is [kernel.kallsyms].
-        text = line.replace("[kernel.kallsyms]", "[kernel]")
-        symbols[text] += 1
-        for name, rx in compiled:
-            if rx.search(text):
+        symbol, _, dso = line.rpartition(" (")
+        symbol = symbol or line
+        in_kernel = dso.startswith("[kernel")
+        symbols[f"{symbol} ({'kernel' if in_kernel else os.path.basename(dso.rstrip(')'))})"] += 1
+        total += 1
+        for name, rx in (kernel if in_kernel else compiled):
+            if rx.search(symbol):
                 counts[name] += 1
                 break
         else:
-            counts["other"] += 1
+            counts["other (std, collections, ...)"] += 1
     return counts, total, symbols
 
 
@@ -420,6 +428,7 @@ def main():
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--transports", default="quic,tcp")
     parser.add_argument("--connections", default="1,32")
+    parser.add_argument("--log", help="RUST_LOG for both programs (default: theirs, info)")
     parser.add_argument("--out", help="also write the markdown report to this file")
     parser.add_argument("--json", help="also write the results as JSON to this file")
     args = parser.parse_args()
@@ -445,7 +454,7 @@ def main():
         # Builds alternate per transport, so both meet the same noise.
         for transport in args.transports.split(","):
             for build, bin_dir in builds.items():
-                stack = Stack(bin_dir, work, transport)
+                stack = Stack(bin_dir, work, transport, args.log)
                 packets = Packets(stack.relay_port)
                 try:
                     for conns in [int(c) for c in args.connections.split(",")]:

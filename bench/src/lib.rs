@@ -7,6 +7,7 @@
 //! `BENCHMARKS.md`.
 
 pub mod bulk;
+pub mod cost;
 #[cfg(target_os = "linux")]
 pub mod hostile_net;
 pub mod http;
@@ -30,13 +31,14 @@ use crate::report::Section;
 use crate::stack::{HopChain, Tunnel, TunnelOptions, Upstream};
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 6] = [
+pub const SCENARIOS: [&str; 7] = [
     "overhead",
     "streaming",
     "bulk",
     "many",
     "longhaul",
     "transport",
+    "cost",
 ];
 
 /// Sizes and durations of one run.
@@ -162,6 +164,7 @@ pub async fn run(
             "many" => many_streams::run(&bench, settings).await,
             "longhaul" => longhaul::run(&bench, settings).await,
             "transport" => transport::run(&bench, settings).await,
+            "cost" => cost::run(&bench, settings).await,
             other => anyhow::bail!(
                 "unknown scenario {other:?}; known: {}",
                 SCENARIOS.join(", ")

@@ -29,6 +29,8 @@ pub struct Section {
     pub notes: Vec<String>,
     /// Targets checked by this scenario.
     pub targets: Vec<TargetCheck>,
+    /// Markdown written as it is after the notes (tables made elsewhere).
+    pub body: String,
 }
 
 impl Section {
@@ -79,6 +81,9 @@ pub fn render(header: &str, sections: &[Section]) -> String {
             for note in &section.notes {
                 let _ = writeln!(out, "- {note}");
             }
+        }
+        if !section.body.is_empty() {
+            let _ = writeln!(out, "\n{}", section.body.trim());
         }
     }
     out

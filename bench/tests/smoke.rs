@@ -40,6 +40,7 @@ fn every_scenario_runs_in_its_smoke_version() {
         "## 4. Many concurrent streams",
         "## 5. Long-haul links",
         "## 6. Transports: QUIC beside TCP",
+        "## 7. Per-request cost",
     ] {
         assert!(
             report.contains(heading),
