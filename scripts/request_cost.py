@@ -129,6 +129,7 @@ class Stack:
             except Exception:
                 pass
             time.sleep(0.05)
+        self.stop()
         raise RuntimeError(f"the {transport} tunnel did not come up (logs in {work})")
 
     def url(self):
@@ -435,6 +436,12 @@ def main():
     if os.geteuid() != 0:
         print("request_cost: SKIP: needs root (perf on other processes, uprobes, nftables)")
         return 0
+    for program in ("perf", "wrk", "nm", "readelf"):
+        if shutil.which(program) is None:
+            print(f"request_cost: SKIP: {program} is not installed (scripts/request_cost.sh installs it)")
+            return 0
+    # SIGTERM unwinds like Ctrl-C, so the probes and the table are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     builds = {"after": os.path.abspath(args.bin_dir)}
     if args.base_bin_dir:
         builds = {"before": os.path.abspath(args.base_bin_dir), **builds}
