@@ -26,7 +26,9 @@ use passage_shared::frame::{
     frame_writer, reset_code,
 };
 use passage_shared::http_map::{extend_from_wire, headers_to_wire};
-use passage_shared::transport::{BoxRecv, BoxSend, StreamEnd, StreamFault, stream_fault};
+use passage_shared::transport::{
+    BoxRecv, BoxSend, StreamEnd, StreamFault, stream_fault, write_last,
+};
 use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug};
@@ -199,7 +201,14 @@ type FrameStream = FramedRead<BoxRecv, FrameCodec>;
 async fn exchange(opened: OpenedStream, batch: &[u8], body: Option<Incoming>) -> Exchange {
     let OpenedStream { mut send, recv, .. } = opened;
     let replayable = body.is_none();
-    if let Err(e) = send.write_all(batch).await {
+    // A request held whole ends with this write (over HTTP/2 in the same
+    // frame); one whose body streams from the app goes on in the pump.
+    let written = if replayable {
+        write_last(&mut *send, batch).await
+    } else {
+        send.write_all(batch).await
+    };
+    if let Err(e) = written {
         return match stream_fault(&e) {
             StreamFault::ConnectionLost | StreamFault::Reset(REFUSED) if replayable => {
                 Exchange::Unsent(e.to_string())
@@ -219,10 +228,7 @@ async fn exchange(opened: OpenedStream, batch: &[u8], body: Option<Incoming>) ->
             tokio::spawn(pump_body(body, frame_writer(send)).in_current_span());
             None
         }
-        None => {
-            send.finish();
-            Some(send)
-        }
+        None => Some(send),
     };
     let first = frames.next().await;
     let why = match first {

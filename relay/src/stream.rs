@@ -29,7 +29,7 @@ use passage_shared::frame::{
     frame_reader, frame_writer, reset_code,
 };
 use passage_shared::http_map::{MAX_HEADERS, headers_to_wire};
-use passage_shared::transport::{BoxRecv, BoxSend};
+use passage_shared::transport::{BoxRecv, BoxSend, write_last};
 use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -752,7 +752,9 @@ async fn proxy(
                 // Counted before the app has its answer, so its next
                 // request already meets the new count.
                 record.charge();
-                return match responder.get_mut().write_all(&batch).await {
+                // The whole answer, and the end of the stream with it (over
+                // HTTP/2 in one frame).
+                return match write_last(&mut **responder.get_mut(), &batch).await {
                     Ok(()) => Outcome::Complete,
                     Err(_) => Outcome::ClientGone,
                 };

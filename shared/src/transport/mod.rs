@@ -129,6 +129,26 @@ pub trait SendHalf: AsyncWrite + Send + Unpin + 'static {
     /// its work against it to notice a cancellation while it has nothing to
     /// write; the client uses it to learn that the relay has its request.
     fn stopped(&self) -> Pin<Box<dyn Future<Output = StreamEnd> + Send + 'static>>;
+    /// Writes `data` and ends this direction in one step, where the
+    /// transport can without waiting (HTTP/2: one DATA frame that carries
+    /// END_STREAM, so the end does not follow in a segment of its own);
+    /// `None` where it cannot: [`write_last`] then writes and finishes.
+    fn write_last_now(&mut self, data: &[u8]) -> Option<std::io::Result<()>> {
+        let _ = data;
+        None
+    }
+}
+
+/// Writes `data` and ends the sending half of `send`: in one step where
+/// the transport can ([`SendHalf::write_last_now`]), else a write and
+/// [`SendHalf::finish`] (QUIC sends both in one packet anyway).
+pub async fn write_last(send: &mut dyn SendHalf, data: &[u8]) -> std::io::Result<()> {
+    if let Some(done) = send.write_last_now(data) {
+        return done;
+    }
+    tokio::io::AsyncWriteExt::write_all(send, data).await?;
+    send.finish();
+    Ok(())
 }
 
 /// How the sending direction of a stream ended, as [`SendHalf::stopped`] reports it.

@@ -187,18 +187,21 @@ pub struct H2Send {
     stream: SharedSend,
     /// Client side: how to tell whether the relay can have the request.
     delivery: Option<Delivery>,
-    /// Nothing written yet: see [`FIRST_WRITE_UNRESERVED`].
-    first_write: bool,
+    /// Bytes this stream may still write without waiting for capacity
+    /// (see [`UNRESERVED_BUDGET`]).
+    unreserved: usize,
+    /// END_STREAM is sent: finishing again does nothing.
+    finished: bool,
 }
 
-/// The first write on a stream up to this size is handed to h2 without
+/// The first bytes of a stream, up to this many, are handed to h2 without
 /// waiting for send capacity, which only the connection's task assigns:
-/// waiting costs a flush of its own for the stream's head, another for the
-/// data and a third for the end (three segments for one small request,
-/// measured with `scripts/request_cost.py`). The peer's window at the start
-/// of a stream is far larger, so h2 sends it at once; later writes keep the
-/// capacity wait, which is the backpressure.
-const FIRST_WRITE_UNRESERVED: usize = 64 * 1024;
+/// each wait costs a flush of its own, so a small request went out as
+/// three segments (head, data, end) and a small answer as three too
+/// (measured with `scripts/request_cost.py`). The peer's window at the
+/// start of a stream is far larger, so h2 sends them at once; past the
+/// budget every write waits for capacity, which is the backpressure.
+const UNRESERVED_BUDGET: usize = 64 * 1024;
 
 /// What tells a client whether the relay can have a request, once the
 /// connection is gone: HTTP/2 acknowledges nothing, but the relay's head
@@ -239,9 +242,10 @@ impl AsyncWrite for H2Send {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let first_write = std::mem::replace(&mut self.first_write, false);
-        let mut stream = lock(&self.stream);
-        if first_write && buf.len() <= FIRST_WRITE_UNRESERVED {
+        let this = &mut *self;
+        let mut stream = lock(&this.stream);
+        if buf.len() <= this.unreserved {
+            this.unreserved -= buf.len();
             return Poll::Ready(match stream.send_data(Bytes::copy_from_slice(buf), false) {
                 Ok(()) => Ok(buf.len()),
                 Err(_) => Err(closed_error(&mut stream, cx).into_io()),
@@ -282,8 +286,28 @@ impl AsyncWrite for H2Send {
 
 impl SendHalf for H2Send {
     fn finish(&mut self) {
-        // Fails only if already finished or reset: nothing left to do then.
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        // Fails only if already reset: nothing left to do then.
         let _ = lock(&self.stream).send_data(Bytes::new(), true);
+    }
+
+    fn write_last_now(&mut self, data: &[u8]) -> Option<io::Result<()>> {
+        if self.finished || data.len() > self.unreserved {
+            return None;
+        }
+        self.unreserved -= data.len();
+        self.finished = true;
+        let mut stream = lock(&self.stream);
+        Some(match stream.send_data(Bytes::copy_from_slice(data), true) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                // Only to read a reset that already came; nothing waits on it.
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                Err(closed_error(&mut stream, &mut cx).into_io())
+            }
+        })
     }
 
     fn reset(&mut self, code: u32) {
@@ -825,7 +849,8 @@ impl ClientConnection {
         };
         let send = H2Send {
             stream,
-            first_write: true,
+            unreserved: UNRESERVED_BUDGET,
+            finished: false,
             delivery: Some(Delivery {
                 head_arrived,
                 sent_before,
@@ -1061,7 +1086,8 @@ impl ServerConnection {
             let send = H2Send {
                 stream,
                 delivery: None,
-                first_write: true,
+                unreserved: UNRESERVED_BUDGET,
+                finished: false,
             };
             return Ok((send, recv));
         }
