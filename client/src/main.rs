@@ -109,7 +109,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         cors_origins,
         common,
     } = cli.command;
-    let _logs = passage_shared::process::init_logging();
+    passage_shared::process::init_logging();
     let mut transport = TransportTuning::default();
     common.apply(&mut transport).map_err(anyhow::Error::msg)?;
     let bundle = Bundle::load(&bundle)?;

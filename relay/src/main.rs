@@ -177,7 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             upstream_http2,
             common,
         } => {
-            let _logs = passage_shared::process::init_logging();
+            passage_shared::process::init_logging();
             let upstream = UpstreamBase::parse(&upstream)?;
             let mut config = RelayConfig::new(listen, pki, upstream);
             config.listen_tcp = match (no_tcp, listen_tcp) {

@@ -12,7 +12,6 @@ pub mod config_file;
 pub mod error_body;
 pub mod frame;
 pub mod http_map;
-pub mod log_batch;
 pub mod loopback_host;
 pub mod metrics_http;
 pub mod pki;

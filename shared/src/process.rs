@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::log_batch::{BatchedStderr, LogFlush};
 use crate::transport::{Congestion, TransportTuning};
 
 /// Command-line options both programs take: shutdown, runtime and QUIC tuning.
@@ -77,30 +76,17 @@ impl CommonArgs {
 /// Logs to stderr at the level `RUST_LOG` sets (default `info`), with
 /// colours only when stderr is a terminal.
 ///
-/// Into a file or a pipe, info lines are written in batches (see
-/// [`crate::log_batch`]); to a terminal, each line at once. Keep the
-/// returned guard for the life of the program: dropping it writes the last
-/// lines. A panic writes them too, before its message.
-pub fn init_logging() -> LogFlush {
+/// Lines are written synchronously: a background writer thread (measured
+/// with tracing-appender) cost more per request than the write itself,
+/// because every line woke that thread.
+pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let terminal = std::io::stderr().is_terminal();
-    let builder = tracing_subscriber::fmt()
+    tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(terminal);
-    if terminal {
-        builder.with_writer(std::io::stderr).init();
-        return LogFlush(None);
-    }
-    let writer = BatchedStderr::default();
-    builder.with_writer(writer.clone()).init();
-    let on_panic = writer.clone();
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        on_panic.flush();
-        previous(info);
-    }));
-    LogFlush(Some(writer))
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// The async runtime of a binary: with `threads` = 1 (the default of both
