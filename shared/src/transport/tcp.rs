@@ -951,7 +951,15 @@ pub struct ServerConnection {
     state: Arc<ConnectionState>,
     /// Set once the client reset its control stream, with its code.
     leaving: Option<Option<u64>>,
+    /// Streams already read off the connection, not yet handed out.
+    ready: std::collections::VecDeque<AcceptedStream>,
 }
+
+/// A request stream as h2 hands it over.
+type AcceptedStream = (
+    http::Request<h2::RecvStream>,
+    h2::server::SendResponse<Bytes>,
+);
 
 impl ServerConnection {
     /// Sets up HTTP/2 on a verified TLS connection and waits for the
@@ -1012,6 +1020,7 @@ impl ServerConnection {
             control,
             state,
             leaving: None,
+            ready: std::collections::VecDeque::new(),
         })
     }
 
@@ -1030,6 +1039,16 @@ impl ServerConnection {
     /// waits; `Err` once the connection is over.
     pub async fn accept_stream(&mut self) -> Result<(H2Send, H2Recv), Ended> {
         loop {
+            // Streams read in one go are handed out before the connection
+            // is driven again, so their heads leave in one write when it
+            // is (one segment for a burst, not one per stream), and still
+            // before any of their handlers has run.
+            if let Some(accepted) = self.ready.pop_front() {
+                match answer(accepted) {
+                    Some(stream) => return Ok(stream),
+                    None => continue,
+                }
+            }
             let (connection, control) = (&mut self.connection, &mut self.control);
             let next = tokio::select! {
                 _ = self.state.closed.cancelled() => {
@@ -1043,8 +1062,15 @@ impl ServerConnection {
                 }
                 next = connection.accept() => next,
             };
-            let (request, mut respond) = match next {
-                Some(Ok(accepted)) => accepted,
+            match next {
+                Some(Ok(accepted)) => {
+                    self.ready.push_back(accepted);
+                    while let Some(Some(Ok(more))) =
+                        futures_util::FutureExt::now_or_never(self.connection.accept())
+                    {
+                        self.ready.push_back(more);
+                    }
+                }
                 Some(Err(e)) => return Err(Ended::failed(e.to_string())),
                 None => {
                     // The client said goodbye: let its last streams finish.
@@ -1066,30 +1092,7 @@ impl ServerConnection {
                         code: self.leaving.flatten(),
                     });
                 }
-            };
-            if request.uri().path() != STREAM_PATH {
-                respond.send_reset(Reason::PROTOCOL_ERROR);
-                continue;
             }
-            let Ok(send) = respond.send_response(http::Response::new(()), false) else {
-                continue;
-            };
-            let stream = Arc::new(Mutex::new(send));
-            let recv = H2Recv {
-                state: RecvState::Open(request.into_body()),
-                pending: Bytes::new(),
-                stream: stream.clone(),
-                head_arrived: None,
-                cancel_on_drop: false,
-                ended: false,
-            };
-            let send = H2Send {
-                stream,
-                delivery: None,
-                unreserved: UNRESERVED_BUDGET,
-                finished: false,
-            };
-            return Ok((send, recv));
         }
     }
 
@@ -1097,6 +1100,33 @@ impl ServerConnection {
     pub fn closer(&self) -> Closer {
         Closer(self.state.clone())
     }
+}
+
+/// Answers an accepted request stream with the `200` head that tells the
+/// client the relay has it; `None` for a stream that is not a request
+/// stream (reset) or that went away.
+fn answer((request, mut respond): AcceptedStream) -> Option<(H2Send, H2Recv)> {
+    if request.uri().path() != STREAM_PATH {
+        respond.send_reset(Reason::PROTOCOL_ERROR);
+        return None;
+    }
+    let send = respond.send_response(http::Response::new(()), false).ok()?;
+    let stream = Arc::new(Mutex::new(send));
+    let recv = H2Recv {
+        state: RecvState::Open(request.into_body()),
+        pending: Bytes::new(),
+        stream: stream.clone(),
+        head_arrived: None,
+        cancel_on_drop: false,
+        ended: false,
+    };
+    let send = H2Send {
+        stream,
+        delivery: None,
+        unreserved: UNRESERVED_BUDGET,
+        finished: false,
+    };
+    Some((send, recv))
 }
 
 impl Drop for ServerConnection {
