@@ -46,8 +46,9 @@ async fn main() -> anyhow::Result<()> {
          - Binaries: `{}` (the same builds and defaults a user runs)\n\n\
          Method: everything runs on this one machine over loopback. These machines are shared and \
          noisy, so every passage figure stands next to a baseline measured in the same invocation \
-         (direct to the upstream, and nginx as the classic single-hop proxy), and the targets are \
-         judged on the differences and ratios, not on absolute numbers.\n",
+         (direct to the upstream, nginx as the classic single-hop proxy, a stunnel pair as two \
+         hops with mutual TLS, and two bare forwarders as the floor of two hops), and the targets \
+         are judged on the differences and ratios, not on absolute numbers.\n",
         cli.command,
         if cli.quick {
             " --quick: smoke sizes, not for judging"
