@@ -17,7 +17,7 @@ use tokio::process::Command;
 use crate::report::{Section, fixed};
 use crate::stack::{
     Proc, TICKS_PER_SECOND, cpu_ticks, find_program, free_port, idle_share, machine_ticks,
-    process_tree, send_signal,
+    process_tree, send_signal, wait_listening,
 };
 use crate::stats::median;
 use crate::stunnel::StunnelPair;
@@ -225,20 +225,12 @@ impl Nginx {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         )?;
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return Ok(Nginx {
-                    proc,
-                    url: format!("http://127.0.0.1:{port}"),
-                    _dir: dir,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        bail!("nginx did not start listening on port {port}")
+        wait_listening("nginx", port).await?;
+        Ok(Nginx {
+            proc,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        })
     }
 }
 

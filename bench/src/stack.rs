@@ -504,6 +504,20 @@ pub async fn run_quiet(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits up to 5 s for `what` to accept TCP connections on 127.0.0.1:`port`.
+pub async fn wait_listening(what: &str, port: u16) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("{what} did not start listening on port {port}")
+}
+
 /// Finds a program on PATH or in the usual sbin directories.
 pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();

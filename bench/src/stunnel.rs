@@ -9,12 +9,11 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::process::Command;
 
-use crate::stack::{Proc, find_program, free_port};
+use crate::stack::{Proc, find_program, free_port, wait_listening};
 
 /// A running stunnel pair in front of an upstream.
 pub struct StunnelPair {
@@ -112,9 +111,8 @@ impl StunnelPair {
         };
         let far = start("stunnel (far)", far)?;
         let near = start("stunnel (near)", near)?;
-        for port in [far_port, near_port] {
-            wait_listening(port).await?;
-        }
+        wait_listening("stunnel (far)", far_port).await?;
+        wait_listening("stunnel (near)", near_port).await?;
         Ok(StunnelPair {
             near,
             far,
@@ -130,17 +128,4 @@ impl StunnelPair {
             .filter_map(|p| p.pid().ok())
             .collect()
     }
-}
-
-async fn wait_listening(port: u16) -> anyhow::Result<()> {
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    bail!("stunnel did not start listening on port {port}")
 }
