@@ -233,6 +233,30 @@ impl Delivery {
     }
 }
 
+impl H2Send {
+    fn new(stream: SharedSend, delivery: Option<Delivery>) -> H2Send {
+        H2Send {
+            stream,
+            delivery,
+            unreserved: UNRESERVED_BUDGET,
+            finished: false,
+        }
+    }
+
+    /// Hands `data` to h2 at once, out of the stream's unreserved budget
+    /// (see [`UNRESERVED_BUDGET`]); `None` when it does not fit.
+    fn send_unreserved(&mut self, data: &[u8], end_of_stream: bool) -> Option<io::Result<()>> {
+        self.unreserved = self.unreserved.checked_sub(data.len())?;
+        let mut stream = lock(&self.stream);
+        let sent = stream.send_data(Bytes::copy_from_slice(data), end_of_stream);
+        Some(sent.map_err(|_| {
+            // Only to read a reset that already came; nothing waits on it.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            closed_error(&mut stream, &mut cx).into_io()
+        }))
+    }
+}
+
 impl AsyncWrite for H2Send {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -242,15 +266,10 @@ impl AsyncWrite for H2Send {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let this = &mut *self;
-        let mut stream = lock(&this.stream);
-        if buf.len() <= this.unreserved {
-            this.unreserved -= buf.len();
-            return Poll::Ready(match stream.send_data(Bytes::copy_from_slice(buf), false) {
-                Ok(()) => Ok(buf.len()),
-                Err(_) => Err(closed_error(&mut stream, cx).into_io()),
-            });
+        if let Some(sent) = self.send_unreserved(buf, false) {
+            return Poll::Ready(sent.map(|()| buf.len()));
         }
+        let mut stream = lock(&self.stream);
         // Send only what the peer's window and h2's send buffer have room
         // for: the rest waits here, which is the backpressure.
         stream.reserve_capacity(buf.len());
@@ -294,20 +313,12 @@ impl SendHalf for H2Send {
     }
 
     fn write_last_now(&mut self, data: &[u8]) -> Option<io::Result<()>> {
-        if self.finished || data.len() > self.unreserved {
+        if self.finished {
             return None;
         }
-        self.unreserved -= data.len();
+        let sent = self.send_unreserved(data, true)?;
         self.finished = true;
-        let mut stream = lock(&self.stream);
-        Some(match stream.send_data(Bytes::copy_from_slice(data), true) {
-            Ok(()) => Ok(()),
-            Err(_) => {
-                // Only to read a reset that already came; nothing waits on it.
-                let mut cx = Context::from_waker(std::task::Waker::noop());
-                Err(closed_error(&mut stream, &mut cx).into_io())
-            }
-        })
+        Some(sent)
     }
 
     fn reset(&mut self, code: u32) {
@@ -847,16 +858,14 @@ impl ClientConnection {
             cancel_on_drop: true,
             ended: false,
         };
-        let send = H2Send {
+        let send = H2Send::new(
             stream,
-            unreserved: UNRESERVED_BUDGET,
-            finished: false,
-            delivery: Some(Delivery {
+            Some(Delivery {
                 head_arrived,
                 sent_before,
                 state: self.state.clone(),
             }),
-        };
+        );
         Ok((send, recv))
     }
 
@@ -1120,13 +1129,7 @@ fn answer((request, mut respond): AcceptedStream) -> Option<(H2Send, H2Recv)> {
         cancel_on_drop: false,
         ended: false,
     };
-    let send = H2Send {
-        stream,
-        delivery: None,
-        unreserved: UNRESERVED_BUDGET,
-        finished: false,
-    };
-    Some((send, recv))
+    Some((H2Send::new(stream, None), recv))
 }
 
 impl Drop for ServerConnection {
