@@ -331,22 +331,19 @@ impl TestBed {
     /// Gives the client `to` in place of `from` (add, then remove: the
     /// kernel then sends from `to`).
     pub fn move_client_address(&self, from: Ipv4Addr, to: Ipv4Addr) -> anyhow::Result<()> {
+        self.client_addr("add", to)?;
+        self.client_addr("del", from)
+    }
+
+    /// `ip addr add|del ADDR dev IF` on the client's interface.
+    fn client_addr(&self, verb: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
         let n = &self.names;
         self.ip_cmd(&[
             "-n",
             &n.client_ns,
             "addr",
-            "add",
-            &format!("{to}/{PREFIX_LEN}"),
-            "dev",
-            &n.client_if,
-        ])?;
-        self.ip_cmd(&[
-            "-n",
-            &n.client_ns,
-            "addr",
-            "del",
-            &format!("{from}/{PREFIX_LEN}"),
+            verb,
+            &format!("{addr}/{PREFIX_LEN}"),
             "dev",
             &n.client_if,
         ])
@@ -364,15 +361,7 @@ impl TestBed {
             "dev",
             &n.client_if,
         ])?;
-        self.ip_cmd(&[
-            "-n",
-            &n.client_ns,
-            "addr",
-            "add",
-            &format!("{CLIENT_ADDR}/{PREFIX_LEN}"),
-            "dev",
-            &n.client_if,
-        ])
+        self.client_addr("add", CLIENT_ADDR)
     }
 
     /// Removes everything: kills what runs in the namespaces, drops the

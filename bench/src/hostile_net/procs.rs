@@ -157,12 +157,16 @@ impl Stack {
         Ok(stack)
     }
 
+    /// Creates the log file `name` in the log directory.
+    fn log_file(&self, name: &str) -> anyhow::Result<std::fs::File> {
+        let path = self.logs.join(name);
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
+    }
+
     /// Starts a relay in the relay namespace (logs to `relay-N.log`).
     pub fn start_relay(&mut self) -> anyhow::Result<()> {
         self.relay_starts += 1;
-        let log_path = self.logs.join(format!("relay-{}.log", self.relay_starts));
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
+        let log = self.log_file(&format!("relay-{}.log", self.relay_starts))?;
         let relay = Proc::spawn(
             "passage-relay",
             Command::new(self.bed.ip())
@@ -218,11 +222,7 @@ impl Stack {
         let n = self.client_starts;
         let port = 18_700 + n;
         let metrics_port = 19_700 + n;
-        let log_path = self
-            .logs
-            .join(format!("client-{n}-{}.log", transport.name()));
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
+        let log = self.log_file(&format!("client-{n}-{}.log", transport.name()))?;
         let mut command = Command::new(self.bed.ip());
         command
             .args(["netns", "exec", &self.bed.names.client_ns])
