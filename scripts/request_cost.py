@@ -89,7 +89,6 @@ class Stack:
 
     def __init__(self, bin_dir, work, transport, log=None):
         self.procs = []
-        self.work = work
         Stack.started += 1
         tag = f"{transport}-{Stack.started}"
         mock_out = open(os.path.join(work, f"mock-{tag}.url"), "w+")
