@@ -644,7 +644,7 @@ mod tests {
             let mut stream = tokio::net::TcpStream::connect((FAR_ADDR, port)).await?;
             let connect_ms = started.elapsed().as_secs_f64() * 1000.0;
             let mut got = Vec::new();
-            tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut got)).await??;
+            tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut got)).await??;
             anyhow::Ok((connect_ms, got.len()))
         })
         .await;
@@ -683,8 +683,10 @@ mod tests {
         let (up, down) = link.counts();
         assert!(up.lost > 0 && down.lost > 0, "{up:?} {down:?}");
         assert_eq!(up.overflow + down.overflow, 0);
-        // TCP crosses the same link: a handshake takes one round trip, and
-        // 4 MiB arrive intact through 20% loss each way.
+        // TCP crosses the same link: a handshake takes one round trip, 4 MiB
+        // arrive intact on the clean link and 64 KiB through 20% loss each
+        // way (the kernel's TCP backs off exponentially there: a larger
+        // transfer took over 30 s now and then).
         link.set_config(LinkConfig::symmetric(Duration::from_millis(10), 0.0));
         let (connect_ms, got) = tcp_transfer(&link, 4 << 20).await.expect("tcp");
         assert!(
@@ -693,8 +695,8 @@ mod tests {
         );
         assert_eq!(got, 4 << 20);
         link.set_config(LinkConfig::symmetric(Duration::from_millis(10), 0.2));
-        let (_, got) = tcp_transfer(&link, 256 << 10).await.expect("tcp");
-        assert_eq!(got, 256 << 10);
+        let (_, got) = tcp_transfer(&link, 64 << 10).await.expect("tcp");
+        assert_eq!(got, 64 << 10);
         let names = [link.near.clone(), link.far.clone()];
         drop(link);
         for name in names {

@@ -21,16 +21,21 @@
 //!   that per connection), released as the reader consumes the bytes, so
 //!   a slow reader holds back the sender.
 //! - **Liveness.** An HTTP/2 PING every keep-alive interval keeps packets
-//!   flowing both ways. What proves the peer alive is any TCP segment
+//!   flowing both ways; while its answer is late, an empty DATA frame on
+//!   the control stream goes out each interval instead, repeating our
+//!   acknowledgements (see [`keep_alive`]). What proves the peer alive is any TCP segment
 //!   carrying data from it, as the kernel counts them (`TCP_INFO`), in
 //!   order or not: on a lossy link a lost segment holds back every byte
 //!   behind it, and the PING's answer with them, while later segments
-//!   still arrive. Bare acknowledgements do not count (a frozen peer's
-//!   kernel still sends them). Nothing from the peer for the idle timeout
-//!   closes the connection.
+//!   still arrive. Bare acknowledgements count only while more than a few
+//!   KiB of ours wait unacknowledged (a frozen peer's kernel still sends
+//!   them, but on a slow path our PING waits behind that queue, and a peer
+//!   with nothing to say can answer it only once it arrives). Nothing from
+//!   the peer for the idle timeout closes the connection.
 //!   `TCP_THIN_LINEAR_TIMEOUTS` keeps a thin stream (an SSE response)
 //!   retransmitting every RTO instead of backing off exponentially, so
-//!   heavy loss does not stall it for seconds; `TCP_USER_TIMEOUT` is only
+//!   heavy loss does not stall it for seconds; `TCP_RTO_MAX_MS` caps any
+//!   backoff (see [`rto_max`]); `TCP_USER_TIMEOUT` is only
 //!   a backstop (3× the idle timeout); `TCP_NOTSENT_LOWAT` keeps the
 //!   kernel's unsent queue short so a PING never waits behind megabytes
 //!   of body.
@@ -526,7 +531,41 @@ fn tune_socket(tcp: &TcpStream, tuning: &TransportTuning) {
         // Only where the kernel has BBR; otherwise its default (CUBIC) stays.
         let _ = socket.set_tcp_congestion(b"bbr");
     }
+    set_rto_max(tcp, rto_max(tuning));
 }
+
+/// The longest retransmission timeout a tunnel socket backs off to: a fifth
+/// of the idle timeout (1 s by default; the kernel takes nothing below
+/// 1 s). A segment lost twice in a row then still leaves room for a third
+/// try within the client's silence limit (60% of the idle timeout),
+/// where the kernel's own cap (120 s) would let two losses keep the peer
+/// silent past it.
+fn rto_max(tuning: &TransportTuning) -> Duration {
+    (tuning.idle_timeout / 5).max(Duration::from_secs(1))
+}
+
+/// `TCP_RTO_MAX_MS` (Linux 6.15 and later; the libc crate has no name for
+/// it yet); older kernels refuse it and keep their cap.
+#[cfg(target_os = "linux")]
+fn set_rto_max(tcp: &TcpStream, max: Duration) {
+    use std::os::fd::AsRawFd;
+    const TCP_RTO_MAX_MS: libc::c_int = 44;
+    let millis = libc::c_int::try_from(max.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: passes a plain int of the size given; the descriptor is open
+    // (borrowed from `tcp`).
+    let _ = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_RTO_MAX_MS,
+            (&millis as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_rto_max(_tcp: &TcpStream, _max: Duration) {}
 
 /// State both ends keep per connection: liveness and how it ended.
 #[derive(Debug)]
@@ -534,10 +573,10 @@ struct ConnectionState {
     remote: SocketAddr,
     /// Bytes through the socket.
     counts: Arc<ByteCounts>,
-    /// A second handle on the socket, to read the kernel's counters; given
-    /// up when the connection ends, so it never keeps a closed
-    /// connection's socket open.
-    socket: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// A second handle on the socket, to read the kernel's counters, and
+    /// what they said last; the handle is given up when the connection
+    /// ends, so it never keeps a closed connection's socket open.
+    socket: Mutex<SocketWatch>,
     /// Bytes the peer's kernel had acknowledged when the connection ended
     /// ([`UNKNOWN`] until then, or where the kernel does not say).
     acked_at_end: AtomicU64,
@@ -557,7 +596,11 @@ impl ConnectionState {
         Arc::new(ConnectionState {
             remote,
             counts,
-            socket: Mutex::new(socket),
+            socket: Mutex::new(SocketWatch {
+                handle: socket,
+                acked: 0,
+                acked_while_queued: 0,
+            }),
             acked_at_end: AtomicU64::new(UNKNOWN),
             rtt_micros: AtomicU64::new(0),
             closed: CancellationToken::new(),
@@ -575,6 +618,7 @@ impl ConnectionState {
             .socket
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .handle
             .take();
         // Read before the streams learn of the end (see `H2Send::stopped`).
         if let Some(counters) = socket.as_ref().and_then(kernel_counters) {
@@ -584,15 +628,34 @@ impl ConnectionState {
         self.closed.cancel();
     }
 
-    /// A count that grows whenever anything arrives from the peer: TCP
-    /// segments with data as the kernel counts them (out of order
-    /// included), else the bytes read.
+    /// A count that grows with every sign that the peer is alive: a TCP
+    /// segment with data from it, as the kernel counts them (out of order
+    /// included), or its kernel acknowledging more of a queue of ours
+    /// longer than [`QUEUE_AHEAD_OF_PING`]. The second matters on a slow
+    /// path: the peer cannot answer our PING before the PING reaches it,
+    /// and a peer with nothing to say sends only acknowledgements
+    /// meanwhile. A short queue (PINGs and window updates alone) does not
+    /// count, so a frozen peer, whose kernel still acknowledges, is found
+    /// silent once our PING is in. Where the kernel does not say, the
+    /// bytes read.
     fn heard(&self) -> u64 {
-        let socket = self.socket.lock().unwrap_or_else(PoisonError::into_inner);
-        match socket.as_ref().and_then(kernel_counters) {
-            Some(counters) => counters.data_segments_in,
-            None => self.counts.received.load(Ordering::Relaxed),
+        let mut watch = self.socket.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(counters) = watch.handle.as_ref().and_then(kernel_counters) else {
+            return self.counts.received.load(Ordering::Relaxed);
+        };
+        if counters.bytes_acked != watch.acked {
+            watch.acked = counters.bytes_acked;
+            // The kernel counts the SYN among the bytes acknowledged.
+            let queued = self
+                .counts
+                .sent
+                .load(Ordering::Relaxed)
+                .saturating_sub(counters.bytes_acked.saturating_sub(1));
+            if queued > QUEUE_AHEAD_OF_PING {
+                watch.acked_while_queued += 1;
+            }
         }
+        counters.data_segments_in + watch.acked_while_queued
     }
 
     fn reason(&self) -> Option<String> {
@@ -605,9 +668,16 @@ impl ConnectionState {
 
 /// Pings the peer every keep-alive interval (keeping packets flowing and
 /// measuring the RTT), and closes the connection once nothing at all has
-/// arrived from the peer for the idle timeout.
+/// arrived from the peer for the idle timeout. While a PING's answer is a
+/// whole interval late, an empty DATA frame on the control stream
+/// (`heartbeat`, which the peer discards) goes out each interval instead:
+/// every segment repeats our acknowledgement, so a lost one does not
+/// leave the peer waiting out a retransmission timeout (a second or more
+/// after repeated losses), with our PING's answer stuck behind it and
+/// this end silent.
 async fn keep_alive(
     mut ping_pong: h2::PingPong,
+    heartbeat: std::sync::Weak<Mutex<h2::SendStream<Bytes>>>,
     state: Arc<ConnectionState>,
     tuning: TransportTuning,
 ) {
@@ -615,12 +685,30 @@ async fn keep_alive(
         loop {
             tokio::time::sleep(tuning.keep_alive).await;
             let sent = Instant::now();
-            match ping_pong.ping(h2::Ping::opaque()).await {
-                Ok(_) => state
-                    .rtt_micros
-                    .store(sent.elapsed().as_micros() as u64, Ordering::Relaxed),
-                // The connection has ended; its task records why.
-                Err(_) => return,
+            let pong = ping_pong.ping(h2::Ping::opaque());
+            tokio::pin!(pong);
+            loop {
+                tokio::select! {
+                    answered = &mut pong => match answered {
+                        Ok(_) => {
+                            state
+                                .rtt_micros
+                                .store(sent.elapsed().as_micros() as u64, Ordering::Relaxed);
+                            break;
+                        }
+                        // The connection has ended; its task records why.
+                        Err(_) => return,
+                    },
+                    () = tokio::time::sleep(tuning.keep_alive) => {
+                        // Held weakly: a connection is over once its
+                        // owner lets go of the control stream. A stream
+                        // that has ended cannot carry it; the connection
+                        // is then ending too.
+                        if let Some(control) = heartbeat.upgrade() {
+                            let _ = lock(&control).send_data(Bytes::new(), false);
+                        }
+                    }
+                }
             }
         }
     };
@@ -648,6 +736,23 @@ async fn keep_alive(
         () = watchdog => {}
     }
 }
+
+/// The counter handle on a connection's socket and what it last said
+/// (see [`ConnectionState::heard`]).
+#[derive(Debug)]
+struct SocketWatch {
+    handle: Option<std::os::fd::OwnedFd>,
+    /// `tcpi_bytes_acked` at the last look.
+    acked: u64,
+    /// Looks at which the acknowledged bytes had grown while more than
+    /// [`QUEUE_AHEAD_OF_PING`] of ours were still unacknowledged.
+    acked_while_queued: u64,
+}
+
+/// Unacknowledged bytes above which a PING of ours is taken to wait behind
+/// data: control frames alone (a PING is 39 bytes in its TLS record, a
+/// window update 35) never queue this much.
+const QUEUE_AHEAD_OF_PING: u64 = 4096;
 
 /// No figure: the connection has not ended, or the kernel does not say.
 const UNKNOWN: u64 = u64::MAX;
@@ -801,9 +906,6 @@ impl ClientConnection {
             driver_state.close(reason);
             // Dropping the connection fails every stream still open on it.
         });
-        if let Some(ping_pong) = ping_pong {
-            tokio::spawn(keep_alive(ping_pong, state.clone(), tuning));
-        }
         let authority = format!("{server_name}:{}", addr.port());
         let uri = |path: &str| {
             http::Uri::builder()
@@ -824,6 +926,15 @@ impl ClientConnection {
             .open(control_uri)
             .await
             .map_err(ConnectError::Http2)?;
+        if let Some(ping_pong) = ping_pong {
+            let heartbeat = Arc::downgrade(&send.stream);
+            tokio::spawn(keep_alive(
+                ping_pong,
+                heartbeat,
+                connection.state.clone(),
+                tuning,
+            ));
+        }
         Ok((connection, ControlStream { recv, send }))
     }
 
@@ -956,7 +1067,9 @@ impl Closer {
 /// The relay's end of one TCP tunnel connection.
 pub struct ServerConnection {
     connection: h2::server::Connection<tokio_rustls::server::TlsStream<CountedTcp>, Bytes>,
-    control: h2::SendStream<Bytes>,
+    /// The relay's side of the client's control stream (the keep-alive
+    /// task sends heartbeats on it while this holds it).
+    control: SharedSend,
     state: Arc<ConnectionState>,
     /// Set once the client reset its control stream, with its code.
     leaving: Option<Option<u64>>,
@@ -1020,9 +1133,11 @@ impl ServerConnection {
         let control = respond
             .send_response(http::Response::new(()), false)
             .map_err(StreamError::from_h2)?;
+        let control = Arc::new(Mutex::new(control));
         let state = ConnectionState::new(remote, counts, counters);
         if let Some(ping_pong) = connection.ping_pong() {
-            tokio::spawn(keep_alive(ping_pong, state.clone(), tuning));
+            let heartbeat = Arc::downgrade(&control);
+            tokio::spawn(keep_alive(ping_pong, heartbeat, state.clone(), tuning));
         }
         Ok(ServerConnection {
             connection,
@@ -1038,7 +1153,7 @@ impl ServerConnection {
     pub fn send_control(&mut self, frame: Frame) -> Result<(), String> {
         let mut encoded = BytesMut::new();
         encode_frame(&frame, &mut encoded).map_err(|e| e.to_string())?;
-        self.control
+        lock(&self.control)
             .send_data(encoded.freeze(), false)
             .map_err(|e| e.to_string())
     }
@@ -1058,12 +1173,12 @@ impl ServerConnection {
                     None => continue,
                 }
             }
-            let (connection, control) = (&mut self.connection, &mut self.control);
+            let (connection, control) = (&mut self.connection, &self.control);
             let next = tokio::select! {
                 _ = self.state.closed.cancelled() => {
                     return Err(Ended::failed(self.state.reason().unwrap_or_default()));
                 }
-                reset = std::future::poll_fn(|cx| control.poll_reset(cx)), if self.leaving.is_none() => {
+                reset = std::future::poll_fn(|cx| lock(control).poll_reset(cx)), if self.leaving.is_none() => {
                     // The client is leaving this connection; its streams in
                     // flight still need the connection driven to the end.
                     self.leaving = Some(reset.ok().map(code_for));
@@ -1086,8 +1201,8 @@ impl ServerConnection {
                     // Its control stream's reset may have come in the same
                     // read as its goodbye: look once more for its code.
                     if self.leaving.is_none() {
-                        let control = &mut self.control;
-                        let reset = std::future::poll_fn(|cx| control.poll_reset(cx));
+                        let control = &self.control;
+                        let reset = std::future::poll_fn(|cx| lock(control).poll_reset(cx));
                         if let Some(reset) = futures_util::FutureExt::now_or_never(reset) {
                             self.leaving = Some(reset.ok().map(code_for));
                         }
@@ -1157,5 +1272,103 @@ mod tests {
         // HTTP/2's own reasons never read as one of passage's codes.
         assert_eq!(code_for(Reason::INTERNAL_ERROR), HTTP2_REASONS | 2);
         assert_eq!(code_for(Reason::NO_ERROR), HTTP2_REASONS);
+    }
+
+    /// The retransmission cap is set where the kernel has the option.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn tunnel_sockets_cap_their_retransmission_timeout() {
+        use std::os::fd::AsRawFd;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let addr = listener.local_addr().expect("address");
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let tuning = TransportTuning::default();
+        tune_socket(&tcp, &tuning);
+        let mut millis: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: reads a plain int into `millis`, `len` bytes at most.
+        let result = unsafe {
+            libc::getsockopt(
+                tcp.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                44,
+                (&mut millis as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if result != 0 {
+            println!("SKIP: this kernel has no TCP_RTO_MAX_MS (Linux 6.15+)");
+            return;
+        }
+        assert_eq!(millis, 1000);
+        assert_eq!(rto_max(&tuning), Duration::from_secs(1));
+    }
+
+    /// Real sockets on 127.0.0.1: the reader never sends a byte, so only
+    /// its kernel's acknowledgements can tell it is alive.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn acknowledgements_are_a_sign_of_life_only_behind_a_queue() {
+        use std::io::{Read, Write};
+        use std::thread::sleep;
+        let settle = Duration::from_millis(100);
+        // A small receive buffer: a reader that stops reading soon closes
+        // its window.
+        let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        listener.set_recv_buffer_size(8 * 1024).expect("SO_RCVBUF");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        listener.bind(&any.into()).expect("bind");
+        listener.listen(1).expect("listen");
+        let addr = listener
+            .local_addr()
+            .expect("address")
+            .as_socket()
+            .expect("inet");
+        let mut writer = std::net::TcpStream::connect(addr).expect("connect");
+        let (reader, _) = listener.accept().expect("accept");
+        let mut reader = std::net::TcpStream::from(reader);
+        writer.set_nonblocking(true).expect("nonblocking");
+        let counts = Arc::new(ByteCounts::default());
+        let handle = std::os::fd::OwnedFd::from(writer.try_clone().expect("clone"));
+        let state = ConnectionState::new(addr, counts.clone(), Some(handle));
+        let mut write = |bytes: &[u8]| match writer.write(bytes) {
+            Ok(n) => {
+                counts.sent.fetch_add(n as u64, Ordering::Relaxed);
+                n
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => panic!("write: {e}"),
+        };
+
+        // A PING alone, acknowledged at once: no sign of life.
+        let quiet = state.heard();
+        write(&[0; 39]);
+        sleep(settle);
+        assert_eq!(state.heard(), quiet, "a bare acknowledgement counted");
+
+        // Far more than the reader takes: a queue, then a closed window.
+        let mut queued = 0;
+        while queued < (4 << 20) {
+            match write(&[1; 64 * 1024]) {
+                0 => break,
+                n => queued += n,
+            }
+        }
+        sleep(settle);
+        let stalled = state.heard();
+        sleep(settle);
+        assert_eq!(state.heard(), stalled, "a closed window counted");
+
+        // The reader takes some: its kernel acknowledges more of our queue.
+        let mut sink = vec![0; 64 * 1024];
+        reader.read_exact(&mut sink).expect("read");
+        sleep(settle);
+        assert!(
+            state.heard() > stalled,
+            "acknowledgements behind a queue did not count"
+        );
     }
 }
