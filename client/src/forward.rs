@@ -48,10 +48,14 @@ pub async fn forward(
     id: String,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
-    match try_forward(tunnel, connect_wait, id, request).await {
-        Ok(response) => response,
-        Err(error) => error.into_response::<Full<Bytes>>().map(Either::Left),
-    }
+    or_error_response(try_forward(tunnel, connect_wait, id, request).await)
+}
+
+/// The response, or the error as an OpenAI-shaped response.
+pub(crate) fn or_error_response(
+    result: Result<Response<ResponseBody>, ApiError>,
+) -> Response<ResponseBody> {
+    result.unwrap_or_else(|error| error.into_response::<Full<Bytes>>().map(Either::Left))
 }
 
 async fn try_forward(
@@ -65,25 +69,7 @@ async fn try_forward(
     // unnoticed is answered within it plus the time to notice.
     let deadline = tokio::time::Instant::now() + connect_wait;
     let (parts, mut body) = request.into_parts();
-    // Only an origin-form path and query travel. An absolute-form target
-    // (`GET http://host/...`, what an app sends to a proxy) names another
-    // server: refused, not quietly redirected; authority-form (CONNECT)
-    // has nothing to forward.
-    let origin_form = parts.uri.scheme().is_none() && parts.uri.authority().is_none();
-    let path_and_query = match parts.uri.path_and_query() {
-        Some(pq)
-            if origin_form && parts.method != Method::CONNECT && pq.as_str().starts_with('/') =>
-        {
-            pq.as_str().to_owned()
-        }
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_target",
-                "passage forwards only origin-form requests such as POST /v1/chat/completions",
-            ));
-        }
-    };
+    let path_and_query = origin_form_target(&parts.method, &parts.uri)?;
     let has_body = !body.is_end_stream();
     let inline = has_body && is_inline(&body);
     let head = RequestHead {
@@ -141,6 +127,15 @@ async fn try_forward(
             }
         }
     };
+    response_for(head, Either::Right(FrameBody::new(frames)))
+}
+
+/// The app's response from the relay's head and `body`: 502 for a status
+/// or headers that HTTP cannot carry.
+pub(crate) fn response_for(
+    head: ResponseHead,
+    body: ResponseBody,
+) -> Result<Response<ResponseBody>, ApiError> {
     let status = StatusCode::from_u16(head.status).map_err(|_| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
@@ -151,7 +146,7 @@ async fn try_forward(
             ),
         )
     })?;
-    let mut response = Response::new(Either::Right(FrameBody::new(frames)));
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     extend_from_wire(response.headers_mut(), head.headers).map_err(|e| {
         ApiError::new(
@@ -288,6 +283,24 @@ async fn pump_body(mut body: Incoming, mut sender: Sender) {
     }
 }
 
+/// The path and query of an origin-form request target, the only form
+/// that travels. An absolute-form target (`GET http://host/...`, what an
+/// app sends to a proxy) names another server: refused, not quietly
+/// redirected; authority-form (CONNECT) has nothing to forward.
+pub(crate) fn origin_form_target(method: &Method, uri: &http::Uri) -> Result<String, ApiError> {
+    let origin_form = uri.scheme().is_none() && uri.authority().is_none();
+    match uri.path_and_query() {
+        Some(pq) if origin_form && method != Method::CONNECT && pq.as_str().starts_with('/') => {
+            Ok(pq.as_str().to_owned())
+        }
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_target",
+            "passage forwards only origin-form requests such as POST /v1/chat/completions",
+        )),
+    }
+}
+
 /// The app's request could not be read or encoded.
 fn invalid_request(error: impl std::fmt::Display) -> ApiError {
     ApiError::new(
@@ -297,7 +310,8 @@ fn invalid_request(error: impl std::fmt::Display) -> ApiError {
     )
 }
 
-fn tunnel_error(error: TunnelError) -> ApiError {
+/// The API error for a request the tunnel could not take.
+pub(crate) fn tunnel_error(error: TunnelError) -> ApiError {
     let status = match error {
         TunnelError::Lost(_) => StatusCode::BAD_GATEWAY,
         _ => StatusCode::SERVICE_UNAVAILABLE,

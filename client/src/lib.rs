@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod server;
 pub mod transport_memory;
 pub mod tunnel;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -16,8 +16,8 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use passage_shared::error_body::ApiError;
+use passage_shared::websocket;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
@@ -79,7 +79,10 @@ pub async fn serve(
     drain_timeout: Duration,
     shutdown: CancellationToken,
 ) {
-    let graceful = GracefulShutdown::new();
+    // Each connection drains on its own once this is cancelled (hyper's
+    // graceful shutdown: the response in flight finishes, then it closes).
+    let draining = CancellationToken::new();
+    let connections = tokio_util::task::TaskTracker::new();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -100,18 +103,30 @@ pub async fn serve(
         let service = service_fn(move |request| handle(request, ctx.clone()));
         // hyper's default limits sit above passage's (checked in `handle`,
         // with an OpenAI-shaped 431); past them hyper answers a bare 431.
+        // With upgrades: a WebSocket session takes the connection over.
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let draining = draining.clone();
+        connections.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                _ = draining.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = ended {
                 debug!(%peer, error = %e, "app connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+    draining.cancel();
+    connections.close();
+    if tokio::time::timeout(drain_timeout, connections.wait())
         .await
         .is_err()
     {
@@ -174,7 +189,11 @@ async fn handle(
         }
         let started = Instant::now();
         let request_bytes = http_body::Body::size_hint(request.body()).exact();
-        let response = forward(&ctx.tunnel, ctx.connect_wait, id, request).await;
+        let response = if websocket::is_upgrade_request(request.method(), request.headers()) {
+            crate::websocket::upgrade(&ctx.tunnel, ctx.connect_wait, id, request).await
+        } else {
+            forward(&ctx.tunnel, ctx.connect_wait, id, request).await
+        };
         let status = response.status().as_u16();
         // The relay logs every request at info; here it is debug detail.
         debug!(

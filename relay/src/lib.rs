@@ -16,6 +16,7 @@ pub mod request_model;
 pub mod stream;
 pub mod upstream;
 pub mod usage;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

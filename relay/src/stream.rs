@@ -98,13 +98,13 @@ struct JsonCopy {
 
 /// What the usage line and the metrics say about one request.
 #[derive(Debug, Default)]
-struct RequestRecord {
-    model: Option<String>,
+pub(crate) struct RequestRecord {
+    pub(crate) model: Option<String>,
     /// The status the app gets (0 until a response head is sent).
-    status: u16,
-    ttfb: Option<Duration>,
+    pub(crate) status: u16,
+    pub(crate) ttfb: Option<Duration>,
     bytes_in: Arc<AtomicU64>,
-    bytes_out: u64,
+    pub(crate) bytes_out: u64,
     usage: Option<Usage>,
     /// Watches the response for its usage (taken by `finish`).
     tap: Option<UsageTap>,
@@ -168,11 +168,11 @@ impl RequestRecord {
     }
 }
 
-type Responder = FramedWrite<BoxSend, FrameCodec>;
+pub(crate) type Responder = FramedWrite<BoxSend, FrameCodec>;
 
 /// How a request ended, for the log line.
 #[derive(Debug)]
-enum Outcome {
+pub(crate) enum Outcome {
     /// The response was delivered in full.
     Complete,
     /// The upstream failed after the head was sent; the client got `Failure`.
@@ -458,6 +458,9 @@ async fn serve(
             name: "accept-encoding".into(),
             value: Bytes::from_static(b"identity"),
         });
+    }
+    if crate::websocket::is_session(&head) {
+        return crate::websocket::session(head, frames, responder, ctx, record, started).await;
     }
     let body = if head.has_body {
         match request_body(&head, frames, ctx, client, &applied, record).await {

@@ -235,6 +235,9 @@ pub struct UpstreamClient {
     base: UpstreamBase,
     keys: Option<std::sync::Arc<KeyRing>>,
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>,
+    /// HTTP/1.1 only, never pooled: a WebSocket upgrade needs a connection
+    /// of its own, which the session then keeps.
+    upgrades: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>,
 }
 
 impl UpstreamClient {
@@ -258,18 +261,32 @@ impl UpstreamClient {
             .with_safe_default_protocol_versions()?;
         let tls = hyper_rustls::ConfigBuilderExt::with_webpki_roots(tls).with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
+            .with_tls_config(tls.clone())
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(http.clone());
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .http2_only(http2_only)
             .build(https);
-        Ok(UpstreamClient { base, keys, client })
+        let http1 = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let upgrades = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_max_idle_per_host(0)
+            .build(http1);
+        Ok(UpstreamClient {
+            base,
+            keys,
+            client,
+            upgrades,
+        })
     }
 
     /// The configured upstream.
@@ -302,47 +319,66 @@ impl UpstreamClient {
         }
     }
 
+    /// Sends a WebSocket upgrade request over a new HTTP/1.1 connection
+    /// and waits for the response head (`101` hands the connection over:
+    /// see `hyper::upgrade::on`).
+    pub async fn send_upgrade(
+        &self,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, ApiError> {
+        self.upgrades
+            .request(request)
+            .await
+            .map_err(|e| self.send_error(e))
+    }
+
     /// Sends the request and waits for the response head.
     pub async fn send(
         &self,
         request: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ApiError> {
-        self.client.request(request).await.map_err(|e| {
-            let detail = error_chain(&e);
-            let too_large =
-                find_source::<hyper::Error>(&e).is_some_and(hyper::Error::is_parse_too_large);
-            if let Some(body_error) = find_source::<BodyError>(&e) {
-                // The app's side broke the body it was sending.
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "request_body_failed",
-                    format!("the request body failed: {body_error}"),
-                )
-            } else if too_large {
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "invalid_upstream_response",
-                    format!(
-                        "the upstream's response head is larger than passage reads (over HTTP/1.1: at most {UPSTREAM_H1_MAX_HEADERS} header lines): {detail}"
-                    ),
-                )
-            } else if e.is_connect() {
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_unreachable",
-                    format!(
-                        "passage relay cannot connect to the upstream {}: {detail}",
-                        self.base
-                    ),
-                )
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_failed",
-                    format!("the upstream request failed: {detail}"),
-                )
-            }
-        })
+        self.client
+            .request(request)
+            .await
+            .map_err(|e| self.send_error(e))
+    }
+
+    /// The API error for a request the upstream did not answer.
+    fn send_error(&self, e: hyper_util::client::legacy::Error) -> ApiError {
+        let detail = error_chain(&e);
+        let too_large =
+            find_source::<hyper::Error>(&e).is_some_and(hyper::Error::is_parse_too_large);
+        if let Some(body_error) = find_source::<BodyError>(&e) {
+            // The app's side broke the body it was sending.
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "request_body_failed",
+                format!("the request body failed: {body_error}"),
+            )
+        } else if too_large {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "invalid_upstream_response",
+                format!(
+                    "the upstream's response head is larger than passage reads (over HTTP/1.1: at most {UPSTREAM_H1_MAX_HEADERS} header lines): {detail}"
+                ),
+            )
+        } else if e.is_connect() {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unreachable",
+                format!(
+                    "passage relay cannot connect to the upstream {}: {detail}",
+                    self.base
+                ),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_failed",
+                format!("the upstream request failed: {detail}"),
+            )
+        }
     }
 }
 

@@ -148,6 +148,33 @@ pub enum Frame {
     /// Relay → client, on its own stream: the relay is shutting down. Open
     /// no new streams on this connection; those in flight will finish.
     GoAway,
+    /// Either way, after a `101` head: a WebSocket message or a piece of
+    /// one (see [`crate::websocket`]).
+    WsMessage(WsMessage),
+    /// Either way, after a `101` head: the WebSocket session closes.
+    WsClose(WsClose),
+}
+
+/// A WebSocket message, or one piece of a message larger than
+/// [`MAX_DATA_CHUNK`]; the pieces of one message travel in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WsMessage {
+    /// Binary (`true`) or text (`false`, UTF-8 once whole).
+    pub binary: bool,
+    /// Whether this piece ends the message.
+    pub last: bool,
+    /// The piece's bytes.
+    pub payload: Bytes,
+}
+
+/// The close of a WebSocket session, with the code and reason the closing
+/// side gave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WsClose {
+    /// RFC 6455 status code; `None` when the close frame carried none.
+    pub code: Option<u16>,
+    /// The close reason, UTF-8, at most 123 bytes.
+    pub reason: String,
 }
 
 /// The relay's greeting on a new connection.
@@ -168,6 +195,8 @@ impl Frame {
             Frame::Failure(_) => "failure",
             Frame::Welcome(_) => "welcome",
             Frame::GoAway => "go-away",
+            Frame::WsMessage(_) => "websocket message",
+            Frame::WsClose(_) => "websocket close",
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod process;
 pub mod revocation;
 pub mod tls;
 pub mod transport;
+pub mod websocket;
 
 /// An error and its sources, joined with ": " (what `anyhow`'s `{:#}`
 /// prints), for messages built from typed errors.

@@ -3,6 +3,7 @@
 //! [`relays`] for tests where relays stop, die and come back, and
 //! [`secrets`], which watches every log line for keys.
 
+pub mod mock_realtime;
 pub mod mock_upstream;
 pub mod relays;
 pub mod secrets;

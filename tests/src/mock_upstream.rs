@@ -23,6 +23,7 @@
 //!   "limited", else 200 naming the Authorization it got;
 //! - `GET /v1/open-cors`: 200 with CORS headers that allow every origin and
 //!   `vary: accept-encoding` (what a public API may send);
+//! - `GET /v1/realtime`: a WebSocket session ([`crate::mock_realtime`]);
 //! - anything else: echoes method, target, headers and a body digest as JSON.
 
 use std::convert::Infallible;
@@ -47,7 +48,8 @@ pub const SSE_CHUNKS: usize = 10;
 /// Spacing of streamed chunks at the upstream.
 pub const SSE_INTERVAL: Duration = Duration::from_millis(50);
 
-type MockBody = BoxBody<Bytes, std::io::Error>;
+/// The body of every mock response.
+pub type MockBody = BoxBody<Bytes, std::io::Error>;
 
 /// What the mock upstream observed.
 #[derive(Debug, Default)]
@@ -63,6 +65,12 @@ pub struct MockRecord {
     /// Bytes of `/download` bodies handed to the connection so far (what
     /// flow control let the upstream write).
     pub downloaded: AtomicU64,
+    /// WebSocket sessions opened on `/v1/realtime`.
+    pub ws_sessions: AtomicUsize,
+    /// How each ended WebSocket session closed, in order.
+    pub ws_closes: Mutex<Vec<crate::mock_realtime::SessionClose>>,
+    /// Signalled whenever a WebSocket session ends.
+    pub ws_closed: Notify,
 }
 
 /// A running mock upstream; stops when dropped.
@@ -107,7 +115,7 @@ impl MockUpstream {
                     // Room for the benchmark's thousands of held streams over h2c.
                     builder.http2().max_concurrent_streams(10_000);
                     let _ = builder
-                        .serve_connection(TokioIo::new(stream), service)
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
                 });
             }
@@ -169,6 +177,7 @@ async fn route(
         ("GET", "/download") => download(&request, record.clone()),
         ("GET", "/v1/keyed") => keyed(&request),
         ("GET", "/v1/open-cors") => open_cors(),
+        ("GET", "/v1/realtime") => crate::mock_realtime::realtime(request, record.clone()),
         ("GET", "/v1/many-headers") => many_headers(query_u64(&request, "n").unwrap_or(300)),
         ("POST", "/sink") => sink(request).await,
         (_, p) if p.starts_with("/status/") || p.starts_with("/v1/status/") => status(p),

@@ -1,0 +1,242 @@
+//! The client's end of a WebSocket session (the Realtime API and other
+//! live sessions): carries the app's upgrade over one tunnel stream, and
+//! once the relay has the upstream's `101`, answers the app's handshake
+//! itself and bridges messages (see [`passage_shared::websocket`]).
+//!
+//! Key custody: whatever key the app sends is removed here, in
+//! `Authorization` and in the browser-style `openai-insecure-api-key.*`
+//! subprotocol; the relay adds its own.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use passage_shared::body::FrameBody;
+use passage_shared::error_body::ApiError;
+use passage_shared::frame::{Frame, Header, RequestHead, frame_reader, frame_writer};
+use passage_shared::http_map::headers_to_wire;
+use passage_shared::websocket::{self, UPGRADE_HEADER, UPGRADE_WEBSOCKET};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tracing::{Instrument, debug, info};
+
+use crate::forward::{ResponseBody, or_error_response, origin_form_target, response_for};
+use crate::tunnel::{Tunnel, TunnelError};
+
+/// Largest WebSocket message carried either way (bytes).
+pub const MAX_MESSAGE: usize = 16 << 20;
+
+/// The subprotocol prefix under which browsers pass an API key.
+const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
+
+/// Headers that belong to the app's handshake with this client.
+const HANDSHAKE_HEADERS: [&str; 4] = [
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-accept",
+    "sec-websocket-extensions",
+];
+
+/// Carries the app's WebSocket upgrade `request` over the tunnel; every
+/// failure becomes an OpenAI-shaped error response.
+pub async fn upgrade(
+    tunnel: &Tunnel,
+    connect_wait: Duration,
+    id: String,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    or_error_response(try_upgrade(tunnel, connect_wait, id, request).await)
+}
+
+async fn try_upgrade(
+    tunnel: &Tunnel,
+    connect_wait: Duration,
+    id: String,
+    mut request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let app_key = request
+        .headers()
+        .get("sec-websocket-key")
+        .cloned()
+        .filter(|_| {
+            request
+                .headers()
+                .get("sec-websocket-version")
+                .is_some_and(|v| v == "13")
+        })
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_websocket_upgrade",
+                "a WebSocket upgrade needs Sec-WebSocket-Key and Sec-WebSocket-Version: 13",
+            )
+        })?;
+    let path_and_query = origin_form_target(request.method(), request.uri())?;
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let head = RequestHead {
+        id,
+        method: "GET".to_owned(),
+        path_and_query,
+        headers: wire_headers(request.headers()),
+        has_body: false,
+    };
+
+    let wait = connect_wait;
+    let opened = tunnel.open_stream(wait, None).await.map_err(tunnel_error)?;
+    let mut to_relay = frame_writer(opened.send);
+    let mut from_relay = frame_reader(opened.recv);
+    to_relay
+        .send(Frame::RequestHead(head))
+        .await
+        .map_err(|e| stream_failed(format!("could not send the upgrade to the relay: {e}")))?;
+    let head = match from_relay.next().await {
+        Some(Ok(Frame::ResponseHead(head))) => head,
+        Some(Ok(frame)) => {
+            return Err(stream_failed(format!(
+                "the relay sent a {} frame before the response head",
+                frame.kind()
+            )));
+        }
+        Some(Err(e)) => {
+            return Err(stream_failed(format!(
+                "the tunnel stream failed before the response head: {e}"
+            )));
+        }
+        None => {
+            return Err(stream_failed(
+                "the relay closed the stream without a response".to_owned(),
+            ));
+        }
+    };
+    // Refused upstream (or by the relay): the app gets that answer.
+    let (body, session) = if head.status == StatusCode::SWITCHING_PROTOCOLS.as_u16() {
+        (Either::Left(Full::new(Bytes::new())), Some(from_relay))
+    } else {
+        (Either::Right(FrameBody::new(from_relay)), None)
+    };
+    let mut response = response_for(head, body)?;
+    let Some(from_relay) = session else {
+        return Ok(response);
+    };
+    let headers = response.headers_mut();
+    for name in HANDSHAKE_HEADERS {
+        headers.remove(name);
+    }
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    let accept = HeaderValue::from_str(&derive_accept_key(app_key.as_bytes())).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            e.to_string(),
+        )
+    })?;
+    headers.insert("sec-websocket-accept", accept);
+
+    tokio::spawn(
+        async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    debug!(error = %e, "the app's connection was not handed over");
+                    return;
+                }
+            };
+            let ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(websocket::config(MAX_MESSAGE)),
+            )
+            .await;
+            info!("websocket session open");
+            let end = websocket::bridge(ws, from_relay, to_relay, MAX_MESSAGE).await;
+            info!(end = ?end, "websocket session ended");
+        }
+        .in_current_span(),
+    );
+    Ok(response)
+}
+
+/// The app's headers as they travel: end-to-end ones, without its
+/// handshake, its keys, or a marker it may have forged; then the marker.
+fn wire_headers(headers: &http::HeaderMap) -> Vec<Header> {
+    let mut wire: Vec<Header> = headers_to_wire(headers)
+        .into_iter()
+        .filter(|h| {
+            !h.name.eq_ignore_ascii_case(UPGRADE_HEADER)
+                && !h.name.eq_ignore_ascii_case(header::AUTHORIZATION.as_str())
+                && !HANDSHAKE_HEADERS
+                    .iter()
+                    .any(|name| h.name.eq_ignore_ascii_case(name))
+        })
+        .filter_map(|h| {
+            if !h.name.eq_ignore_ascii_case("sec-websocket-protocol") {
+                return Some(h);
+            }
+            let kept = String::from_utf8_lossy(&h.value)
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty() && !p.starts_with(KEY_SUBPROTOCOL))
+                .collect::<Vec<_>>()
+                .join(", ");
+            (!kept.is_empty()).then(|| Header {
+                name: h.name,
+                value: Bytes::from(kept),
+            })
+        })
+        .collect();
+    wire.push(Header {
+        name: UPGRADE_HEADER.to_owned(),
+        value: Bytes::from_static(UPGRADE_WEBSOCKET.as_bytes()),
+    });
+    wire
+}
+
+fn stream_failed(why: String) -> ApiError {
+    ApiError::new(StatusCode::BAD_GATEWAY, "tunnel_stream_failed", why)
+}
+
+fn tunnel_error(error: TunnelError) -> ApiError {
+    crate::forward::tunnel_error(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_never_leave_the_client() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("authorization", "Bearer sk-app".parse().expect("value"));
+        headers.insert(
+            "sec-websocket-protocol",
+            "realtime, openai-insecure-api-key.sk-app, openai-beta.realtime-v1"
+                .parse()
+                .expect("value"),
+        );
+        headers.insert(
+            "sec-websocket-key",
+            "dGhlIHNhbXBsZSBub25jZQ==".parse().expect("value"),
+        );
+        headers.insert(UPGRADE_HEADER, "forged".parse().expect("value"));
+        let wire = wire_headers(&headers);
+        let text = format!("{wire:?}");
+        assert!(!text.contains("sk-app"), "{text}");
+        assert!(!text.contains("forged"), "{text}");
+        assert!(!text.contains("sec-websocket-key"), "{text}");
+        let protocols = wire
+            .iter()
+            .find(|h| h.name == "sec-websocket-protocol")
+            .expect("protocols kept");
+        assert_eq!(&protocols.value[..], b"realtime, openai-beta.realtime-v1");
+        assert!(
+            wire.iter()
+                .any(|h| h.name == UPGRADE_HEADER && &h.value[..] == b"websocket")
+        );
+    }
+}

@@ -1,0 +1,200 @@
+//! The relay's end of a WebSocket session: opens the upstream WebSocket
+//! with the relay's key over a connection of its own, answers the client
+//! with the `101` head, then bridges messages (see
+//! [`passage_shared::websocket`]). A refused upgrade goes back as the
+//! ordinary response it is.
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use http::StatusCode;
+use http_body_util::{BodyExt, Either, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use passage_shared::error_body::ApiError;
+use passage_shared::frame::{Frame, FrameCodec, Header, RequestHead, ResponseHead};
+use passage_shared::http_map::headers_to_wire;
+use passage_shared::transport::BoxRecv;
+use passage_shared::websocket::{self, SessionEnd, UPGRADE_HEADER};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_util::codec::FramedRead;
+use tracing::{debug, info};
+
+use crate::stream::{Outcome, RequestRecord, Responder, StreamContext};
+
+/// Largest WebSocket message carried either way (bytes).
+pub const MAX_MESSAGE: usize = 16 << 20;
+
+/// Largest body of a refused upgrade that is passed on (an error JSON).
+const MAX_REFUSAL_BODY: usize = 64 * 1024;
+
+/// Headers that belong to one WebSocket handshake, never carried across.
+const HANDSHAKE_HEADERS: [&str; 4] = [
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-accept",
+    "sec-websocket-extensions",
+];
+
+/// Whether `head` asks for a WebSocket session.
+pub fn is_session(head: &RequestHead) -> bool {
+    head.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case(UPGRADE_HEADER)
+            && h.value
+                .eq_ignore_ascii_case(websocket::UPGRADE_WEBSOCKET.as_bytes())
+    })
+}
+
+/// Opens the upstream WebSocket for `head` and carries the session until
+/// either side closes it.
+pub(crate) async fn session(
+    mut head: RequestHead,
+    frames: FramedRead<BoxRecv, FrameCodec>,
+    responder: &mut Responder,
+    ctx: &StreamContext,
+    record: &mut RequestRecord,
+    started: std::time::Instant,
+) -> Outcome {
+    head.headers.retain(|h| {
+        !h.name.eq_ignore_ascii_case(UPGRADE_HEADER)
+            && !HANDSHAKE_HEADERS
+                .iter()
+                .any(|name| h.name.eq_ignore_ascii_case(name))
+    });
+    let key = generate_key();
+    for (name, value) in [
+        ("connection", "upgrade".to_owned()),
+        ("upgrade", "websocket".to_owned()),
+        ("sec-websocket-version", "13".to_owned()),
+        ("sec-websocket-key", key.clone()),
+    ] {
+        head.headers.push(Header {
+            name: name.to_owned(),
+            value: Bytes::from(value),
+        });
+    }
+    let (mut request, key_index) = match ctx.upstream.request(head, Either::Left(Empty::new())) {
+        Ok(request) => request,
+        Err(error) => return Outcome::Refused(error),
+    };
+    // The wire mapping drops hop-by-hop headers; the handshake needs two.
+    let headers = request.headers_mut();
+    headers.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
+    let response =
+        match tokio::time::timeout(ctx.idle_read_timeout, ctx.upstream.send_upgrade(request)).await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => return Outcome::Refused(error),
+            Err(_) => {
+                return Outcome::Refused(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!(
+                        "the upstream did not answer the WebSocket upgrade within {} s",
+                        ctx.idle_read_timeout.as_secs()
+                    ),
+                ));
+            }
+        };
+    ctx.upstream
+        .report(key_index, response.status(), response.headers());
+    record.status = response.status().as_u16();
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return refused(response, responder, record).await;
+    }
+    let accepted = response
+        .headers()
+        .get("sec-websocket-accept")
+        .is_some_and(|v| v.as_bytes() == derive_accept_key(key.as_bytes()).as_bytes());
+    if !accepted {
+        record.status = 0;
+        return Outcome::Refused(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "invalid_upstream_response",
+            "the upstream answered the WebSocket upgrade without a valid Sec-WebSocket-Accept",
+        ));
+    }
+    let mut head_headers = headers_to_wire(response.headers());
+    head_headers.retain(|h| {
+        !HANDSHAKE_HEADERS
+            .iter()
+            .any(|name| h.name.eq_ignore_ascii_case(name))
+    });
+    let head = ResponseHead {
+        status: StatusCode::SWITCHING_PROTOCOLS.as_u16(),
+        headers: head_headers,
+    };
+    if responder.send(Frame::ResponseHead(head)).await.is_err() {
+        return Outcome::ClientGone;
+    }
+    // The session's "first byte" is its `101` head.
+    record.ttfb = Some(started.elapsed());
+    let upgraded = match hyper::upgrade::on(response).await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            return Outcome::UpstreamBrokeOff {
+                reason: format!("the upstream connection was not handed over: {e}"),
+            };
+        }
+    };
+    let ws = WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Client,
+        Some(websocket::config(MAX_MESSAGE)),
+    )
+    .await;
+    info!("websocket session open");
+    let end = websocket::bridge(ws, frames, &mut *responder, MAX_MESSAGE).await;
+    debug!(?end, "websocket session ended");
+    match end {
+        SessionEnd::WebSocketClosed(_) | SessionEnd::TunnelClosed(_) | SessionEnd::TooBig(_) => {
+            Outcome::Complete
+        }
+        SessionEnd::WebSocketFailed(reason) => Outcome::UpstreamBrokeOff { reason },
+        SessionEnd::TunnelFailed(_) => Outcome::ClientGone,
+    }
+}
+
+/// Passes a refused upgrade (an error, a redirect) on as the response it is.
+async fn refused(
+    response: http::Response<hyper::body::Incoming>,
+    responder: &mut Responder,
+    record: &mut RequestRecord,
+) -> Outcome {
+    let (parts, body) = response.into_parts();
+    let body = match Limited::new(body, MAX_REFUSAL_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) => {
+            return Outcome::UpstreamBrokeOff {
+                reason: format!("the upstream's refusal could not be read: {e}"),
+            };
+        }
+    };
+    let head = ResponseHead {
+        status: parts.status.as_u16(),
+        headers: headers_to_wire(&parts.headers),
+    };
+    record.bytes_out = body.len() as u64;
+    let mut frames = vec![Frame::ResponseHead(head)];
+    if !body.is_empty() {
+        frames.push(Frame::Data(body));
+    }
+    frames.push(Frame::End);
+    for frame in frames {
+        if responder.feed(frame).await.is_err() {
+            return Outcome::ClientGone;
+        }
+    }
+    match responder.flush().await {
+        Ok(()) => Outcome::Complete,
+        Err(_) => Outcome::ClientGone,
+    }
+}

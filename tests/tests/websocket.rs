@@ -1,0 +1,179 @@
+//! WebSocket sessions (the Realtime API) through the tunnel: the app's
+//! upgrade reaches the upstream with the relay's key and none of the app's,
+//! messages pass both ways whole (text, binary, larger than a tunnel
+//! frame), a close on one side reaches the other, and a refused upgrade
+//! reaches the app as the upstream's answer.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use passage_tests::Transport::{self, Quic, Tcp};
+use passage_tests::mock_realtime::USAGE;
+use passage_tests::stack::{StackOptions, TestStack};
+use rstest::rstest;
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error, Message};
+
+const RELAY_KEY: &str = "sk-relay-websocket-0123456789";
+
+async fn stack(transport: Transport) -> TestStack {
+    TestStack::start_with(StackOptions {
+        transport,
+        api_key: Some(RELAY_KEY.to_owned()),
+        ..StackOptions::default()
+    })
+    .await
+}
+
+/// Opens a WebSocket to `path` on the client like the SDKs do: the app's
+/// key in `Authorization` and, browser-style, in a subprotocol.
+async fn connect(
+    stack: &TestStack,
+    path: &str,
+) -> Result<
+    (
+        WebSocketStream<TcpStream>,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    Error,
+> {
+    let mut request = format!("ws://{}{path}", stack.client_addr)
+        .into_client_request()
+        .expect("request");
+    let headers = request.headers_mut();
+    headers.insert("authorization", "Bearer app-key".parse().expect("value"));
+    headers.insert(
+        "sec-websocket-protocol",
+        "realtime, openai-insecure-api-key.app-key"
+            .parse()
+            .expect("value"),
+    );
+    let tcp = TcpStream::connect(stack.client_addr)
+        .await
+        .expect("connect");
+    tokio_tungstenite::client_async(request, tcp).await
+}
+
+async fn next_json(ws: &mut WebSocketStream<TcpStream>) -> serde_json::Value {
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str(&text).expect("JSON event"),
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_realtime_session_carries_messages_both_ways_with_the_relays_key(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    let stack = stack(transport).await;
+    let (mut ws, response) = connect(&stack, "/v1/realtime?model=gpt-realtime")
+        .await
+        .expect("handshake");
+    assert_eq!(response.status(), 101);
+    assert_eq!(response.headers()["sec-websocket-protocol"], "realtime");
+
+    let created = next_json(&mut ws).await;
+    assert_eq!(created["type"], "session.created");
+    assert_eq!(created["session"]["model"], "gpt-realtime");
+    // The relay's key, and nothing of the app's, reached the upstream.
+    assert_eq!(created["authorization"], format!("Bearer {RELAY_KEY}"));
+    assert_eq!(created["protocols"], serde_json::json!(["realtime"]));
+
+    ws.send(Message::text(r#"{"type":"response.create"}"#))
+        .await
+        .expect("send");
+    let mut deltas = String::new();
+    let done = loop {
+        let event = next_json(&mut ws).await;
+        match event["type"].as_str() {
+            Some("response.output_text.delta") => {
+                deltas.push_str(event["delta"].as_str().unwrap_or_default())
+            }
+            Some("response.done") => break event,
+            other => panic!("unexpected event {other:?}"),
+        }
+    };
+    assert_eq!(deltas, "Hello!");
+    assert_eq!(done["response"]["usage"]["input_tokens"], USAGE.0);
+
+    // Binary, larger than one tunnel frame: it comes back whole.
+    let blob: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+    ws.send(Message::binary(blob.clone())).await.expect("send");
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        Ok(Some(Ok(Message::Binary(echo)))) => assert!(echo[..] == blob[..], "echo differs"),
+        other => panic!("expected the binary echo, got {other:?}"),
+    }
+
+    // The app closes: the upstream sees the same close soon after.
+    let closed_at = Instant::now();
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .await
+    .expect("close");
+    let record = stack.upstream.record.clone();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let close = loop {
+        if let Some(close) = record.ws_closes.lock().expect("lock").first().cloned() {
+            break close;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upstream never saw the close"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(close.code, Some(1000));
+    let took = close.at.duration_since(closed_at);
+    assert!(took < Duration::from_millis(500), "close took {took:?}");
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_close_reaches_the_app_with_its_code(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    let stack = stack(transport).await;
+    let (mut ws, _) = connect(&stack, "/v1/realtime").await.expect("handshake");
+    assert_eq!(next_json(&mut ws).await["type"], "session.created");
+    ws.send(Message::text(r#"{"type":"mock.close","code":4000}"#))
+        .await
+        .expect("send");
+    match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+        Ok(Some(Ok(Message::Close(Some(frame))))) => {
+            assert_eq!(u16::from(frame.code), 4000);
+            assert_eq!(frame.reason, "closed by the mock");
+        }
+        other => panic!("expected the upstream's close, got {other:?}"),
+    }
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upgrade_reaches_the_app_as_the_upstreams_answer(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    let stack = stack(transport).await;
+    match connect(&stack, "/v1/status/404").await {
+        Err(Error::Http(response)) => assert_eq!(response.status(), 404),
+        other => panic!(
+            "expected the upstream's 404, got {:?}",
+            other.map(|(_, r)| r)
+        ),
+    }
+    // Nothing was opened at the upstream.
+    assert_eq!(
+        stack
+            .upstream
+            .record
+            .ws_sessions
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
