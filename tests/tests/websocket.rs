@@ -41,7 +41,21 @@ async fn connect(
     ),
     Error,
 > {
-    let mut request = format!("ws://{}{path}", stack.client_addr)
+    connect_to(stack.client_addr, path).await
+}
+
+/// [`connect`] for a client at `addr`.
+async fn connect_to(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> Result<
+    (
+        WebSocketStream<TcpStream>,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    Error,
+> {
+    let mut request = format!("ws://{addr}{path}")
         .into_client_request()
         .expect("request");
     let headers = request.headers_mut();
@@ -52,9 +66,7 @@ async fn connect(
             .parse()
             .expect("value"),
     );
-    let tcp = TcpStream::connect(stack.client_addr)
-        .await
-        .expect("connect");
+    let tcp = TcpStream::connect(addr).await.expect("connect");
     tokio_tungstenite::client_async(request, tcp).await
 }
 
@@ -175,5 +187,69 @@ async fn a_refused_upgrade_reaches_the_app_as_the_upstreams_answer(
             .ws_sessions
             .load(std::sync::atomic::Ordering::SeqCst),
         0
+    );
+}
+
+/// The close the app gets next (panics after 8 s or on anything else).
+async fn close_of(ws: &mut WebSocketStream<TcpStream>) -> CloseFrame {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, ws.next()).await {
+            Ok(Some(Ok(Message::Close(Some(frame))))) => return frame,
+            Ok(Some(Ok(Message::Text(_) | Message::Binary(_)))) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_limit_closes_both_sides_with_1009(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    let stack = stack(transport).await;
+    let (mut ws, _) = connect(&stack, "/v1/realtime").await.expect("handshake");
+    assert_eq!(next_json(&mut ws).await["type"], "session.created");
+    let huge = vec![7u8; (16 << 20) + 1];
+    // The client may close before it has read the whole message.
+    let _ = ws.send(Message::binary(huge)).await;
+    assert_eq!(u16::from(close_of(&mut ws).await.code), 1009);
+    let record = stack.upstream.record.clone();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while record.ws_closes.lock().expect("lock").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream never saw the close"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(record.ws_closes.lock().expect("lock")[0].code, Some(1009));
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_relay_closes_the_apps_session_with_1011(#[values(Quic, Tcp)] transport: Transport) {
+    use passage_tests::mock_upstream::MockUpstream;
+    use passage_tests::relays::{LocalClient, RelayProcess, TestPki, free_udp_port};
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let pki = TestPki::new();
+    let addr = free_udp_port();
+    let mut relay = RelayProcess::start(&pki, addr, &upstream.url()).await;
+    let client = LocalClient::start_over(pki.issue("app", &[addr]), transport, |_| {}).await;
+    client.wait_for_relay(addr, Duration::from_secs(10)).await;
+    let (mut ws, _) = connect_to(client.addr, "/v1/realtime")
+        .await
+        .expect("handshake");
+    assert_eq!(next_json(&mut ws).await["type"], "session.created");
+    let killed = Instant::now();
+    relay.kill().await;
+    let close = close_of(&mut ws).await;
+    assert_eq!(u16::from(close.code), 1011, "{close:?}");
+    assert!(close.reason.contains("tunnel"), "{close:?}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "the app learned after {:?}",
+        killed.elapsed()
     );
 }
