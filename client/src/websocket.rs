@@ -154,7 +154,16 @@ async fn try_upgrade(
             )
             .await;
             info!("websocket session open");
-            let end = websocket::bridge(ws, from_relay, to_relay, MAX_MESSAGE).await;
+            // The rules are the relay's to apply: nothing to watch here.
+            let end = websocket::bridge(
+                ws,
+                from_relay,
+                to_relay,
+                MAX_MESSAGE,
+                &mut |_, _| Ok(()),
+                &mut |_, _| Ok(()),
+            )
+            .await;
             info!(end = ?end, "websocket session ended");
         }
         .in_current_span(),

@@ -103,9 +103,9 @@ pub(crate) struct RequestRecord {
     /// The status the app gets (0 until a response head is sent).
     pub(crate) status: u16,
     pub(crate) ttfb: Option<Duration>,
-    bytes_in: Arc<AtomicU64>,
+    pub(crate) bytes_in: Arc<AtomicU64>,
     pub(crate) bytes_out: u64,
-    usage: Option<Usage>,
+    pub(crate) usage: Option<Usage>,
     /// Watches the response for its usage (taken by `finish`).
     tap: Option<UsageTap>,
     /// The rate-limit admission: in flight until the response ends (taken
@@ -181,6 +181,8 @@ pub(crate) enum Outcome {
     Refused(ApiError),
     /// The client went away (app cancelled or tunnel lost).
     ClientGone,
+    /// A WebSocket session closed by passage's rules, for this reason.
+    Closed(String),
 }
 
 /// Serves one request stream from a client named `client`.
@@ -260,6 +262,10 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
                 responder.get_mut().reset(reset_code::CANCELLED);
                 (false, Some("client went away; upstream call dropped".to_owned()))
             }
+            Outcome::Closed(reason) => {
+                responder.get_mut().finish();
+                (true, Some(format!("websocket session closed: {reason}")))
+            }
         };
         record.charge();
         // The response has ended: its concurrency slot is free before the
@@ -318,6 +324,7 @@ fn log_request(
         Outcome::UpstreamBrokeOff { .. } => "upstream_broke_off",
         Outcome::Refused(_) => "refused",
         Outcome::ClientGone => "client_gone",
+        Outcome::Closed(_) => "closed_by_policy",
     };
     // Info for every outcome: this is the accounting record; `ended` and
     // `error` tell the failures apart.
@@ -460,7 +467,13 @@ async fn serve(
         });
     }
     if crate::websocket::is_session(&head) {
-        return crate::websocket::session(head, frames, responder, ctx, record, started).await;
+        let session = crate::websocket::Session {
+            client,
+            applied: &applied,
+            record,
+            started,
+        };
+        return crate::websocket::session(head, frames, responder, ctx, session).await;
     }
     let body = if head.has_body {
         match request_body(&head, frames, ctx, client, &applied, record).await {

@@ -70,6 +70,37 @@ impl UsageCarrier {
     }
 }
 
+/// The usage a WebSocket session event reports: the text message of a
+/// `response.done` (Realtime) or `response.completed` (Responses) event.
+/// Other messages cost a substring search, not a parse.
+pub fn session_event_usage(message: &[u8]) -> Option<Usage> {
+    let finder = |needle: &[u8]| memchr::memmem::find(message, needle).is_some();
+    if !finder(b"response.done") && !finder(b"response.completed") {
+        return None;
+    }
+    #[derive(Deserialize)]
+    struct SessionEvent {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        #[serde(flatten)]
+        carrier: UsageCarrier,
+    }
+    let event: SessionEvent = serde_json::from_slice(message).ok()?;
+    match event.kind.as_deref() {
+        Some("response.done" | "response.completed") => event.carrier.usage(),
+        _ => None,
+    }
+}
+
+impl std::ops::AddAssign for Usage {
+    fn add_assign(&mut self, other: Usage) {
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
+    }
+}
+
 fn parse(json: &[u8]) -> Option<Usage> {
     serde_json::from_slice::<UsageCarrier>(json).ok()?.usage()
 }
@@ -214,6 +245,23 @@ mod tests {
             tap.observe(&Bytes::copy_from_slice(chunk.as_bytes()));
         }
         tap.finish()
+    }
+
+    #[test]
+    fn session_events_report_usage_only_when_a_response_is_done() {
+        let done = br#"{"type":"response.done","response":{"usage":{"input_tokens":5,"output_tokens":3,"total_tokens":8}}}"#;
+        let completed = br#"{"type":"response.completed","response":{"usage":{"input_tokens":2,"output_tokens":1}}}"#;
+        let delta = br#"{"type":"response.output_text.delta","delta":"response.done"}"#;
+        assert_eq!(
+            session_event_usage(done),
+            Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 3
+            })
+        );
+        assert_eq!(session_event_usage(completed).map(|u| u.total()), Some(3));
+        assert_eq!(session_event_usage(delta), None);
+        assert_eq!(session_event_usage(b"not json response.done"), None);
     }
 
     #[test]

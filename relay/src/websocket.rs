@@ -10,7 +10,7 @@ use http::StatusCode;
 use http_body_util::{BodyExt, Either, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use passage_shared::error_body::ApiError;
-use passage_shared::frame::{Frame, FrameCodec, Header, RequestHead, ResponseHead};
+use passage_shared::frame::{Frame, FrameCodec, Header, RequestHead, ResponseHead, WsClose};
 use passage_shared::http_map::headers_to_wire;
 use passage_shared::transport::BoxRecv;
 use passage_shared::websocket::{self, SessionEnd, UPGRADE_HEADER};
@@ -21,7 +21,9 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::codec::FramedRead;
 use tracing::{debug, info};
 
+use crate::policy::Applied;
 use crate::stream::{Outcome, RequestRecord, Responder, StreamContext};
+use crate::usage::{Usage, session_event_usage};
 
 /// Largest WebSocket message carried either way (bytes).
 pub const MAX_MESSAGE: usize = 16 << 20;
@@ -48,14 +50,34 @@ pub fn is_session(head: &RequestHead) -> bool {
 
 /// Opens the upstream WebSocket for `head` and carries the session until
 /// either side closes it.
+///
+/// Under model rules, the model must be named in `?model=` and allowed,
+/// and every `session.update` or `response.create` the app sends that
+/// names a model is checked too: a refused one closes the session with
+/// 1008. Usage from `response.done` / `response.completed` events adds up
+/// into the request's record.
 pub(crate) async fn session(
     mut head: RequestHead,
     frames: FramedRead<BoxRecv, FrameCodec>,
     responder: &mut Responder,
     ctx: &StreamContext,
-    record: &mut RequestRecord,
-    started: std::time::Instant,
+    session: Session<'_>,
 ) -> Outcome {
+    let Session {
+        client,
+        applied,
+        record,
+        started,
+    } = session;
+    record.model = query_model(&head.path_and_query);
+    if applied.restricts_models()
+        && let Err(mut error) = applied.check_model(client, record.model.as_deref())
+    {
+        if record.model.is_none() {
+            error.message = format!("{}; name the model in ?model=", error.message);
+        }
+        return Outcome::Refused(error);
+    }
     head.headers.retain(|h| {
         !h.name.eq_ignore_ascii_case(UPGRADE_HEADER)
             && !HANDSHAKE_HEADERS
@@ -152,15 +174,90 @@ pub(crate) async fn session(
     )
     .await;
     info!("websocket session open");
-    let end = websocket::bridge(ws, frames, &mut *responder, MAX_MESSAGE).await;
+    let mut usage: Option<Usage> = None;
+    let mut bytes_out = 0u64;
+    let mut from_upstream = |_binary: bool, message: &[u8]| {
+        bytes_out += message.len() as u64;
+        if let Some(found) = session_event_usage(message) {
+            *usage.get_or_insert_default() += found;
+        }
+        Ok(())
+    };
+    let bytes_in = record.bytes_in.clone();
+    let restricted = applied.restricts_models();
+    let mut from_app = |binary: bool, message: &[u8]| {
+        bytes_in.fetch_add(message.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        match requested_model(binary, message) {
+            Some(model) if restricted => {
+                applied
+                    .check_model(client, Some(&model))
+                    .map_err(|error| WsClose {
+                        code: Some(websocket::CLOSE_POLICY),
+                        reason: error.message,
+                    })
+            }
+            _ => Ok(()),
+        }
+    };
+    let end = websocket::bridge(
+        ws,
+        frames,
+        &mut *responder,
+        MAX_MESSAGE,
+        &mut from_upstream,
+        &mut from_app,
+    )
+    .await;
     debug!(?end, "websocket session ended");
+    record.bytes_out = bytes_out;
+    if let Some(usage) = usage {
+        record.usage = Some(usage);
+    }
     match end {
         SessionEnd::WebSocketClosed(_) | SessionEnd::TunnelClosed(_) | SessionEnd::TooBig(_) => {
             Outcome::Complete
         }
         SessionEnd::WebSocketFailed(reason) => Outcome::UpstreamBrokeOff { reason },
         SessionEnd::TunnelFailed(_) => Outcome::ClientGone,
+        SessionEnd::Refused(close) => Outcome::Closed(close.reason),
     }
+}
+
+/// Who asked for a session, under which rules, and its record.
+pub(crate) struct Session<'a> {
+    /// The client's name.
+    pub client: &'a str,
+    /// Its rules.
+    pub applied: &'a Applied,
+    /// What the usage line will say.
+    pub record: &'a mut RequestRecord,
+    /// When the request's stream opened.
+    pub started: std::time::Instant,
+}
+
+/// The `model` query parameter, if any.
+fn query_model(path_and_query: &str) -> Option<String> {
+    let (_, query) = path_and_query.split_once('?')?;
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("model="))
+        .map(str::to_owned)
+}
+
+/// The model a text message from the app names: in the session of a
+/// `session.update`, in the response of a `response.create`, or at the top.
+/// Other messages cost a substring search, not a parse.
+fn requested_model(binary: bool, message: &[u8]) -> Option<String> {
+    if binary || memchr::memmem::find(message, b"\"model\"").is_none() {
+        return None;
+    }
+    let event: serde_json::Value = serde_json::from_slice(message).ok()?;
+    let model = match event["type"].as_str() {
+        Some("session.update") => &event["session"]["model"],
+        Some("response.create") => &event["response"]["model"],
+        _ => &event["model"],
+    };
+    model.as_str().map(str::to_owned)
 }
 
 /// Passes a refused upgrade (an error, a redirect) on as the response it is.

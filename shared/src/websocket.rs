@@ -42,8 +42,8 @@ pub const CLOSE_TUNNEL_LOST: u16 = 1011;
 /// Close code for a message above the size limit (RFC 6455: too big).
 pub const CLOSE_TOO_BIG: u16 = 1009;
 
-/// Close code for a peer that broke the protocol.
-pub const CLOSE_PROTOCOL: u16 = 1002;
+/// Close code for a message the rules refuse (RFC 6455: policy violation).
+pub const CLOSE_POLICY: u16 = 1008;
 
 /// Whether a request asks for a WebSocket (RFC 6455 §4.2.1): a GET with
 /// `Connection: upgrade` and `Upgrade: websocket`, in any case.
@@ -86,8 +86,10 @@ pub enum SessionEnd {
     /// The WebSocket connection failed; the tunnel side was told with 1011.
     WebSocketFailed(String),
     /// The tunnel stream failed or broke the protocol; the WebSocket was
-    /// closed with 1011 (or 1002) and the reason.
+    /// closed with 1011 and the reason.
     TunnelFailed(String),
+    /// A watch refused a message; both sides got its close.
+    Refused(WsClose),
 }
 
 /// What ended one direction of the bridge, before the other is told.
@@ -99,20 +101,29 @@ enum Ended {
     Tunnel(WsClose),
     TunnelTooBig,
     TunnelError(String),
+    Refused(WsClose),
 }
+
+/// Looks at each whole message one direction of a session carries
+/// (binary or not, its bytes) before it goes on; a close instead ends the
+/// session, both sides getting that close (a policy refusal).
+pub type Watch<'a> = &'a mut (dyn FnMut(bool, &[u8]) -> Result<(), WsClose> + Send);
 
 /// Moves messages between `ws` and the tunnel stream (`from_tunnel`,
 /// `to_tunnel`) both ways as they come, until either side closes or fails;
 /// then tells the other side and returns how it ended. Text and binary
 /// messages pass whole (pieces on the tunnel are joined, up to
-/// `max_message` bytes); pings are answered by each WebSocket end itself.
-/// Backpressure flows through: a direction reads its next message only
-/// once the last one was written.
+/// `max_message` bytes), each shown first to the watch of its direction;
+/// pings are answered by each WebSocket end itself. Backpressure flows
+/// through: a direction reads its next message only once the last one
+/// was written.
 pub async fn bridge<S, In, Out>(
     ws: WebSocketStream<S>,
     mut from_tunnel: In,
     mut to_tunnel: Out,
     max_message: usize,
+    watch_websocket: Watch<'_>,
+    watch_tunnel: Watch<'_>,
 ) -> SessionEnd
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -121,8 +132,8 @@ where
 {
     let (mut ws_out, mut ws_in) = ws.split();
     let ended = tokio::select! {
-        ended = websocket_to_tunnel(&mut ws_in, &mut to_tunnel) => ended,
-        ended = tunnel_to_websocket(&mut from_tunnel, &mut ws_out, max_message) => ended,
+        ended = websocket_to_tunnel(&mut ws_in, &mut to_tunnel, watch_websocket) => ended,
+        ended = tunnel_to_websocket(&mut from_tunnel, &mut ws_out, max_message, watch_tunnel) => ended,
     };
     let end = tell_the_other_side(ended, &mut ws_out, &mut to_tunnel, max_message).await;
     // End the tunnel stream in order: our side finished (after the close
@@ -192,6 +203,12 @@ where
             let _ = ws_out.send(message).await;
             SessionEnd::TunnelClosed(code)
         }
+        Ended::Refused(close) => {
+            let code = close.code.unwrap_or(CLOSE_POLICY);
+            let _ = ws_out.send(close_message(code, &close.reason)).await;
+            let _ = to_tunnel.send(close_frame(code, &close.reason)).await;
+            SessionEnd::Refused(close)
+        }
         Ended::TunnelError(error) => {
             let _ = ws_out.send(close_message(CLOSE_TUNNEL_LOST, &error)).await;
             SessionEnd::TunnelFailed(error)
@@ -202,6 +219,7 @@ where
 async fn websocket_to_tunnel<S, Out>(
     ws_in: &mut futures_util::stream::SplitStream<WebSocketStream<S>>,
     to_tunnel: &mut Out,
+    watch: Watch<'_>,
 ) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -218,6 +236,9 @@ where
             Some(Err(e)) => return Ended::WebSocketError(e.to_string()),
             None => return Ended::WebSocketGone,
         };
+        if let Err(close) = watch(binary, &payload) {
+            return Ended::Refused(close);
+        }
         if let Err(e) = send_message(to_tunnel, binary, payload).await {
             return Ended::TunnelError(e.to_string());
         }
@@ -252,6 +273,7 @@ async fn tunnel_to_websocket<S, In>(
     from_tunnel: &mut In,
     ws_out: &mut futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
     max_message: usize,
+    watch: Watch<'_>,
 ) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -299,6 +321,9 @@ where
         };
         if payload.len() > max_message {
             return Ended::TunnelTooBig;
+        }
+        if let Err(close) = watch(binary, &payload) {
+            return Ended::Refused(close);
         }
         let message = if binary {
             Message::Binary(payload)

@@ -253,3 +253,133 @@ async fn a_dead_relay_closes_the_apps_session_with_1011(#[values(Quic, Tcp)] tra
         killed.elapsed()
     );
 }
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_usage_reaches_the_relays_usage_line(#[values(Quic, Tcp)] transport: Transport) {
+    use passage_tests::mock_upstream::MockUpstream;
+    use passage_tests::relays::{LocalClient, RelayProcess, TestPki, free_udp_port};
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let pki = TestPki::new();
+    let addr = free_udp_port();
+    let relay = RelayProcess::start(&pki, addr, &upstream.url()).await;
+    let client = LocalClient::start_over(pki.issue("app", &[addr]), transport, |_| {}).await;
+    client.wait_for_relay(addr, Duration::from_secs(10)).await;
+    let (mut ws, _) = connect_to(client.addr, "/v1/realtime?model=gpt-realtime")
+        .await
+        .expect("handshake");
+    assert_eq!(next_json(&mut ws).await["type"], "session.created");
+    for _ in 0..2 {
+        ws.send(Message::text(r#"{"type":"response.create"}"#))
+            .await
+            .expect("send");
+        while next_json(&mut ws).await["type"] != "response.done" {}
+    }
+    ws.close(None).await.expect("close");
+    // Two responses: their usage adds up in the session's one line.
+    let (input, output) = USAGE;
+    let line = relay
+        .wait_for_log(
+            &[
+                "client=app",
+                "path=/v1/realtime",
+                &format!("prompt_tokens={}", 2 * input),
+            ],
+            Duration::from_secs(5),
+        )
+        .await;
+    for part in [
+        "status=101",
+        "model=\"gpt-realtime\"",
+        &format!("completion_tokens={}", 2 * output),
+        "ended=\"complete\"",
+    ] {
+        assert!(line.contains(part), "{part} missing from: {line}");
+    }
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_rules_and_the_concurrency_limit_hold_for_sessions(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    use passage_relay::policy::{ClientRules, Policy, PolicyTables};
+    use passage_tests::mock_upstream::MockUpstream;
+    use passage_tests::relays::{InProcessRelay, LocalClient, TestPki, free_udp_port};
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let pki = TestPki::new();
+    let mut tables = PolicyTables::default();
+    let rules = ClientRules {
+        allow_models: Some(vec!["gpt-realtime*".into()]),
+        concurrent_requests: std::num::NonZeroU32::new(1),
+        ..ClientRules::default()
+    };
+    tables.clients.insert("voice".into(), rules);
+    let policy = Policy::new(tables).expect("valid policy");
+    let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), |config| {
+        config.policy = policy;
+    });
+    let client =
+        LocalClient::start_over(pki.issue("voice", &[relay.addr]), transport, |_| {}).await;
+    client
+        .wait_for_relay(relay.addr, Duration::from_secs(10))
+        .await;
+    let status_of = |result: Result<_, Error>| match result {
+        Err(Error::Http(response)) => response.status().as_u16(),
+        Ok((_, response)) => {
+            let response: tokio_tungstenite::tungstenite::handshake::client::Response = response;
+            response.status().as_u16()
+        }
+        Err(e) => panic!("handshake failed: {e}"),
+    };
+
+    // A model outside the rules, or none named: refused before the upstream.
+    assert_eq!(
+        status_of(connect_to(client.addr, "/v1/realtime?model=gpt-4o").await),
+        403
+    );
+    assert_eq!(
+        status_of(connect_to(client.addr, "/v1/realtime").await),
+        403
+    );
+    let sessions = || {
+        upstream
+            .record
+            .ws_sessions
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    assert_eq!(sessions(), 0);
+
+    // An allowed one opens; while it lives it holds the one slot.
+    let (mut ws, _) = connect_to(client.addr, "/v1/realtime?model=gpt-realtime-mini")
+        .await
+        .expect("handshake");
+    assert_eq!(next_json(&mut ws).await["type"], "session.created");
+    assert_eq!(
+        status_of(connect_to(client.addr, "/v1/realtime?model=gpt-realtime").await),
+        429
+    );
+
+    // Switching to a model outside the rules closes the session (1008).
+    ws.send(Message::text(
+        r#"{"type":"session.update","session":{"model":"gpt-4o"}}"#,
+    ))
+    .await
+    .expect("send");
+    let close = close_of(&mut ws).await;
+    assert_eq!(u16::from(close.code), 1008, "{close:?}");
+    assert!(close.reason.contains("gpt-realtime*"), "{close:?}");
+
+    // The slot is free again once the session is over.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match connect_to(client.addr, "/v1/realtime?model=gpt-realtime").await {
+            Ok(_) => break,
+            Err(Error::Http(response)) if response.status() == 429 => {
+                assert!(Instant::now() < deadline, "the slot stayed taken");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("handshake failed: {e}"),
+        }
+    }
+}
