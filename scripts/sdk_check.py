@@ -3,8 +3,10 @@
 Usage: sdk_check.py BASE_URL
 
 Runs a streaming chat completion (checking the chunks arrive spread out as
-the mock upstream sends them, 50 ms apart), a plain chat completion, and a
-3 MiB file upload (checking size and SHA-256 as the upstream saw them).
+the mock upstream sends them, 50 ms apart), a plain chat completion, a
+3 MiB file upload (checking size and SHA-256 as the upstream saw them), an
+upstream 429, and a Realtime session over WebSocket (the SDK's own realtime
+client: session.created, a response's deltas and response.done).
 """
 
 import hashlib
@@ -59,6 +61,28 @@ def main() -> int:
     except openai.RateLimitError as err:
         assert err.response.headers.get("retry-after") == "7"
         print("upstream 429 reaches the SDK as RateLimitError with retry-after")
+
+    # The SDK derives ws://.../v1/realtime from the same base_url.
+    started = time.monotonic()
+    with client.realtime.connect(model="gpt-realtime") as connection:
+        created = connection.recv()
+        assert created.type == "session.created", created.type
+        seen = created.model_dump()
+        # The relay's key reached the upstream, never the app's placeholder.
+        assert seen.get("authorization", "").startswith("Bearer sk-relay-held-"), "wrong key upstream"
+        connection.send({"type": "response.create"})
+        deltas, done = "", None
+        while done is None:
+            event = connection.recv()
+            if event.type == "response.output_text.delta":
+                deltas += event.delta
+            elif event.type == "response.done":
+                done = event
+        assert deltas == "Hello!", deltas
+        usage = done.response.usage
+        assert usage.input_tokens == 11 and usage.output_tokens == 7, usage
+    print(f"realtime session: session.created, deltas {deltas!r}, response.done with "
+          f"{usage.total_tokens} tokens, in {(time.monotonic() - started) * 1000:.0f} ms")
     return 0
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end check with a real third-party client: the official `openai`
 # Python SDK (installed from PyPI into a venv) does a streaming chat
-# completion, a chat completion, a file upload and meets an upstream 429,
+# completion, a chat completion, a file upload, meets an upstream 429 and
+# holds a Realtime session over WebSocket,
 # all through the real passage-client and passage-relay binaries, against
 # the mock upstream on 127.0.0.1. The relay holds the API key; the check
 # also greps both programs' logs to make sure the key never appears there.
@@ -22,7 +23,8 @@ venv="${PASSAGE_SDK_VENV:-$root/target/sdk-venv}"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai>=1.40,<3"
+# The realtime extra brings `websockets`, which the SDK's Realtime client needs.
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai[realtime]>=1.40,<3"
 "$venv/bin/python" -c 'import openai; print("openai SDK", openai.__version__)'
 
 work=$(mktemp -d)
