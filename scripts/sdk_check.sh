@@ -2,7 +2,8 @@
 # End-to-end check with a real third-party client: the official `openai`
 # Python SDK (installed from PyPI into a venv) does a streaming chat
 # completion, a chat completion, a file upload, meets an upstream 429 and
-# holds a Realtime session over WebSocket,
+# holds a Realtime session over WebSocket; the official Node SDK's Realtime
+# WebSocket client holds one too (npm registry, the machine's Node.js);
 # all through the real passage-client and passage-relay binaries, against
 # the mock upstream on 127.0.0.1. The relay holds the API key; the check
 # also greps both programs' logs to make sure the key never appears there.
@@ -26,6 +27,28 @@ fi
 # The realtime extra brings `websockets`, which the SDK's Realtime client needs.
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai[realtime]>=1.40,<3"
 "$venv/bin/python" -c 'import openai; print("openai SDK", openai.__version__)'
+
+# The official Node SDK's Realtime WebSocket client, from the npm registry,
+# with the machine's Node.js (Debian's when it has none).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "installing nodejs and npm from Debian's packages" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; } ||
+    echo "could not install nodejs and npm" >&2
+fi
+node_dir="$root/target/sdk-node"
+node_check=""
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+  mkdir -p "$node_dir"
+  [ -f "$node_dir/package.json" ] || echo '{"private": true, "type": "module"}' >"$node_dir/package.json"
+  npm_install() { npm install --prefix "$node_dir" --no-audit --no-fund --silent "openai@6" "ws@8"; }
+  npm_install || { sleep 2; npm_install; }
+  # ESM resolves packages from the script's own directory.
+  cp scripts/sdk_check_node.mjs "$node_dir/"
+  node_check="$node_dir/sdk_check_node.mjs"
+  echo "openai Node SDK $(node -p "require('$node_dir/node_modules/openai/package.json').version") on Node.js $(node --version)"
+else
+  echo "sdk-check: SKIP the Node SDK check: no Node.js and npm here" >&2
+fi
 
 work=$(mktemp -d)
 pids=()
@@ -91,6 +114,9 @@ run_round() {
   else
     echo "== $round: tunnel up over $transport"
     "$venv/bin/python" scripts/sdk_check.py "http://127.0.0.1:$client_port/v1" || status=$?
+    if [ -n "$node_check" ]; then
+      node "$node_check" "http://127.0.0.1:$client_port/v1" || status=1
+    fi
   fi
   if grep -q -- "$relay_key" "$dir/relay.log" "$dir/client.log"; then
     echo "FAIL ($round): the relay's API key appears in a log" >&2
