@@ -49,6 +49,8 @@ pub struct ClientConfig {
     pub connect_wait: Duration,
     /// How long in-flight responses may run on after a shutdown signal.
     pub drain_timeout: Duration,
+    /// Largest WebSocket message either way, in bytes (1009 above it).
+    pub ws_max_message: usize,
     /// Tunnel timing and transport choice.
     pub tunnel: TunnelSettings,
     /// The relays' TCP port, when it differs from the port in their address.
@@ -86,6 +88,7 @@ impl ClientConfig {
             extra_relays: Vec::new(),
             connect_wait: Duration::from_secs(4),
             drain_timeout: Duration::from_secs(30),
+            ws_max_message: passage_shared::websocket::DEFAULT_MAX_MESSAGE,
             tunnel: TunnelSettings::default(),
             tcp_port: None,
             state_file: None,
@@ -268,6 +271,9 @@ impl Client {
             connect_wait: self.config.connect_wait,
             metrics: metrics.as_ref().map(|(metrics, _)| metrics.clone()),
             access: self.access,
+            ws_max_message: self.config.ws_max_message,
+            sessions: tokio_util::task::TaskTracker::new(),
+            sessions_closing: tokio_util::sync::CancellationToken::new(),
         });
         server::serve(self.listener, ctx, self.config.drain_timeout, shutdown).await;
         if let Some((_, task)) = metrics {

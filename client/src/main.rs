@@ -117,6 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.extra_relays = relays;
     config.connect_wait = Duration::from_secs(connect_wait);
     config.drain_timeout = common.drain_timeout();
+    config.ws_max_message = common.ws_max_message();
     config.tunnel = TunnelSettings::for_transport(transport);
     config.tunnel.choice = choice;
     config.tcp_port = tcp_port;

@@ -40,6 +40,13 @@ pub struct ServerContext {
     pub metrics: Option<Arc<ClientMetrics>>,
     /// Who may use the endpoint (Host, Origin, access token).
     pub access: LocalAccess,
+    /// Largest WebSocket message either way, in bytes.
+    pub ws_max_message: usize,
+    /// The WebSocket sessions in progress (the drain waits for them).
+    pub sessions: tokio_util::task::TaskTracker,
+    /// Cancelled when the drain timeout has run out: sessions still open
+    /// close with 1001.
+    pub sessions_closing: CancellationToken,
 }
 
 /// Most header lines a request may have. Below the 100 that hyper's parser
@@ -71,6 +78,10 @@ fn check_head_size(headers: &http::HeaderMap) -> Result<(), ApiError> {
     }
     Ok(())
 }
+
+/// How long sessions get to send their 1001 close once the drain timeout
+/// has run out.
+const SESSION_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Accepts app connections until `shutdown` fires, then drains them.
 pub async fn serve(
@@ -126,10 +137,15 @@ pub async fn serve(
     drop(listener);
     draining.cancel();
     connections.close();
-    if tokio::time::timeout(drain_timeout, connections.wait())
-        .await
-        .is_err()
-    {
+    ctx.sessions.close();
+    let drained = async {
+        connections.wait().await;
+        ctx.sessions.wait().await;
+    };
+    if tokio::time::timeout(drain_timeout, drained).await.is_err() {
+        // Sessions still open are closed with 1001, not cut.
+        ctx.sessions_closing.cancel();
+        let _ = tokio::time::timeout(SESSION_CLOSE_WAIT, ctx.sessions.wait()).await;
         warn!(
             drain_timeout_s = drain_timeout.as_secs(),
             "drain timeout reached; closing app connections"
@@ -190,7 +206,7 @@ async fn handle(
         let started = Instant::now();
         let request_bytes = http_body::Body::size_hint(request.body()).exact();
         let response = if websocket::is_upgrade_request(request.method(), request.headers()) {
-            crate::websocket::upgrade(&ctx.tunnel, ctx.connect_wait, id, request).await
+            crate::websocket::upgrade(&ctx, id, request).await
         } else {
             forward(&ctx.tunnel, ctx.connect_wait, id, request).await
         };

@@ -19,17 +19,15 @@ use passage_shared::body::FrameBody;
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::{Frame, Header, RequestHead, frame_reader, frame_writer};
 use passage_shared::http_map::headers_to_wire;
-use passage_shared::websocket::{self, UPGRADE_HEADER, UPGRADE_WEBSOCKET};
+use passage_shared::websocket::{self, SessionLimits, UPGRADE_HEADER, UPGRADE_WEBSOCKET};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{Instrument, debug, info};
 
 use crate::forward::{ResponseBody, or_error_response, origin_form_target, response_for};
-use crate::tunnel::{Tunnel, TunnelError};
-
-/// Largest WebSocket message carried either way (bytes).
-pub const MAX_MESSAGE: usize = 16 << 20;
+use crate::server::ServerContext;
+use crate::tunnel::TunnelError;
 
 /// The subprotocol prefix under which browsers pass an API key.
 const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
@@ -45,17 +43,15 @@ const HANDSHAKE_HEADERS: [&str; 4] = [
 /// Carries the app's WebSocket upgrade `request` over the tunnel; every
 /// failure becomes an OpenAI-shaped error response.
 pub async fn upgrade(
-    tunnel: &Tunnel,
-    connect_wait: Duration,
+    ctx: &ServerContext,
     id: String,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
-    or_error_response(try_upgrade(tunnel, connect_wait, id, request).await)
+    or_error_response(try_upgrade(ctx, id, request).await)
 }
 
 async fn try_upgrade(
-    tunnel: &Tunnel,
-    connect_wait: Duration,
+    ctx: &ServerContext,
     id: String,
     mut request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ApiError> {
@@ -86,8 +82,11 @@ async fn try_upgrade(
         has_body: false,
     };
 
-    let wait = connect_wait;
-    let opened = tunnel.open_stream(wait, None).await.map_err(tunnel_error)?;
+    let opened = ctx
+        .tunnel
+        .open_stream(ctx.connect_wait, None)
+        .await
+        .map_err(tunnel_error)?;
     let mut to_relay = frame_writer(opened.send);
     let mut from_relay = frame_reader(opened.recv);
     to_relay
@@ -138,7 +137,13 @@ async fn try_upgrade(
     })?;
     headers.insert("sec-websocket-accept", accept);
 
-    tokio::spawn(
+    let limits = SessionLimits {
+        max_message: ctx.ws_max_message,
+        // The relay closes idle sessions; its timeout applies.
+        idle: Duration::MAX,
+    };
+    let closing = ctx.sessions_closing.clone().cancelled_owned();
+    ctx.sessions.spawn(
         async move {
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
@@ -150,7 +155,7 @@ async fn try_upgrade(
             let ws = WebSocketStream::from_raw_socket(
                 TokioIo::new(upgraded),
                 Role::Server,
-                Some(websocket::config(MAX_MESSAGE)),
+                Some(websocket::config(limits.max_message)),
             )
             .await;
             info!("websocket session open");
@@ -159,9 +164,10 @@ async fn try_upgrade(
                 ws,
                 from_relay,
                 to_relay,
-                MAX_MESSAGE,
+                limits,
                 &mut |_, _| Ok(()),
                 &mut |_, _| Ok(()),
+                closing,
             )
             .await;
             info!(end = ?end, "websocket session ended");

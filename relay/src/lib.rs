@@ -79,6 +79,9 @@ pub struct RelayConfig {
     pub metrics: Option<SocketAddr>,
     /// Largest request body accepted, in bytes (413 above it).
     pub max_body: u64,
+    /// Limits of WebSocket sessions: largest message, and the silence
+    /// either way after which a session closes.
+    pub ws_limits: passage_shared::websocket::SessionLimits,
     /// Request streams one client connection may have open at once.
     pub max_streams_per_connection: u32,
 }
@@ -103,6 +106,10 @@ impl RelayConfig {
             model_scan_limit: 1024 * 1024,
             metrics: None,
             max_body: DEFAULT_MAX_BODY,
+            ws_limits: passage_shared::websocket::SessionLimits {
+                max_message: passage_shared::websocket::DEFAULT_MAX_MESSAGE,
+                idle: passage_shared::websocket::DEFAULT_IDLE,
+            },
             max_streams_per_connection: MAX_CONCURRENT_STREAMS,
         }
     }
@@ -235,6 +242,8 @@ impl Relay {
                 limits: crate::limits::Limits::default(),
                 model_scan_limit: config.model_scan_limit,
                 max_body: config.max_body,
+                ws_limits: config.ws_limits,
+                ws_closing: tokio_util::sync::CancellationToken::new(),
                 prefix_budget: crate::body_prefix::PrefixBudget::new(
                     crate::body_prefix::PREFIX_BUDGET,
                 ),

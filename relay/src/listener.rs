@@ -289,11 +289,18 @@ pub async fn serve(
             drain_timeout_s = drain_timeout.as_secs(),
             "drain timeout reached; closing the remaining connections"
         );
+        // WebSocket sessions still open close with 1001 first, not cut.
+        context.ctx.ws_closing.cancel();
+        let _ = tokio::time::timeout(SESSION_CLOSE_WAIT, streams.wait()).await;
         live.close_all();
     }
     endpoint.close(0u32.into(), b"relay shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
 }
+
+/// How long WebSocket sessions get to send their 1001 close once the drain
+/// timeout has run out.
+const SESSION_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// The next TCP connection; never resolves without a TCP listener.
 async fn accept_tcp(tcp: Option<&TcpSide>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {

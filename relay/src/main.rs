@@ -110,6 +110,10 @@ enum Command {
         /// after which the request fails with 504.
         #[arg(long, default_value_t = 600)]
         idle_timeout: u64,
+        /// Seconds without a message either way after which a WebSocket
+        /// session is closed.
+        #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+        ws_idle_timeout: u64,
         /// Seconds between status lines (connections, open streams, tasks),
         /// logged only when those figures changed.
         #[arg(long, default_value_t = 10)]
@@ -169,6 +173,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             api_key_env,
             connect_timeout,
             idle_timeout,
+            ws_idle_timeout,
             status_interval,
             metrics,
             model_scan_limit_kib,
@@ -197,6 +202,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.drain_timeout = common.drain_timeout();
             config.metrics = metrics;
             config.max_body = max_body_mib * 1024 * 1024;
+            config.ws_limits = passage_shared::websocket::SessionLimits {
+                max_message: common.ws_max_message(),
+                idle: Duration::from_secs(ws_idle_timeout),
+            };
             config.max_streams_per_connection = max_streams_per_connection;
             config.model_scan_limit = usize::try_from(model_scan_limit_kib * 1024)
                 .context("--model-scan-limit-kib is too large")?;

@@ -64,6 +64,11 @@ pub struct StreamContext {
     pub metrics: Option<Arc<RelayMetrics>>,
     /// Bytes of request bodies that may be held back at once, and by whom.
     pub prefix_budget: PrefixBudget,
+    /// Limits of WebSocket sessions.
+    pub ws_limits: passage_shared::websocket::SessionLimits,
+    /// Cancelled when the drain timeout has run out: sessions still open
+    /// close with 1001.
+    pub ws_closing: tokio_util::sync::CancellationToken,
 }
 
 impl StreamContext {

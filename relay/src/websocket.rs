@@ -25,9 +25,6 @@ use crate::policy::Applied;
 use crate::stream::{Outcome, RequestRecord, Responder, StreamContext};
 use crate::usage::{Usage, session_event_usage};
 
-/// Largest WebSocket message carried either way (bytes).
-pub const MAX_MESSAGE: usize = 16 << 20;
-
 /// Largest body of a refused upgrade that is passed on (an error JSON).
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
@@ -167,10 +164,11 @@ pub(crate) async fn session(
             };
         }
     };
+    let limits = ctx.ws_limits;
     let ws = WebSocketStream::from_raw_socket(
         TokioIo::new(upgraded),
         Role::Client,
-        Some(websocket::config(MAX_MESSAGE)),
+        Some(websocket::config(limits.max_message)),
     )
     .await;
     info!("websocket session open");
@@ -203,9 +201,10 @@ pub(crate) async fn session(
         ws,
         frames,
         &mut *responder,
-        MAX_MESSAGE,
+        limits,
         &mut from_upstream,
         &mut from_app,
+        ctx.ws_closing.cancelled(),
     )
     .await;
     debug!(?end, "websocket session ended");

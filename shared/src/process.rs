@@ -32,6 +32,10 @@ pub struct CommonArgs {
     /// (the lower of the two ends' values applies).
     #[arg(long, default_value = "5", value_parser = parse_seconds)]
     tunnel_idle_timeout: Duration,
+    /// Largest WebSocket message either way, in MiB: a larger one closes
+    /// the session with 1009.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    ws_max_message_mib: u32,
 }
 
 /// Parses a number of seconds from 0.01 to 3600, fractions allowed.
@@ -49,6 +53,11 @@ impl CommonArgs {
     /// The drain timeout.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout)
+    }
+
+    /// The largest WebSocket message, in bytes.
+    pub fn ws_max_message(&self) -> usize {
+        (self.ws_max_message_mib as usize) << 20
     }
 
     /// Writes the QUIC options into `tuning`; refuses a keep-alive that

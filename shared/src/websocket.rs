@@ -42,6 +42,10 @@ pub const CLOSE_TUNNEL_LOST: u16 = 1011;
 /// Close code for a message above the size limit (RFC 6455: too big).
 pub const CLOSE_TOO_BIG: u16 = 1009;
 
+/// Close code for a session passage ends because it shuts down (RFC 6455:
+/// going away).
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+
 /// Close code for a message the rules refuse (RFC 6455: policy violation).
 pub const CLOSE_POLICY: u16 = 1008;
 
@@ -88,7 +92,8 @@ pub enum SessionEnd {
     /// The tunnel stream failed or broke the protocol; the WebSocket was
     /// closed with 1011 and the reason.
     TunnelFailed(String),
-    /// A watch refused a message; both sides got its close.
+    /// passage ended the session (a watch refused a message, it was idle,
+    /// or passage shuts down); both sides got this close.
     Refused(WsClose),
 }
 
@@ -121,19 +126,40 @@ pub async fn bridge<S, In, Out>(
     ws: WebSocketStream<S>,
     mut from_tunnel: In,
     mut to_tunnel: Out,
-    max_message: usize,
+    limits: SessionLimits,
     watch_websocket: Watch<'_>,
     watch_tunnel: Watch<'_>,
+    closing: impl std::future::Future<Output = ()>,
 ) -> SessionEnd
 where
     S: AsyncRead + AsyncWrite + Unpin,
     In: Stream<Item = Result<Frame, FrameError>> + Unpin,
     Out: Sink<Frame, Error = FrameError> + Unpin,
 {
+    let max_message = limits.max_message;
     let (mut ws_out, mut ws_in) = ws.split();
+    // Milliseconds after `opened` of the last message either way.
+    let opened = tokio::time::Instant::now();
+    let last_message = std::sync::atomic::AtomicU64::new(0);
+    let mut watch_websocket = |binary: bool, message: &[u8]| {
+        note_activity(&last_message, opened);
+        watch_websocket(binary, message)
+    };
+    let mut watch_tunnel = |binary: bool, message: &[u8]| {
+        note_activity(&last_message, opened);
+        watch_tunnel(binary, message)
+    };
     let ended = tokio::select! {
-        ended = websocket_to_tunnel(&mut ws_in, &mut to_tunnel, watch_websocket) => ended,
-        ended = tunnel_to_websocket(&mut from_tunnel, &mut ws_out, max_message, watch_tunnel) => ended,
+        ended = websocket_to_tunnel(&mut ws_in, &mut to_tunnel, &mut watch_websocket) => ended,
+        ended = tunnel_to_websocket(&mut from_tunnel, &mut ws_out, max_message, &mut watch_tunnel) => ended,
+        () = idle(limits.idle, &last_message, opened) => Ended::Refused(WsClose {
+            code: Some(1000),
+            reason: format!("no message either way for {} s", limits.idle.as_secs()),
+        }),
+        () = closing => Ended::Refused(WsClose {
+            code: Some(CLOSE_GOING_AWAY),
+            reason: "passage is shutting down".to_owned(),
+        }),
     };
     let end = tell_the_other_side(ended, &mut ws_out, &mut to_tunnel, max_message).await;
     // End the tunnel stream in order: our side finished (after the close
@@ -146,6 +172,48 @@ where
     })
     .await;
     end
+}
+
+/// Default largest message either way (16 MiB).
+pub const DEFAULT_MAX_MESSAGE: usize = 16 << 20;
+
+/// Default silence either way after which a session closes (10 min).
+pub const DEFAULT_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The limits of one session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Largest message either way, in bytes (1009 above it).
+    pub max_message: usize,
+    /// Silence either way after which the session is closed.
+    pub idle: std::time::Duration,
+}
+
+fn note_activity(last_message: &std::sync::atomic::AtomicU64, opened: tokio::time::Instant) {
+    let now = opened.elapsed().as_millis() as u64;
+    last_message.store(now, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Resolves once no message has passed either way for `limit`.
+async fn idle(
+    limit: std::time::Duration,
+    last_message: &std::sync::atomic::AtomicU64,
+    opened: tokio::time::Instant,
+) {
+    loop {
+        let last = last_message.load(std::sync::atomic::Ordering::Relaxed);
+        let deadline = std::time::Duration::from_millis(last)
+            .checked_add(limit)
+            .and_then(|after| opened.checked_add(after));
+        // A limit too far out to reach: never idle.
+        let Some(deadline) = deadline else {
+            return std::future::pending().await;
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
 }
 
 /// How long a finished session waits for the peer to end its side of the

@@ -383,3 +383,100 @@ async fn model_rules_and_the_concurrency_limit_hold_for_sessions(
         }
     }
 }
+
+/// A relay in this process with `adjust` applied, and a client to it.
+async fn relay_and_client(
+    transport: Transport,
+    upstream: &passage_tests::mock_upstream::MockUpstream,
+    adjust: impl FnOnce(&mut passage_relay::RelayConfig),
+) -> (
+    passage_tests::relays::InProcessRelay,
+    passage_tests::relays::LocalClient,
+) {
+    use passage_tests::relays::{InProcessRelay, LocalClient, TestPki, free_udp_port};
+    let pki = TestPki::new();
+    let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), adjust);
+    let client = LocalClient::start_over(pki.issue("app", &[relay.addr]), transport, |_| {}).await;
+    client
+        .wait_for_relay(relay.addr, Duration::from_secs(10))
+        .await;
+    (relay, client)
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_is_closed_on_both_sides(#[values(Quic, Tcp)] transport: Transport) {
+    let upstream = passage_tests::mock_upstream::MockUpstream::start()
+        .await
+        .expect("mock upstream");
+    let (_relay, client) = relay_and_client(transport, &upstream, |config| {
+        config.ws_limits.idle = Duration::from_secs(1);
+    })
+    .await;
+    let (mut ws, _) = connect_to(client.addr, "/v1/realtime")
+        .await
+        .expect("handshake");
+    assert_eq!(next_json(&mut ws).await["type"], "session.created");
+    let quiet = Instant::now();
+    let close = close_of(&mut ws).await;
+    assert_eq!(u16::from(close.code), 1000, "{close:?}");
+    assert!(close.reason.contains("no message"), "{close:?}");
+    let after = quiet.elapsed();
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(3),
+        "closed after {after:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while upstream.record.ws_closes.lock().expect("lock").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream never saw the close"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_relay_closes_sessions_with_1001_after_the_drain_period(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    let upstream = passage_tests::mock_upstream::MockUpstream::start()
+        .await
+        .expect("mock upstream");
+    let (relay, client) = relay_and_client(transport, &upstream, |config| {
+        config.drain_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let (mut ws, _) = connect_to(client.addr, "/v1/realtime")
+        .await
+        .expect("handshake");
+    assert_eq!(next_json(&mut ws).await["type"], "session.created");
+    relay.begin_shutdown();
+    let asked = Instant::now();
+    // Within the drain period the session still works.
+    ws.send(Message::text("still here")).await.expect("send");
+    match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => assert_eq!(text, "still here"),
+        other => panic!("expected the echo, got {other:?}"),
+    }
+    let close = close_of(&mut ws).await;
+    assert_eq!(u16::from(close.code), 1001, "{close:?}");
+    let after = asked.elapsed();
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(4),
+        "closed after {after:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Some(close) = upstream.record.ws_closes.lock().expect("lock").first() {
+            assert_eq!(close.code, Some(1001));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upstream never saw the close"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
