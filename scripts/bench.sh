@@ -3,7 +3,7 @@
 # binaries, installs wrk and nginx from Debian's packages if they are
 # missing, runs passage-bench, and writes BENCHMARKS.md from its results.
 #
-# Usage: scripts/bench.sh [--only overhead,streaming,bulk,many,longhaul,transport,cost] [--quick]
+# Usage: scripts/bench.sh [--only overhead,streaming,bulk,many,longhaul,transport,cost,websocket] [--quick]
 # PASSAGE_COST_BASE=DIR (a release binary directory of another commit)
 # makes the cost scenario measure that build beside this one.
 # The transport scenario's emulated link needs root (network namespaces

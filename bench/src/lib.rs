@@ -23,6 +23,7 @@ pub mod stats;
 pub mod streaming;
 pub mod stunnel;
 pub mod transport;
+pub mod websocket;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,7 +32,7 @@ use crate::report::Section;
 use crate::stack::{HopChain, Tunnel, TunnelOptions, Upstream};
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 7] = [
+pub const SCENARIOS: [&str; 8] = [
     "overhead",
     "streaming",
     "bulk",
@@ -39,6 +40,7 @@ pub const SCENARIOS: [&str; 7] = [
     "longhaul",
     "transport",
     "cost",
+    "websocket",
 ];
 
 /// Sizes and durations of one run.
@@ -165,6 +167,7 @@ pub async fn run(
             "longhaul" => longhaul::run(&bench, settings).await,
             "transport" => transport::run(&bench, settings).await,
             "cost" => cost::run(&bench, settings).await,
+            "websocket" => websocket::run(&bench, settings).await,
             other => anyhow::bail!(
                 "unknown scenario {other:?}; known: {}",
                 SCENARIOS.join(", ")
