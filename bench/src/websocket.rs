@@ -11,6 +11,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::report::{Section, fixed};
+use crate::stack::{Tunnel, TunnelOptions};
 use crate::stats::percentile;
 use crate::{Bench, Settings};
 
@@ -54,12 +55,21 @@ async fn echo_rtts(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<f64>> {
     Ok(rtts)
 }
 
-/// Client and relay RSS (KiB) before and while `n` idle sessions are open.
-async fn idle_growth(bench: &Bench, addr: SocketAddr, n: usize) -> anyhow::Result<(u64, u64)> {
+/// Growth of client and relay RSS (KiB) while `n` idle sessions are open,
+/// on a fresh tunnel: the shared one's allocators hold memory from the
+/// scenarios before (bulk transfers), which would hide the sessions.
+async fn idle_growth(bench: &Bench, n: usize) -> anyhow::Result<(u64, u64)> {
+    let tunnel = Tunnel::start(
+        &bench.bin_dir,
+        &bench.upstream.url,
+        &TunnelOptions::default(),
+    )
+    .await?;
+    let addr: SocketAddr = tunnel.url.trim_start_matches("http://").parse()?;
     // One session first, closed: both processes' allocators are warm.
     drop(open(addr).await?);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (client_before, relay_before) = bench.tunnel.rss_kib()?;
+    let (client_before, relay_before) = tunnel.rss_kib()?;
     let mut sessions = Vec::with_capacity(n);
     for batch in (0..n).collect::<Vec<_>>().chunks(64) {
         let opened = futures_util::future::join_all(batch.iter().map(|_| open(addr))).await;
@@ -68,7 +78,7 @@ async fn idle_growth(bench: &Bench, addr: SocketAddr, n: usize) -> anyhow::Resul
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (client_during, relay_during) = bench.tunnel.rss_kib()?;
+    let (client_during, relay_during) = tunnel.rss_kib()?;
     drop(sessions);
     Ok((
         client_during.saturating_sub(client_before),
@@ -96,8 +106,9 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
              next (20 more first, unmeasured). A message's latency through passage is taken as \
              half the added round trip (the message goes up and its echo comes down the same \
              way). p50/p99 over all rounds. Idle sessions: {sessions} sessions opened through \
-             passage (64 at a time, each confirmed by its `session.created`), then held; VmRSS of \
-             client and relay before (one warm session, closed) and while all are open."
+             a fresh passage tunnel (64 at a time, each confirmed by its `session.created`), then \
+             held; VmRSS of client and relay before (one warm session, closed) and while all are \
+             open."
         ),
         ..Section::default()
     };
@@ -130,7 +141,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         added_p50 <= TARGET_ADDED_P50_US,
     );
 
-    let (client_kib, relay_kib) = idle_growth(bench, passage, sessions).await?;
+    let (client_kib, relay_kib) = idle_growth(bench, sessions).await?;
     let total_mib = (client_kib + relay_kib) as f64 / 1024.0;
     section.notes.push(format!(
         "{sessions} idle sessions: client +{:.1} MiB ({:.1} KiB each), relay +{:.1} MiB ({:.1} KiB each).",

@@ -480,3 +480,93 @@ async fn a_draining_relay_closes_sessions_with_1001_after_the_drain_period(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_client_closes_its_sessions(#[values(Quic, Tcp)] transport: Transport) {
+    use passage_shared::pki::PkiDir;
+    use passage_tests::mock_upstream::MockUpstream;
+    use passage_tests::relays::{InProcessRelay, LocalClient, TestPki, free_udp_port};
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let pki = TestPki::new();
+    let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), |_| {});
+    let alice = LocalClient::start_over(pki.issue("alice", &[relay.addr]), transport, |_| {}).await;
+    alice
+        .wait_for_relay(relay.addr, Duration::from_secs(10))
+        .await;
+    let (mut ws, _) = connect_to(alice.addr, "/v1/realtime")
+        .await
+        .expect("handshake");
+    assert_eq!(next_json(&mut ws).await["type"], "session.created");
+    assert_eq!(PkiDir::new(pki.path()).revoke("alice").expect("revoke"), 1);
+    relay.reload();
+    let close = close_of(&mut ws).await;
+    assert_eq!(u16::from(close.code), 1011, "{close:?}");
+    // The upstream side was closed too, not left open.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while upstream.record.ws_closes.lock().expect("lock").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream session stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_access_token_guards_upgrades_and_stays_local(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    use passage_tests::mock_upstream::MockUpstream;
+    use passage_tests::relays::{InProcessRelay, LocalClient, TestPki, free_udp_port};
+    const TOKEN: &str = "local-token-websocket-0123";
+    passage_tests::secrets::register(TOKEN);
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let pki = TestPki::new();
+    let relay = InProcessRelay::start(&pki, free_udp_port(), &upstream.url(), |_| {});
+    let client = LocalClient::start_over(pki.issue("app", &[relay.addr]), transport, |config| {
+        config.access_token = Some(passage_client::AccessToken(TOKEN.into()));
+    })
+    .await;
+    // With the token as its key the app gets its session (once the tunnel
+    // is up: the health detail needs the token, so the handshake is the
+    // probe); the token stays here.
+    let with_token = || async {
+        let mut request = format!("ws://{}/v1/realtime", client.addr)
+            .into_client_request()
+            .expect("request");
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {TOKEN}").parse().expect("value"),
+        );
+        let tcp = TcpStream::connect(client.addr).await.expect("connect");
+        tokio_tungstenite::client_async(request, tcp).await
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut ws = loop {
+        match with_token().await {
+            Ok((ws, _)) => break ws,
+            Err(Error::Http(response)) if response.status() == 503 => {
+                assert!(Instant::now() < deadline, "the tunnel never came up");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("handshake failed: {e}"),
+        }
+    };
+    let created = next_json(&mut ws).await;
+    assert_eq!(created["type"], "session.created");
+    assert!(!created.to_string().contains(TOKEN), "{created}");
+    // `connect_to` sends a wrong key: refused before the tunnel.
+    match connect_to(client.addr, "/v1/realtime").await {
+        Err(Error::Http(response)) => assert_eq!(response.status(), 401),
+        other => panic!("expected 401, got {:?}", other.map(|(_, r)| r)),
+    }
+    assert_eq!(
+        upstream
+            .record
+            .ws_sessions
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}
