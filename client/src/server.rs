@@ -206,7 +206,8 @@ async fn handle(
         let started = Instant::now();
         let request_bytes = http_body::Body::size_hint(request.body()).exact();
         let response = if websocket::is_upgrade_request(request.method(), request.headers()) {
-            crate::websocket::upgrade(&ctx, id, request).await
+            // Boxed, so plain requests do not carry its state.
+            Box::pin(crate::websocket::upgrade(&ctx, id, request)).await
         } else {
             forward(&ctx.tunnel, ctx.connect_wait, id, request).await
         };

@@ -478,7 +478,12 @@ async fn serve(
             record,
             started,
         };
-        return crate::websocket::session(head, frames, responder, ctx, session).await;
+        // Boxed: the session's state would otherwise sit in every
+        // request's future (about 1.5 KiB per held stream).
+        return Box::pin(crate::websocket::session(
+            head, frames, responder, ctx, session,
+        ))
+        .await;
     }
     let body = if head.has_body {
         match request_body(&head, frames, ctx, client, &applied, record).await {
