@@ -59,8 +59,21 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { # $1: tcp or udp
-  python3 -c 'import socket,sys; k=socket.SOCK_STREAM if sys.argv[1]=="tcp" else socket.SOCK_DGRAM; s=socket.socket(socket.AF_INET,k); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' "$1"
+free_port() { # $1: tcp, udp or both (a port free for TCP and UDP alike)
+  python3 - "$1" <<'PY'
+import socket, sys
+kinds = {"tcp": [socket.SOCK_STREAM], "udp": [socket.SOCK_DGRAM]}.get(sys.argv[1], [socket.SOCK_STREAM, socket.SOCK_DGRAM])
+for _ in range(100):
+    first = socket.socket(socket.AF_INET, kinds[0]); first.bind(("127.0.0.1", 0))
+    port, held = first.getsockname()[1], [first]
+    try:
+        for kind in kinds[1:]:
+            other = socket.socket(socket.AF_INET, kind); other.bind(("127.0.0.1", port)); held.append(other)
+    except OSError:
+        continue
+    print(port)
+    break
+PY
 }
 relay_key="sk-relay-held-$(python3 -c 'import secrets; print(secrets.token_hex(8))')"
 
@@ -81,7 +94,8 @@ run_round() {
   local round=$1 dir="$work/$1"
   mkdir -p "$dir"
   local relay_port client_port quic_listen expected
-  relay_port=$(free_port udp)
+  # The relay listens on this port for QUIC and TCP alike.
+  relay_port=$(free_port both)
   client_port=$(free_port tcp)
   if [ "$round" = "tcp-only" ]; then
     quic_listen="127.0.0.1:$(free_port udp)"
