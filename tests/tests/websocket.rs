@@ -70,6 +70,25 @@ async fn connect_to(
     tokio_tungstenite::client_async(request, tcp).await
 }
 
+/// The first session close the mock upstream saw; panics if none came
+/// within `limit`.
+async fn upstream_close(
+    upstream: &passage_tests::mock_upstream::MockUpstream,
+    limit: Duration,
+) -> passage_tests::mock_realtime::SessionClose {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(close) = upstream.record.ws_closes.lock().expect("lock").first() {
+            return close.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upstream saw no close within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn next_json(ws: &mut WebSocketStream<TcpStream>) -> serde_json::Value {
     match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
         Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str(&text).expect("JSON event"),
@@ -129,18 +148,7 @@ async fn a_realtime_session_carries_messages_both_ways_with_the_relays_key(
     }))
     .await
     .expect("close");
-    let record = stack.upstream.record.clone();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let close = loop {
-        if let Some(close) = record.ws_closes.lock().expect("lock").first().cloned() {
-            break close;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the upstream never saw the close"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let close = upstream_close(&stack.upstream, Duration::from_secs(2)).await;
     assert_eq!(close.code, Some(1000));
     let took = close.at.duration_since(closed_at);
     assert!(took < Duration::from_millis(500), "close took {took:?}");
@@ -215,16 +223,8 @@ async fn a_message_over_the_limit_closes_both_sides_with_1009(
     // The client may close before it has read the whole message.
     let _ = ws.send(Message::binary(huge)).await;
     assert_eq!(u16::from(close_of(&mut ws).await.code), 1009);
-    let record = stack.upstream.record.clone();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while record.ws_closes.lock().expect("lock").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the upstream never saw the close"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(record.ws_closes.lock().expect("lock")[0].code, Some(1009));
+    let close = upstream_close(&stack.upstream, Duration::from_secs(2)).await;
+    assert_eq!(close.code, Some(1009));
 }
 
 #[rstest]
@@ -426,14 +426,7 @@ async fn an_idle_session_is_closed_on_both_sides(#[values(Quic, Tcp)] transport:
         after >= Duration::from_millis(900) && after < Duration::from_secs(3),
         "closed after {after:?}"
     );
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while upstream.record.ws_closes.lock().expect("lock").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the upstream never saw the close"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    upstream_close(&upstream, Duration::from_secs(2)).await;
 }
 
 #[rstest]
@@ -467,18 +460,8 @@ async fn a_draining_relay_closes_sessions_with_1001_after_the_drain_period(
         after >= Duration::from_millis(900) && after < Duration::from_secs(4),
         "closed after {after:?}"
     );
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        if let Some(close) = upstream.record.ws_closes.lock().expect("lock").first() {
-            assert_eq!(close.code, Some(1001));
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the upstream never saw the close"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let close = upstream_close(&upstream, Duration::from_secs(2)).await;
+    assert_eq!(close.code, Some(1001));
 }
 
 #[rstest]
@@ -503,14 +486,7 @@ async fn revoking_a_client_closes_its_sessions(#[values(Quic, Tcp)] transport: T
     let close = close_of(&mut ws).await;
     assert_eq!(u16::from(close.code), 1011, "{close:?}");
     // The upstream side was closed too, not left open.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while upstream.record.ws_closes.lock().expect("lock").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the upstream session stayed open"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    upstream_close(&upstream, Duration::from_secs(3)).await;
 }
 
 #[rstest]
