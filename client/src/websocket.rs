@@ -32,14 +32,6 @@ use crate::tunnel::TunnelError;
 /// The subprotocol prefix under which browsers pass an API key.
 const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
 
-/// Headers that belong to the app's handshake with this client.
-const HANDSHAKE_HEADERS: [&str; 4] = [
-    "sec-websocket-key",
-    "sec-websocket-version",
-    "sec-websocket-accept",
-    "sec-websocket-extensions",
-];
-
 /// Carries the app's WebSocket upgrade `request` over the tunnel; every
 /// failure becomes an OpenAI-shaped error response.
 pub async fn upgrade(
@@ -123,7 +115,7 @@ async fn try_upgrade(
         return Ok(response);
     };
     let headers = response.headers_mut();
-    for name in HANDSHAKE_HEADERS {
+    for name in websocket::HANDSHAKE_HEADERS {
         headers.remove(name);
     }
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -185,9 +177,7 @@ fn wire_headers(headers: &http::HeaderMap) -> Vec<Header> {
         .filter(|h| {
             !h.name.eq_ignore_ascii_case(UPGRADE_HEADER)
                 && !h.name.eq_ignore_ascii_case(header::AUTHORIZATION.as_str())
-                && !HANDSHAKE_HEADERS
-                    .iter()
-                    .any(|name| h.name.eq_ignore_ascii_case(name))
+                && !websocket::is_handshake_header(&h.name)
         })
         .filter_map(|h| {
             if !h.name.eq_ignore_ascii_case("sec-websocket-protocol") {

@@ -28,14 +28,6 @@ use crate::usage::{Usage, session_event_usage};
 /// Largest body of a refused upgrade that is passed on (an error JSON).
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
-/// Headers that belong to one WebSocket handshake, never carried across.
-const HANDSHAKE_HEADERS: [&str; 4] = [
-    "sec-websocket-key",
-    "sec-websocket-version",
-    "sec-websocket-accept",
-    "sec-websocket-extensions",
-];
-
 /// Whether `head` asks for a WebSocket session.
 pub fn is_session(head: &RequestHead) -> bool {
     head.headers.iter().any(|h| {
@@ -76,10 +68,7 @@ pub(crate) async fn session(
         return Outcome::Refused(error);
     }
     head.headers.retain(|h| {
-        !h.name.eq_ignore_ascii_case(UPGRADE_HEADER)
-            && !HANDSHAKE_HEADERS
-                .iter()
-                .any(|name| h.name.eq_ignore_ascii_case(name))
+        !h.name.eq_ignore_ascii_case(UPGRADE_HEADER) && !websocket::is_handshake_header(&h.name)
     });
     let key = generate_key();
     for (name, value) in [
@@ -142,11 +131,7 @@ pub(crate) async fn session(
         ));
     }
     let mut head_headers = headers_to_wire(response.headers());
-    head_headers.retain(|h| {
-        !HANDSHAKE_HEADERS
-            .iter()
-            .any(|name| h.name.eq_ignore_ascii_case(name))
-    });
+    head_headers.retain(|h| !websocket::is_handshake_header(&h.name));
     let head = ResponseHead {
         status: StatusCode::SWITCHING_PROTOCOLS.as_u16(),
         headers: head_headers,

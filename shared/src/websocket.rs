@@ -36,6 +36,22 @@ pub const UPGRADE_HEADER: &str = "passage-upgrade";
 /// The value of [`UPGRADE_HEADER`] for a WebSocket.
 pub const UPGRADE_WEBSOCKET: &str = "websocket";
 
+/// Headers that belong to one WebSocket handshake (one hop), never
+/// carried across the tunnel: each end makes its own.
+pub const HANDSHAKE_HEADERS: [&str; 4] = [
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-accept",
+    "sec-websocket-extensions",
+];
+
+/// Whether `name` (in any case) is one of [`HANDSHAKE_HEADERS`].
+pub fn is_handshake_header(name: &str) -> bool {
+    HANDSHAKE_HEADERS
+        .iter()
+        .any(|header| header.eq_ignore_ascii_case(name))
+}
+
 /// Close code for a session the tunnel broke (RFC 6455: internal error).
 pub const CLOSE_TUNNEL_LOST: u16 = 1011;
 
