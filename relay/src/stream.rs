@@ -125,10 +125,12 @@ pub(crate) struct RequestRecord {
 }
 
 impl RequestRecord {
-    /// Ends the response's usage tap and counts the request's tokens
-    /// against its limits (once): the usage the upstream reported, or,
-    /// without one, an estimate from the bytes.
-    fn charge(&mut self) {
+    /// Ends the response's usage tap, counts the request's tokens against
+    /// its limits (once): the usage the upstream reported, or, without
+    /// one, an estimate from the bytes; and frees its concurrency slot.
+    /// Called before the last frame goes out, so the app's next request,
+    /// sent the moment it has this answer, meets the new counts.
+    pub(crate) fn charge(&mut self) {
         if self.charged {
             return;
         }
@@ -140,7 +142,7 @@ impl RequestRecord {
         if self.usage.is_none() {
             self.usage = self.tap.take().and_then(UsageTap::finish);
         }
-        let Some(admission) = &self.admission else {
+        let Some(admission) = self.admission.take() else {
             return;
         };
         let tokens = match (self.usage, estimate) {
@@ -243,6 +245,9 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
             outcome = serve(head, &path, frames, &mut responder, &ctx, &client, &mut record, started) => outcome,
             _ = stopped => Outcome::ClientGone,
         };
+        // Counted and its slot freed before the app can see the end of it
+        // (a no-op where the response's last frame already went out).
+        record.charge();
         let mut status = record.status;
         let (failed, error): (bool, Option<String>) = match &outcome {
             Outcome::Complete => {
@@ -272,10 +277,6 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
                 (true, Some(format!("websocket session closed: {reason}")))
             }
         };
-        record.charge();
-        // The response has ended: its concurrency slot is free before the
-        // app can see the answer and send its next request.
-        drop(record.admission.take());
         // The response is queued on the QUIC stream. Let the connection
         // driver send it before the metrics and the usage line below, which
         // the app need not wait for (about 20 µs at one connection).
@@ -793,7 +794,7 @@ async fn proxy(
                     return Outcome::ClientGone;
                 }
                 record.bytes_out = bytes;
-                return fail(responder, "upstream_body_failed", error_chain(&e)).await;
+                return fail(responder, record, "upstream_body_failed", error_chain(&e)).await;
             }
             Err(_) => {
                 // What arrived so far is in `batch` and goes out below.
@@ -811,7 +812,7 @@ async fn proxy(
             Ok(next) => next,
             Err(_) => {
                 let reason = format!("upstream silent for {} s", ctx.idle_read_timeout.as_secs());
-                return fail(responder, "upstream_timeout", reason).await;
+                return fail(responder, record, "upstream_timeout", reason).await;
             }
         };
         match next {
@@ -830,7 +831,7 @@ async fn proxy(
             }
             Some(Err(e)) => {
                 let reason = error_chain(&e);
-                return fail(responder, "upstream_body_failed", reason).await;
+                return fail(responder, record, "upstream_body_failed", reason).await;
             }
             None => {
                 record.charge();
@@ -845,7 +846,13 @@ async fn proxy(
 
 /// Tells the client the response is incomplete, so it never mistakes a
 /// truncated body for a whole one.
-async fn fail(responder: &mut Responder, code: &str, reason: String) -> Outcome {
+async fn fail(
+    responder: &mut Responder,
+    record: &mut RequestRecord,
+    code: &str,
+    reason: String,
+) -> Outcome {
+    record.charge();
     let failure = Frame::Failure(StreamFailure {
         code: code.to_owned(),
         message: reason.clone(),

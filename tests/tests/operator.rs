@@ -249,7 +249,10 @@ async fn rate_limits_answer_429_with_retry_after(#[values(Quic, Tcp)] transport:
     );
     tables.clients.insert(
         "one-at-a-time".into(),
-        rules(|r| r.concurrent_requests = NonZeroU32::new(1)),
+        rules(|r| {
+            r.concurrent_requests = NonZeroU32::new(1);
+            r.allow_models = Some(vec!["m".into()]);
+        }),
     );
     tables
         .clients
@@ -303,6 +306,17 @@ async fn rate_limits_answer_429_with_retry_after(#[values(Quic, Tcp)] transport:
         (single.get("/v1/models").await.expect("answer").status() == 200).then_some(())
     })
     .await;
+    // A slot is free by the time the app has its answer, whichever way the
+    // answer came: so requests sent back to back are never refused.
+    for _ in 0..20 {
+        let (status, _) = answer(single.post_json("/v1/chat/completions", &chat("m")).await).await;
+        assert_eq!(status, 200, "a completion");
+        let (status, body) =
+            answer(single.post_json("/v1/chat/completions", &chat("x")).await).await;
+        assert_eq!(status, 403, "a refused model: {body}");
+        let (status, _) = answer(single.get("/v1/models").await).await;
+        assert_eq!(status, 200, "the model list");
+    }
 
     // Tokens per minute from the JSON usage (10 per mock completion): the
     // second request is admitted at 10 < 15, the third is over.
