@@ -261,6 +261,7 @@ impl Client {
             let task = tokio::spawn(passage_shared::metrics_http::serve(
                 listener,
                 render,
+                None,
                 shutdown.clone(),
             ));
             (metrics, task)

@@ -7,15 +7,19 @@
 
 pub mod body_prefix;
 pub mod keys;
+pub mod ledger;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod pki_cmd;
 pub mod policy;
 pub mod request_model;
+pub mod state;
+pub mod state_redis;
 pub mod stream;
 pub mod upstream;
 pub mod usage;
+pub mod usage_report;
 pub mod websocket;
 
 use std::net::SocketAddr;
@@ -36,6 +40,7 @@ use tracing::info;
 use crate::listener::{Revocation, TcpSide};
 use crate::metrics::RelayMetrics;
 use crate::policy::Policy;
+use crate::state::{Backend, FailMode, StateConfig, StateError, StateStore};
 use crate::stream::StreamContext;
 use crate::upstream::{ApiKey, UpstreamBase, UpstreamClient, UpstreamConfigError};
 
@@ -84,6 +89,8 @@ pub struct RelayConfig {
     pub ws_limits: passage_shared::websocket::SessionLimits,
     /// Request streams one client connection may have open at once.
     pub max_streams_per_connection: u32,
+    /// Where limits are counted and the usage ledger kept.
+    pub state: StateConfig,
 }
 
 impl RelayConfig {
@@ -92,7 +99,7 @@ impl RelayConfig {
         RelayConfig {
             listen,
             listen_tcp: TcpListen::SamePort,
-            pki_dir,
+            pki_dir: pki_dir.clone(),
             upstream,
             api_keys: Vec::new(),
             connect_timeout: Duration::from_secs(10),
@@ -111,6 +118,12 @@ impl RelayConfig {
                 idle: passage_shared::websocket::DEFAULT_IDLE,
             },
             max_streams_per_connection: MAX_CONCURRENT_STREAMS,
+            state: StateConfig {
+                backend: Backend::Embedded {
+                    data_dir: pki_dir.clone(),
+                },
+                fail: FailMode::Open,
+            },
         }
     }
 }
@@ -150,6 +163,9 @@ pub enum RelayError {
     /// The upstream is misconfigured.
     #[error(transparent)]
     Upstream(#[from] UpstreamConfigError),
+    /// The state store could not be opened.
+    #[error("state store: {0}")]
+    State(#[from] StateError),
     /// The metrics address could not be bound.
     #[error("metrics listener on {addr}: {source}")]
     Metrics {
@@ -171,6 +187,7 @@ pub struct Relay {
     status_interval: Duration,
     revocation: Revocation,
     metrics: Option<(tokio::net::TcpListener, Arc<RelayMetrics>)>,
+    state: Arc<dyn StateStore>,
 }
 
 /// Changes a running relay's policy and revocation list (what SIGHUP does).
@@ -222,6 +239,7 @@ impl Relay {
             config.connect_timeout,
             config.upstream_http2,
         )?;
+        let state = crate::state::open(&config.state)?;
         let metrics = match config.metrics {
             Some(addr) => {
                 let listener = passage_shared::metrics_http::bind(addr)
@@ -239,7 +257,7 @@ impl Relay {
                 head_timeout: config.head_timeout,
                 idle_read_timeout: config.idle_read_timeout,
                 policy: std::sync::RwLock::new(Arc::new(config.policy)),
-                limits: crate::limits::Limits::default(),
+                state: state.clone(),
                 model_scan_limit: config.model_scan_limit,
                 max_body: config.max_body,
                 ws_limits: config.ws_limits,
@@ -250,6 +268,7 @@ impl Relay {
                 metrics: metrics.as_ref().map(|(_, m)| m.clone()),
             }),
             metrics,
+            state,
             drain_timeout: config.drain_timeout,
             status_interval: config.status_interval,
             revocation: Revocation {
@@ -299,7 +318,8 @@ impl Relay {
         let metrics_task = self.metrics.map(|(listener, metrics)| {
             tokio::spawn(passage_shared::metrics_http::serve(
                 listener,
-                metrics.renderer(),
+                metrics.renderer(self.state.clone()),
+                Some(health_renderer(self.state.clone())),
                 shutdown.clone(),
             ))
         });
@@ -317,8 +337,26 @@ impl Relay {
         if let Some(task) = metrics_task {
             task.abort();
         }
+        // Every request has ended: what the ledger holds is written out.
+        self.state.close().await;
         info!("relay stopped");
     }
+}
+
+/// `GET /healthz` on the metrics address: `ok`, or `degraded` with why
+/// (the relay serves either way).
+fn health_renderer(state: Arc<dyn StateStore>) -> passage_shared::metrics_http::Render {
+    Arc::new(move || {
+        let (status, detail) = match state.health() {
+            crate::state::StoreHealth::Ok => ("ok", "ok".to_owned()),
+            crate::state::StoreHealth::Degraded(why) => ("degraded", why),
+        };
+        let body = serde_json::json!({
+            "status": status,
+            "state": {"backend": state.backend(), "status": detail},
+        });
+        format!("{body}\n")
+    })
 }
 
 /// Binds the UDP endpoint and, unless TCP is off, the TCP listener. With

@@ -1,32 +1,23 @@
-//! Per-client rate limits: requests per minute (governor's GCRA, which
-//! spreads the allowance evenly with a burst of one minute's worth),
-//! concurrent requests, and tokens per rolling minute and day counted from
-//! the upstream's reported usage.
+//! Per-client rate limits of one relay: requests per rolling minute (at
+//! most N in any 60 s, counted in 1 s buckets), concurrent requests, and
+//! tokens per rolling minute and day counted from the upstream's reported
+//! usage. The Redis backend (`state_redis`) keeps the same counts, in the
+//! same buckets, for every relay at once.
 //!
 //! Tokens are known only once a response ends, so a request is admitted
 //! while the client's count is under its limit and may take it over; the
 //! next one then waits until enough of the window has rolled off.
-//! State is kept per client name and survives a reload; a changed
-//! requests-per-minute figure starts a fresh limiter.
+//! State is kept per client name and survives a reload.
 
 use std::collections::{HashMap, VecDeque};
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use governor::{Quota, RateLimiter, clock::Clock, clock::DefaultClock};
 use http::StatusCode;
 use passage_shared::error_body::ApiError;
 
 use crate::policy::Applied;
-
-type MinuteLimiter = RateLimiter<
-    governor::state::NotKeyed,
-    governor::state::InMemoryState,
-    DefaultClock,
-    governor::middleware::NoOpMiddleware,
->;
 
 /// Token counts in time buckets over a rolling window.
 #[derive(Debug)]
@@ -98,7 +89,7 @@ impl RollingCount {
 #[derive(Debug)]
 struct ClientState {
     in_flight: AtomicU32,
-    per_minute: Mutex<Option<(NonZeroU32, Arc<MinuteLimiter>)>>,
+    requests_minute: Mutex<RollingCount>,
     tokens_minute: Mutex<RollingCount>,
     tokens_day: Mutex<RollingCount>,
 }
@@ -119,15 +110,15 @@ impl Default for Limits {
     }
 }
 
-/// An admitted request: counts as in flight until dropped, and takes the
-/// tokens its response reports.
+/// A request admitted by this relay's own counts: in flight until
+/// dropped, and takes the tokens its response reports.
 #[derive(Debug)]
-pub struct Admission {
+pub struct LocalAdmission {
     state: Arc<ClientState>,
     epoch: Instant,
 }
 
-impl Admission {
+impl LocalAdmission {
     /// Counts `tokens` against the client's token limits.
     pub fn record_tokens(&self, tokens: u64) {
         if tokens == 0 {
@@ -141,7 +132,7 @@ impl Admission {
     }
 }
 
-impl Drop for Admission {
+impl Drop for LocalAdmission {
     fn drop(&mut self) {
         self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
@@ -151,7 +142,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn too_many(
+/// The 429 of a limit, with `retry-after: wait_s`.
+pub(crate) fn too_many(
     client: &str,
     applied: &Applied,
     code: &'static str,
@@ -176,7 +168,7 @@ impl Limits {
             .or_insert_with(|| {
                 Arc::new(ClientState {
                     in_flight: AtomicU32::new(0),
-                    per_minute: Mutex::new(None),
+                    requests_minute: Mutex::new(RollingCount::new(1, 60)),
                     tokens_minute: Mutex::new(RollingCount::new(1, 60)),
                     tokens_day: Mutex::new(RollingCount::new(60, 24 * 3600)),
                 })
@@ -186,7 +178,7 @@ impl Limits {
 
     /// Admits a request of `client` under `applied`'s limits, or returns
     /// the 429 (with `retry-after`) of the first limit it is over.
-    pub fn admit(&self, client: &Arc<str>, applied: &Applied) -> Result<Admission, ApiError> {
+    pub fn admit(&self, client: &Arc<str>, applied: &Applied) -> Result<LocalAdmission, ApiError> {
         let rules = &applied.rules;
         let state = self.state(client);
         let now = self.epoch.elapsed().as_secs();
@@ -214,7 +206,7 @@ impl Limits {
         }
         let in_flight = state.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
         // From here on, dropping the admission undoes the count.
-        let admission = Admission {
+        let admission = LocalAdmission {
             state: state.clone(),
             epoch: self.epoch,
         };
@@ -231,41 +223,28 @@ impl Limits {
             ));
         }
         if let Some(limit) = rules.requests_per_minute {
-            let limiter = {
-                let mut slot = lock(&state.per_minute);
-                match &*slot {
-                    Some((quota, limiter)) if *quota == limit => limiter.clone(),
-                    _ => {
-                        let limiter = Arc::new(RateLimiter::direct(Quota::per_minute(limit)));
-                        *slot = Some((limit, limiter.clone()));
-                        limiter
-                    }
-                }
-            };
-            if let Err(not_until) = limiter.check() {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let mut window = lock(&state.requests_minute);
+            if let Some(wait) = window.wait(now, u64::from(limit.get())) {
                 let what = format!("{limit} requests per minute");
                 return Err(too_many(
                     client,
                     applied,
                     "requests_per_minute_exceeded",
                     &what,
-                    ceil_secs(wait),
+                    wait,
                 ));
             }
+            window.add(now, 1);
         }
         Ok(admission)
     }
-}
-
-fn ceil_secs(wait: Duration) -> u64 {
-    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::policy::{ClientRules, Policy, PolicyTables};
+    use std::num::NonZeroU32;
 
     fn applied(rules: ClientRules) -> Applied {
         let mut tables = PolicyTables::default();
@@ -333,7 +312,8 @@ mod tests {
         let admission = limits.admit(&client, &rules).expect("2");
         let refused = limits.admit(&client, &rules).expect_err("3");
         assert_eq!(refused.code, "requests_per_minute_exceeded");
-        assert!(matches!(refused.retry_after, Some(1..=30)), "{refused:?}");
+        // At most two in any minute: the first leaves the window at 61 s.
+        assert!(matches!(refused.retry_after, Some(59..=61)), "{refused:?}");
 
         let tokens_only = applied(ClientRules {
             tokens_per_minute: Some(100),

@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use passage_relay::policy::{POLICY_SECTIONS, Policy, PolicyTables};
+use passage_relay::state::{Backend, FailMode, StateConfig};
 use passage_relay::upstream::{ApiKey, UpstreamBase};
+use passage_relay::usage_report::{Format, Grouping};
 use passage_relay::{Relay, RelayConfig, TcpListen, pki_cmd};
 use passage_shared::config_file::{self, FileSetting};
 use passage_shared::process::CommonArgs;
@@ -22,6 +24,27 @@ struct Cli {
     command: Command,
 }
 
+/// Where the relay keeps its state: `serve` keeps it there, `usage` reads it.
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// Directory for the relay's own data, the usage ledger
+    /// (usage.sqlite3) among it; default: the --pki directory.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Keep the limits and the usage ledger in this Redis, shared by every
+    /// relay pointed at it: redis://[:PASSWORD@]HOST:PORT[/DB], rediss://
+    /// for TLS. Default: this relay's memory and --data-dir.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "PASSAGE_STATE",
+        hide_env_values = true
+    )]
+    state: Option<String>,
+}
+
+// Parsed once at start: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Make a private CA and the relay certificate.
@@ -133,7 +156,38 @@ enum Command {
         #[arg(long, default_value_t = passage_shared::transport::MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
         max_streams_per_connection: u32,
         #[command(flatten)]
+        store: StoreArgs,
+        /// While the --state store is unreachable: `open` serves under this
+        /// relay's own limits, `closed` refuses limited clients' requests
+        /// with 503 state_unavailable.
+        #[arg(long, value_enum, default_value_t = FailMode::Open)]
+        state_fail: FailMode,
+        #[command(flatten)]
         common: CommonArgs,
+    },
+    /// Print the usage ledger's totals by client, model or day.
+    Usage {
+        /// The relay's config file: its pki, data-dir and state settings
+        /// say where the ledger is (flags given here win).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The relay's PKI directory (its data directory by default).
+        #[arg(long)]
+        pki: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The period: requests that ended within it (e.g. 30m, 24h, 30d).
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// One row per client, model or UTC day.
+        #[arg(long, value_enum, default_value_t = Grouping::Client)]
+        by: Grouping,
+        /// Print JSON.
+        #[arg(long, conflicts_with = "csv")]
+        json: bool,
+        /// Print CSV.
+        #[arg(long)]
+        csv: bool,
     },
 }
 
@@ -163,6 +217,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => pki_cmd::issue(&dir, &name, &relays, server_name.as_deref(), days, out).map(|_| ()),
         Command::Revoke { dir, name } => pki_cmd::revoke(&dir, &name),
         Command::List { dir } => pki_cmd::list(&dir),
+        Command::Usage {
+            config,
+            pki,
+            store,
+            since,
+            by,
+            json,
+            csv,
+        } => {
+            let mut location = StoreLocation {
+                pki,
+                data_dir: store.data_dir,
+                state: store.state,
+            };
+            if let Some(path) = config {
+                location.fill_from(&path)?;
+            }
+            let format = match (json, csv) {
+                (true, _) => Format::Json,
+                (_, true) => Format::Csv,
+                _ => Format::Table,
+            };
+            usage(location, &since, by, format)
+        }
         Command::Serve {
             config: config_path,
             pki,
@@ -180,11 +258,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_body_mib,
             max_streams_per_connection,
             upstream_http2,
+            store,
+            state_fail,
             common,
         } => {
             passage_shared::process::init_logging();
             let upstream = UpstreamBase::parse(&upstream)?;
-            let mut config = RelayConfig::new(listen, pki, upstream);
+            let mut config = RelayConfig::new(listen, pki.clone(), upstream);
+            config.state = StateConfig {
+                backend: match store.state {
+                    Some(url) => Backend::Redis { url },
+                    None => Backend::Embedded {
+                        data_dir: store.data_dir.unwrap_or(pki),
+                    },
+                },
+                fail: state_fail,
+            };
             config.listen_tcp = match (no_tcp, listen_tcp) {
                 (true, _) => TcpListen::Off,
                 (false, Some(addr)) => TcpListen::At(addr),
@@ -225,6 +314,82 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             serve(config, &common, file)
         }
     }
+}
+
+/// Where a relay keeps its ledger, as `usage` was told.
+struct StoreLocation {
+    pki: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    state: Option<String>,
+}
+
+impl StoreLocation {
+    /// Takes the settings the flags left unset from the relay's config file.
+    fn fill_from(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{} is not TOML", path.display()))?;
+        let text_of = |key: &str| {
+            table
+                .get(key)
+                .or_else(|| table.get(&key.replace('-', "_")))
+                .and_then(toml::Value::as_str)
+                .map(str::to_owned)
+        };
+        self.pki = self
+            .pki
+            .take()
+            .or_else(|| text_of("pki").map(PathBuf::from));
+        self.data_dir = self
+            .data_dir
+            .take()
+            .or_else(|| text_of("data-dir").map(PathBuf::from));
+        self.state = self.state.take().or_else(|| text_of("state"));
+        Ok(())
+    }
+}
+
+/// `passage-relay usage`: reads the ledger where the relay keeps it.
+fn usage(
+    location: StoreLocation,
+    since: &str,
+    grouping: Grouping,
+    format: Format,
+) -> anyhow::Result<()> {
+    let period = passage_relay::usage_report::parse_period(since)
+        .map_err(|e| anyhow::anyhow!("--since {e}"))?;
+    let since_ms = passage_relay::ledger::LedgerEntry::now_ms().saturating_sub(period);
+    let rows = match (location.state, location.data_dir.or(location.pki)) {
+        (Some(url), _) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime
+                .block_on(passage_relay::state_redis::read_totals(
+                    &url, since_ms, grouping,
+                ))
+                .map_err(anyhow::Error::msg)?
+        }
+        (None, Some(dir)) => {
+            let path = dir.join(passage_relay::ledger::LEDGER_FILE);
+            anyhow::ensure!(
+                path.exists(),
+                "no usage ledger at {} (has a relay run with this --data-dir or --pki?)",
+                path.display()
+            );
+            passage_relay::ledger::read_totals(&path, since_ms, grouping)?
+        }
+        (None, None) => anyhow::bail!(
+            "say where the ledger is: --config FILE, --data-dir DIR, --pki DIR or --state URL"
+        ),
+    };
+    print!(
+        "{}",
+        passage_relay::usage_report::render(&rows, grouping, format)
+    );
+    Ok(())
 }
 
 /// The config file a relay was started with, for reloads.

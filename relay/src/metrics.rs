@@ -107,6 +107,9 @@ pub struct RelayMetrics {
     usage_errors: Family<ClientModel, Counter>,
     usage_tokens: Family<ClientModelKind, Counter>,
     usage_bytes: Family<ClientModelKind, Counter>,
+    state_up: Gauge,
+    state_failures: Counter,
+    ledger_dropped: Counter,
     models: Mutex<HashSet<String>>,
 }
 
@@ -192,6 +195,24 @@ impl RelayMetrics {
             "Body bytes by client, model and kind (in, out)",
             usage_bytes.clone(),
         );
+        let state_up = Gauge::default();
+        registry.register(
+            "state_up",
+            "1 while the state store works as configured, 0 while it is unreachable (limits then fall back to this relay's own, or refuse)",
+            state_up.clone(),
+        );
+        let state_failures = Counter::default();
+        registry.register(
+            "state_failures",
+            "Times the state store failed or did not answer within 250 ms",
+            state_failures.clone(),
+        );
+        let ledger_dropped = Counter::default();
+        registry.register(
+            "ledger_dropped",
+            "Usage ledger entries lost (the writer was behind, or the store was unreachable)",
+            ledger_dropped.clone(),
+        );
         RelayMetrics {
             registry,
             requests,
@@ -206,6 +227,9 @@ impl RelayMetrics {
             usage_errors,
             usage_tokens,
             usage_bytes,
+            state_up,
+            state_failures,
+            ledger_dropped,
             models: Mutex::new(HashSet::new()),
         }
     }
@@ -218,10 +242,33 @@ impl RelayMetrics {
         text
     }
 
-    /// A renderer for [`passage_shared::metrics_http::serve`].
-    pub fn renderer(self: &Arc<Self>) -> passage_shared::metrics_http::Render {
+    /// A renderer for [`passage_shared::metrics_http::serve`] that first
+    /// reads the state store's figures.
+    pub fn renderer(
+        self: &Arc<Self>,
+        state: Arc<dyn crate::state::StateStore>,
+    ) -> passage_shared::metrics_http::Render {
         let metrics = self.clone();
-        Arc::new(move || metrics.render())
+        Arc::new(move || {
+            metrics.observe_state(&*state);
+            metrics.render()
+        })
+    }
+
+    /// Brings the state gauges and counters up to the store's figures.
+    fn observe_state(&self, state: &dyn crate::state::StateStore) {
+        let up = matches!(state.health(), crate::state::StoreHealth::Ok);
+        self.state_up.set(i64::from(up));
+        let counts = state.counts();
+        for (counter, now) in [
+            (&self.state_failures, counts.failures),
+            (&self.ledger_dropped, counts.ledger_dropped),
+        ] {
+            let seen = counter.get();
+            if now > seen {
+                counter.inc_by(now - seen);
+            }
+        }
     }
 
     /// Counts a refused or failed connection attempt.

@@ -35,10 +35,11 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::body_prefix::{PREFIX_BUDGET, PrefixBudget, read_prefix, reservation};
-use crate::limits::{Admission, Limits};
+use crate::ledger::LedgerEntry;
 use crate::metrics::{RelayMetrics, RequestFigures};
 use crate::policy::{Applied, Policy};
 use crate::request_model::{BodyKind, MultipartScanner, json_model};
+use crate::state::{Admission, StateStore};
 use crate::upstream::{UpstreamBody, UpstreamClient};
 use crate::usage::{Usage, UsageTap};
 use passage_shared::error_chain;
@@ -54,8 +55,8 @@ pub struct StreamContext {
     pub idle_read_timeout: Duration,
     /// Who may do what; replaced whole on reload.
     pub policy: RwLock<Arc<Policy>>,
-    /// Per-client rate-limit state.
-    pub limits: Limits,
+    /// Where limits are counted and the usage ledger kept.
+    pub state: Arc<dyn StateStore>,
     /// Most body bytes read to find the model of a client whose models are restricted.
     pub model_scan_limit: usize,
     /// Largest request body accepted, in bytes.
@@ -130,7 +131,7 @@ impl RequestRecord {
     /// one, an estimate from the bytes; and frees its concurrency slot.
     /// Called before the last frame goes out, so the app's next request,
     /// sent the moment it has this answer, meets the new counts.
-    pub(crate) fn charge(&mut self) {
+    pub(crate) async fn charge(&mut self) {
         if self.charged {
             return;
         }
@@ -150,7 +151,7 @@ impl RequestRecord {
             (None, Some(estimate)) if (200..300).contains(&self.status) => estimate,
             _ => 0,
         };
-        admission.record_tokens(tokens);
+        admission.settle(tokens).await;
     }
 
     /// The model the body named, if it can be shown: known from the body
@@ -190,6 +191,19 @@ pub(crate) enum Outcome {
     ClientGone,
     /// A WebSocket session closed by passage's rules, for this reason.
     Closed(String),
+}
+
+impl Outcome {
+    /// The outcome's name in the usage line and the ledger.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::UpstreamBrokeOff { .. } => "upstream_broke_off",
+            Outcome::Refused(_) => "refused",
+            Outcome::ClientGone => "client_gone",
+            Outcome::Closed(_) => "closed_by_policy",
+        }
+    }
 }
 
 /// Serves one request stream from a client named `client`.
@@ -247,7 +261,7 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
         };
         // Counted and its slot freed before the app can see the end of it
         // (a no-op where the response's last frame already went out).
-        record.charge();
+        record.charge().await;
         let mut status = record.status;
         let (failed, error): (bool, Option<String>) = match &outcome {
             Outcome::Complete => {
@@ -299,6 +313,19 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
             });
         }
         log_request(&outcome, status, &record, model.as_deref(), duration, error.as_deref());
+        ctx.state.record(LedgerEntry {
+            at_ms: LedgerEntry::now_ms(),
+            client: client.to_string(),
+            model,
+            path,
+            status,
+            outcome: outcome.name().to_owned(),
+            input_tokens: record.usage.map_or(0, |u| u.prompt_tokens),
+            output_tokens: record.usage.map_or(0, |u| u.completion_tokens),
+            bytes_in,
+            bytes_out: record.bytes_out,
+            duration_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
+        });
     }
     .instrument(span)
     .await
@@ -325,13 +352,7 @@ fn log_request(
     let prompt_tokens = record.usage.map(|u| u.prompt_tokens);
     let completion_tokens = record.usage.map(|u| u.completion_tokens);
     let bytes_out = record.bytes_out;
-    let ended = match outcome {
-        Outcome::Complete => "complete",
-        Outcome::UpstreamBrokeOff { .. } => "upstream_broke_off",
-        Outcome::Refused(_) => "refused",
-        Outcome::ClientGone => "client_gone",
-        Outcome::Closed(_) => "closed_by_policy",
-    };
+    let ended = outcome.name();
     // Info for every outcome: this is the accounting record; `ended` and
     // `error` tell the failures apart.
     info!(
@@ -458,7 +479,7 @@ async fn serve(
         return refuse(error);
     }
     if applied.rules.has_limits() {
-        match ctx.limits.admit(client, &applied) {
+        match ctx.state.admit(client, &applied).await {
             Ok(admission) => record.admission = Some(admission),
             Err(error) => return refuse(error),
         }
@@ -778,7 +799,7 @@ async fn proxy(
                 record.bytes_out = bytes;
                 // Counted before the app has its answer, so its next
                 // request already meets the new count.
-                record.charge();
+                record.charge().await;
                 // The whole answer, and the end of the stream with it (over
                 // HTTP/2 in one frame).
                 return match write_last(&mut **responder.get_mut(), &batch).await {
@@ -834,7 +855,7 @@ async fn proxy(
                 return fail(responder, record, "upstream_body_failed", reason).await;
             }
             None => {
-                record.charge();
+                record.charge().await;
                 if responder.send(Frame::End).await.is_err() {
                     return Outcome::ClientGone;
                 }
@@ -852,7 +873,7 @@ async fn fail(
     code: &str,
     reason: String,
 ) -> Outcome {
-    record.charge();
+    record.charge().await;
     let failure = Frame::Failure(StreamFailure {
         code: code.to_owned(),
         message: reason.clone(),

@@ -264,7 +264,7 @@ async fn refused(
         headers: headers_to_wire(&parts.headers),
     };
     record.bytes_out = body.len() as u64;
-    record.charge();
+    record.charge().await;
     let mut frames = vec![Frame::ResponseHead(head)];
     if !body.is_empty() {
         frames.push(Frame::Data(body));

@@ -1,5 +1,6 @@
 //! `--metrics ADDR`: a small HTTP endpoint that serves Prometheus text
-//! (OpenMetrics) at `GET /metrics`, for both programs. A request that
+//! (OpenMetrics) at `GET /metrics`, for both programs, and the relay's
+//! health as JSON at `GET /healthz`. A request that
 //! arrives over loopback must carry a `Host` naming this machine, so a web
 //! page cannot read the metrics through a DNS name rebound to 127.0.0.1;
 //! scrapers from elsewhere use whatever name they like.
@@ -41,8 +42,14 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(listener)
 }
 
-/// Serves `render`'s output at `/metrics` on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, render: Render, shutdown: CancellationToken) {
+/// Serves `render`'s output at `/metrics` (and `health`'s JSON, if given,
+/// at `/healthz`) on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    render: Render,
+    health: Option<Render>,
+    shutdown: CancellationToken,
+) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics at http://{addr}/metrics");
     }
@@ -64,6 +71,7 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: Cancellation
             continue;
         };
         let render = render.clone();
+        let health = health.clone();
         // Over loopback whatever address the listener has (a wildcard one
         // takes loopback connections too).
         let loopback = stream
@@ -72,6 +80,7 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: Cancellation
         let service =
             hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let render = render.clone();
+                let health = health.clone();
                 let foreign_host = loopback
                     && request
                         .headers()
@@ -85,7 +94,12 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: Cancellation
                             Bytes::from_static(b"the Host header must name this machine\n"),
                         )
                     } else {
-                        answer(request.method(), request.uri().path(), &render)
+                        answer(
+                            request.method(),
+                            request.uri().path(),
+                            &render,
+                            health.as_ref(),
+                        )
                     })
                 }
             });
@@ -103,8 +117,14 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: Cancellation
     }
 }
 
-fn answer(method: &Method, path: &str, render: &Render) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = if path != "/metrics" {
+fn answer(
+    method: &Method,
+    path: &str,
+    render: &Render,
+    health: Option<&Render>,
+) -> Response<Full<Bytes>> {
+    let health = health.filter(|_| path == "/healthz");
+    let (status, content_type, body) = if path != "/metrics" && health.is_none() {
         (
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -116,6 +136,8 @@ fn answer(method: &Method, path: &str, render: &Render) -> Response<Full<Bytes>>
             "text/plain",
             Bytes::from_static(b"GET only\n"),
         )
+    } else if let Some(health) = health {
+        (StatusCode::OK, "application/json", Bytes::from(health()))
     } else {
         (StatusCode::OK, CONTENT_TYPE, Bytes::from(render()))
     };

@@ -102,17 +102,23 @@ pub fn free_tcp_port() -> SocketAddr {
 
 /// `GET http://addr/metrics`: the Prometheus text.
 pub async fn scrape(addr: SocketAddr) -> String {
+    get_text(addr, "/metrics").await
+}
+
+/// `GET http://addr/healthz` of a relay's metrics address, parsed.
+pub async fn relay_health(addr: SocketAddr) -> serde_json::Value {
+    serde_json::from_str(&get_text(addr, "/healthz").await).expect("health is JSON")
+}
+
+/// The body of a 200 answer to `GET http://addr{path}`.
+async fn get_text(addr: SocketAddr, path: &str) -> String {
     let response = http_client()
-        .get(
-            format!("http://{addr}/metrics")
-                .parse()
-                .expect("metrics URL"),
-        )
+        .get(format!("http://{addr}{path}").parse().expect("URL"))
         .await
-        .expect("metrics answer");
-    assert_eq!(response.status(), 200);
+        .expect("an answer");
+    assert_eq!(response.status(), 200, "GET {path}");
     let bytes = crate::stack::body_bytes(response).await;
-    String::from_utf8(bytes.to_vec()).expect("metrics are text")
+    String::from_utf8(bytes.to_vec()).expect("text")
 }
 
 /// The value of the sample `name{labels}` in Prometheus `text` (labels in
@@ -364,6 +370,14 @@ impl RelayProcess {
     /// Kills the process outright (SIGKILL): no goodbye on the wire.
     pub async fn kill(&mut self) {
         self.child.kill().await.expect("kill passage-relay");
+    }
+
+    /// Waits up to `limit` for the process to exit; its status if it did.
+    pub async fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
     }
 }
 

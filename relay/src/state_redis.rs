@@ -1,0 +1,768 @@
+//! The shared state backend: every relay of a team points `--state` at one
+//! Redis, and a client's limits hold across all of them.
+//!
+//! Each check is one Lua script run atomically on the server (no
+//! read-modify-write between relays): requests and tokens per rolling
+//! window in the same buckets as [`crate::limits`], kept as a list of
+//! `start:count` items plus a running total; concurrency as a sorted set
+//! of leases that expire unless renewed, so a relay that dies cannot hold
+//! its slots for ever. The usage ledger is a Redis stream, written in
+//! batches off the request path.
+//!
+//! The store is never waited on for more than [`STORE_WAIT`] per request.
+//! When it fails or is slow it is marked down: requests then run under
+//! this relay's own counts (`--state-fail open`, the default, with a WARN
+//! a minute) or get 503 `state_unavailable` (`closed`), without waiting,
+//! while a probe tries it twice a second; the connection is made again
+//! by itself.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use http::StatusCode;
+use passage_shared::error_body::ApiError;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::ledger::{BATCH_WINDOW, LedgerEntry};
+use crate::limits::{Limits, too_many};
+use crate::policy::Applied;
+use crate::state::{
+    Admission, FailMode, STORE_WAIT, StateError, StateStore, StoreCounts, StoreHealth,
+};
+use crate::usage_report::{Grouping, UsageRow, totals};
+
+/// The stream that holds the usage ledger.
+pub const LEDGER_STREAM: &str = "passage:ledger";
+/// Ledger entries older than this are trimmed as new ones arrive.
+const LEDGER_RETENTION_MS: i64 = 92 * 86_400_000;
+/// A concurrency lease lasts this long unless renewed.
+const LEASE: Duration = Duration::from_secs(60);
+/// How often live leases are renewed.
+const LEASE_RENEWAL: Duration = Duration::from_secs(20);
+/// How often a store marked down is tried again.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+/// Least time between two WARNs about the store being down.
+const WARN_INTERVAL: Duration = Duration::from_secs(60);
+/// Most ledger entries held while the store is unreachable.
+const PENDING_MAX: usize = 65_536;
+/// Most ledger entries sent in one pipeline.
+const BATCH_MAX: usize = 1024;
+
+/// The rolling windows' Lua helpers, shared by both scripts. A window is a
+/// list of `start:count` items, oldest first, and a running total.
+const WINDOW_LUA: &str = r"
+local function parse(item)
+  local sep = string.find(item, ':', 1, true)
+  return tonumber(string.sub(item, 1, sep - 1)), tonumber(string.sub(item, sep + 1))
+end
+local function expire(list, total, now, bucket, window)
+  while true do
+    local head = redis.call('LINDEX', list, 0)
+    if not head then
+      redis.call('DEL', total)
+      return 0
+    end
+    local start, count = parse(head)
+    if start + bucket + window > now then break end
+    redis.call('LPOP', list)
+    redis.call('DECRBY', total, count)
+  end
+  return tonumber(redis.call('GET', total) or '0')
+end
+local function add(list, total, now, bucket, window, n)
+  local start = now - now % bucket
+  local last = redis.call('LINDEX', list, -1)
+  if last then
+    local last_start, count = parse(last)
+    if last_start >= start then
+      redis.call('LSET', list, -1, last_start .. ':' .. (count + n))
+    else
+      redis.call('RPUSH', list, start .. ':' .. n)
+    end
+  else
+    redis.call('RPUSH', list, start .. ':' .. n)
+  end
+  redis.call('INCRBY', total, n)
+  redis.call('EXPIRE', list, window + bucket)
+  redis.call('EXPIRE', total, window + bucket)
+end
+local function wait(list, total, now, bucket, window, limit)
+  for _, item in ipairs(redis.call('LRANGE', list, 0, -1)) do
+    local start, count = parse(item)
+    total = total - count
+    if total < limit then
+      return math.max(1, start + bucket + window - now)
+    end
+  end
+  return 1
+end
+local time = redis.call('TIME')
+local now = tonumber(time[1])
+local now_ms = now * 1000 + math.floor(tonumber(time[2]) / 1000)
+";
+
+/// Admits a request. KEYS: leases, requests list and total, tokens per
+/// minute list and total, tokens per day list and total. ARGV: concurrency
+/// limit, lease id, lease ms, requests per minute, tokens per minute,
+/// tokens per day (0: no such limit). Returns {verdict, wait seconds}.
+const ADMIT_LUA: &str = r"
+local concurrency, lease, lease_ms = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local rpm, tpm, tpd = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if tpm > 0 then
+  local total = expire(KEYS[4], KEYS[5], now, 1, 60)
+  if total >= tpm then return {'tokens_per_minute', wait(KEYS[4], total, now, 1, 60, tpm)} end
+end
+if tpd > 0 then
+  local total = expire(KEYS[6], KEYS[7], now, 60, 86400)
+  if total >= tpd then return {'tokens_per_day', wait(KEYS[6], total, now, 60, 86400, tpd)} end
+end
+if concurrency > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+  if redis.call('ZCARD', KEYS[1]) >= concurrency then return {'concurrent_requests', 1} end
+end
+if rpm > 0 then
+  local total = expire(KEYS[2], KEYS[3], now, 1, 60)
+  if total >= rpm then return {'requests_per_minute', wait(KEYS[2], total, now, 1, 60, rpm)} end
+  add(KEYS[2], KEYS[3], now, 1, 60, 1)
+end
+if concurrency > 0 then
+  redis.call('ZADD', KEYS[1], now_ms + lease_ms, lease)
+  redis.call('PEXPIRE', KEYS[1], lease_ms * 2)
+end
+return {'ok', 0}
+";
+
+/// Settles a request. KEYS: leases, tokens per minute list and total,
+/// tokens per day list and total. ARGV: lease id ('' for none), tokens.
+const SETTLE_LUA: &str = r"
+if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+local tokens = tonumber(ARGV[2])
+if tokens > 0 then
+  expire(KEYS[2], KEYS[3], now, 1, 60)
+  add(KEYS[2], KEYS[3], now, 1, 60, tokens)
+  expire(KEYS[4], KEYS[5], now, 60, 86400)
+  add(KEYS[4], KEYS[5], now, 60, 86400, tokens)
+end
+return 1
+";
+
+/// The keys of one client's counts, all under one hash tag (one slot in
+/// a Redis cluster).
+fn client_keys(client: &str) -> [String; 7] {
+    ["leases", "rpm", "rpm:n", "tpm", "tpm:n", "tpd", "tpd:n"]
+        .map(|what| format!("passage:{{{client}}}:{what}"))
+}
+
+/// Whether the store answers, and since when it does not.
+#[derive(Debug, Default)]
+struct Reachability {
+    /// Why it was marked down, while it is.
+    down: Option<String>,
+    /// When the last WARN about it went out.
+    warned: Option<Instant>,
+}
+
+/// What the relay's tasks share about the store.
+#[derive(Debug)]
+struct Shared {
+    connection: ConnectionManager,
+    admit: redis::Script,
+    settle: redis::Script,
+    fail: FailMode,
+    /// Counts used while the store is down (fail-open).
+    local: Limits,
+    reachability: Mutex<Reachability>,
+    /// A fast check of `reachability.down.is_some()`.
+    is_down: AtomicBool,
+    /// Live concurrency leases: id → client, renewed while they live.
+    leases: Mutex<HashMap<u64, Arc<str>>>,
+    next_lease: AtomicU64,
+    /// This relay's lease ids start with it.
+    relay_id: String,
+    /// Times the store failed or was too slow.
+    failures: AtomicU64,
+}
+
+impl Shared {
+    /// Marks the store down (once) and starts the probe that brings it back.
+    fn mark_down(self: &Arc<Self>, why: String) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let mut reach = self
+            .reachability
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let newly = reach.down.is_none();
+        let due = reach.warned.is_none_or(|at| at.elapsed() >= WARN_INTERVAL);
+        if due {
+            reach.warned = Some(Instant::now());
+            let mode = match self.fail {
+                FailMode::Open => "serving under this relay's own limits",
+                FailMode::Closed => "refusing limited requests with 503",
+            };
+            warn!(error = %why, "state store unreachable: {mode} until it is back");
+        }
+        reach.down = Some(why);
+        self.is_down.store(true, Ordering::Release);
+        drop(reach);
+        if newly {
+            let shared = self.clone();
+            tokio::spawn(async move { shared.probe().await });
+        }
+    }
+
+    /// Pings the store until it answers, then marks it up.
+    async fn probe(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(PROBE_INTERVAL).await;
+            let mut connection = self.connection.clone();
+            let command = redis::cmd("PING");
+            let ping = command.query_async::<String>(&mut connection);
+            if let Ok(Ok(_)) = tokio::time::timeout(STORE_WAIT, ping).await {
+                let mut reach = self
+                    .reachability
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                reach.down = None;
+                self.is_down.store(false, Ordering::Release);
+                info!("state store reachable again: shared limits in force");
+                return;
+            }
+        }
+    }
+
+    fn refuse_unavailable(&self) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "state_unavailable",
+            "the relay's shared state store is unreachable and the relay is set to refuse limited requests until it is back (--state-fail closed)",
+        )
+        .with_retry_after(1)
+    }
+
+    /// Frees a lease and counts tokens, within `budget`.
+    async fn settle(
+        self: &Arc<Self>,
+        client: &str,
+        lease: Option<u64>,
+        tokens: u64,
+        budget: Duration,
+    ) {
+        if let Some(lease) = lease {
+            self.leases
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&lease);
+        }
+        if lease.is_none() && tokens == 0 {
+            return;
+        }
+        let keys = client_keys(client);
+        let lease_id = lease.map(|id| self.lease_name(id)).unwrap_or_default();
+        let mut connection = self.connection.clone();
+        let mut invocation = self.settle.prepare_invoke();
+        invocation
+            .key(&keys[0])
+            .key(&keys[3])
+            .key(&keys[4])
+            .key(&keys[5])
+            .key(&keys[6])
+            .arg(lease_id)
+            .arg(tokens);
+        let run = invocation.invoke_async::<i64>(&mut connection);
+        match tokio::time::timeout(budget, run).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => self.mark_down(e.to_string()),
+            Err(_) => self.mark_down(format!("no answer within {} ms", budget.as_millis())),
+        }
+    }
+
+    fn lease_name(&self, id: u64) -> String {
+        format!("{}:{id}", self.relay_id)
+    }
+
+    /// Renews every live lease of this relay, for ever.
+    async fn renew_leases(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(LEASE_RENEWAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let live: Vec<(u64, Arc<str>)> = self
+                .leases
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|(id, client)| (*id, client.clone()))
+                .collect();
+            if live.is_empty() || self.is_down.load(Ordering::Acquire) {
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            for (id, client) in &live {
+                // Server time is not at hand here; the lease runs from the
+                // renewal, which TIME-based pruning compares against.
+                let until = crate::ledger::LedgerEntry::now_ms() + LEASE.as_millis() as i64;
+                pipe.cmd("ZADD")
+                    .arg(&client_keys(client)[0])
+                    .arg("XX")
+                    .arg(until)
+                    .arg(self.lease_name(*id))
+                    .ignore();
+            }
+            let mut connection = self.connection.clone();
+            let run = pipe.query_async::<()>(&mut connection);
+            match tokio::time::timeout(STORE_WAIT * 4, run).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => self.mark_down(e.to_string()),
+                Err(_) => self.mark_down("lease renewal timed out".to_owned()),
+            }
+        }
+    }
+}
+
+/// A request admitted in the shared store.
+#[derive(Debug)]
+pub struct SharedAdmission {
+    shared: Arc<Shared>,
+    client: Arc<str>,
+    /// Its concurrency lease, if the client has a concurrency limit.
+    lease: Option<u64>,
+    /// What is left of the request's [`STORE_WAIT`].
+    budget: Duration,
+    settled: bool,
+}
+
+impl SharedAdmission {
+    /// Counts `tokens` and frees the lease.
+    pub async fn settle(mut self, tokens: u64) {
+        self.settled = true;
+        if self.shared.is_down.load(Ordering::Acquire) {
+            // The lease expires by itself; the tokens go uncounted.
+            if let Some(lease) = self.lease {
+                self.shared
+                    .leases
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&lease);
+            }
+            return;
+        }
+        self.shared
+            .settle(&self.client, self.lease, tokens, self.budget)
+            .await;
+    }
+}
+
+impl Drop for SharedAdmission {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let Some(lease) = self.lease else {
+            return;
+        };
+        // Dropped unsettled (a refusal after admission): free the slot
+        // in the background.
+        let shared = self.shared.clone();
+        let client = self.client.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { shared.settle(&client, Some(lease), 0, STORE_WAIT).await });
+        }
+    }
+}
+
+/// The Redis backend.
+#[derive(Debug)]
+pub struct RedisState {
+    shared: Arc<Shared>,
+    ledger: mpsc::Sender<LedgerEntry>,
+    /// Ledger entries dropped (queue full, or the store gone at close).
+    ledger_dropped: Arc<AtomicU64>,
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    closing: tokio_util::sync::CancellationToken,
+}
+
+/// Parses `url` into a client, with errors that never echo a password.
+fn client_for(url: &str) -> Result<redis::Client, StateError> {
+    redis::Client::open(url).map_err(|e| {
+        StateError::RedisUrl(format!(
+            "not a usable Redis URL (redis://[:PASSWORD@]HOST:PORT[/DB] or rediss://...): {:?}",
+            e.kind()
+        ))
+    })
+}
+
+/// A connection that never waits longer than the store may be waited on.
+fn connection_for(client: redis::Client) -> Result<ConnectionManager, StateError> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(STORE_WAIT))
+        .set_response_timeout(Some(STORE_WAIT))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    ConnectionManager::new_lazy_with_config(client, config).map_err(|e| {
+        StateError::RedisUrl(format!("cannot set up the Redis client: {:?}", e.kind()))
+    })
+}
+
+impl RedisState {
+    /// Sets up the store at `url`; it is connected on first use and again
+    /// whenever it was lost.
+    pub fn open(url: &str, fail: FailMode) -> Result<RedisState, StateError> {
+        let connection = connection_for(client_for(url)?)?;
+        let shared = Arc::new(Shared {
+            connection,
+            admit: redis::Script::new(&format!("{WINDOW_LUA}{ADMIT_LUA}")),
+            settle: redis::Script::new(&format!("{WINDOW_LUA}{SETTLE_LUA}")),
+            fail,
+            local: Limits::default(),
+            reachability: Mutex::new(Reachability::default()),
+            is_down: AtomicBool::new(false),
+            leases: Mutex::new(HashMap::new()),
+            next_lease: AtomicU64::new(0),
+            relay_id: format!("{:016x}", fastrand::u64(..)),
+            failures: AtomicU64::new(0),
+        });
+        tokio::spawn(shared.clone().renew_leases());
+        let (ledger, queue) = mpsc::channel(PENDING_MAX);
+        let ledger_dropped = Arc::new(AtomicU64::new(0));
+        let closing = tokio_util::sync::CancellationToken::new();
+        let writer = tokio::spawn(write_ledger(
+            shared.clone(),
+            queue,
+            ledger_dropped.clone(),
+            closing.clone(),
+        ));
+        Ok(RedisState {
+            shared,
+            ledger,
+            ledger_dropped,
+            writer: Mutex::new(Some(writer)),
+            closing,
+        })
+    }
+
+    async fn admit_shared(
+        &self,
+        client: &Arc<str>,
+        applied: &Applied,
+    ) -> Result<Admission, ApiError> {
+        let shared = &self.shared;
+        let rules = &applied.rules;
+        let lease = rules
+            .concurrent_requests
+            .map(|_| shared.next_lease.fetch_add(1, Ordering::Relaxed));
+        let keys = client_keys(client);
+        let mut invocation = shared.admit.prepare_invoke();
+        for key in &keys {
+            invocation.key(key);
+        }
+        invocation
+            .arg(rules.concurrent_requests.map_or(0, |n| n.get()))
+            .arg(lease.map(|id| shared.lease_name(id)).unwrap_or_default())
+            .arg(LEASE.as_millis() as u64)
+            .arg(rules.requests_per_minute.map_or(0, |n| n.get()))
+            .arg(rules.tokens_per_minute.unwrap_or(0))
+            .arg(rules.tokens_per_day.unwrap_or(0));
+        let started = Instant::now();
+        let mut connection = shared.connection.clone();
+        let run = invocation.invoke_async::<(String, u64)>(&mut connection);
+        let (verdict, wait) = match tokio::time::timeout(STORE_WAIT, run).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => return self.unreachable(client, applied, e.to_string()),
+            Err(_) => {
+                let why = format!("no answer within {} ms", STORE_WAIT.as_millis());
+                return self.unreachable(client, applied, why);
+            }
+        };
+        let (code, what) = match verdict.as_str() {
+            "ok" => {
+                if let Some(id) = lease {
+                    shared
+                        .leases
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(id, client.clone());
+                }
+                return Ok(Admission::Shared(SharedAdmission {
+                    shared: shared.clone(),
+                    client: client.clone(),
+                    lease,
+                    budget: STORE_WAIT.saturating_sub(started.elapsed()),
+                    settled: false,
+                }));
+            }
+            "tokens_per_minute" => (
+                "tokens_per_minute_exceeded",
+                format!("{} tokens per minute", rules.tokens_per_minute.unwrap_or(0)),
+            ),
+            "tokens_per_day" => (
+                "tokens_per_day_exceeded",
+                format!("{} tokens per day", rules.tokens_per_day.unwrap_or(0)),
+            ),
+            "concurrent_requests" => (
+                "concurrent_requests_exceeded",
+                format!(
+                    "{} concurrent requests",
+                    rules.concurrent_requests.map_or(0, |n| n.get())
+                ),
+            ),
+            _ => (
+                "requests_per_minute_exceeded",
+                format!(
+                    "{} requests per minute",
+                    rules.requests_per_minute.map_or(0, |n| n.get())
+                ),
+            ),
+        };
+        Err(too_many(
+            client,
+            applied,
+            code,
+            &format!("{what}, across relays"),
+            wait,
+        ))
+    }
+
+    /// The answer while the store cannot be reached.
+    fn unreachable(
+        &self,
+        client: &Arc<str>,
+        applied: &Applied,
+        why: String,
+    ) -> Result<Admission, ApiError> {
+        self.shared.mark_down(why);
+        self.fallback(client, applied)
+    }
+
+    fn fallback(&self, client: &Arc<str>, applied: &Applied) -> Result<Admission, ApiError> {
+        match self.shared.fail {
+            FailMode::Open => self
+                .shared
+                .local
+                .admit(client, applied)
+                .map(Admission::Local),
+            FailMode::Closed => Err(self.shared.refuse_unavailable()),
+        }
+    }
+}
+
+impl StateStore for RedisState {
+    fn admit<'a>(
+        &'a self,
+        client: &'a Arc<str>,
+        applied: &'a Applied,
+    ) -> BoxFuture<'a, Result<Admission, ApiError>> {
+        if self.shared.is_down.load(Ordering::Acquire) {
+            return Box::pin(std::future::ready(self.fallback(client, applied)));
+        }
+        Box::pin(self.admit_shared(client, applied))
+    }
+
+    fn record(&self, entry: LedgerEntry) {
+        if self.ledger.try_send(entry).is_err() {
+            self.ledger_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.closing.cancel();
+            let writer = self
+                .writer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some(writer) = writer {
+                let _ = writer.await;
+            }
+            let dropped = self.ledger_dropped.load(Ordering::Relaxed);
+            if dropped > 0 {
+                warn!(
+                    entries = dropped,
+                    "usage ledger: entries were lost (the state store was unreachable or too slow)"
+                );
+            }
+        })
+    }
+
+    fn health(&self) -> StoreHealth {
+        let reach = self
+            .shared
+            .reachability
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match &reach.down {
+            Some(why) => StoreHealth::Degraded(format!("state store unreachable: {why}")),
+            None => StoreHealth::Ok,
+        }
+    }
+
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    fn counts(&self) -> StoreCounts {
+        StoreCounts {
+            failures: self.shared.failures.load(Ordering::Relaxed),
+            ledger_dropped: self.ledger_dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Appends ledger entries to the stream in batches: what arrives within
+/// [`BATCH_WINDOW`] of a batch's first entry goes in one pipeline. Entries
+/// that could not be written wait (up to [`PENDING_MAX`]) and go with the
+/// next batch; at close, what is queued gets written, or counted as lost.
+async fn write_ledger(
+    shared: Arc<Shared>,
+    mut queue: mpsc::Receiver<LedgerEntry>,
+    dropped: Arc<AtomicU64>,
+    closing: tokio_util::sync::CancellationToken,
+) {
+    let mut pending: VecDeque<LedgerEntry> = VecDeque::new();
+    loop {
+        let closed = gather(&mut queue, &mut pending, &closing).await;
+        let mut written = write_pending(&shared, &mut pending).await;
+        if closed {
+            if !written {
+                // One more try: the store may have been slow only once.
+                written = write_pending(&shared, &mut pending).await;
+            }
+            if !written {
+                dropped.fetch_add(pending.len() as u64, Ordering::Relaxed);
+            }
+            return;
+        }
+        while pending.len() > PENDING_MAX {
+            pending.pop_front();
+            dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        if !written {
+            tokio::select! {
+                () = tokio::time::sleep(PROBE_INTERVAL) => {}
+                () = closing.cancelled() => {}
+            }
+        }
+    }
+}
+
+/// Waits for an entry (unless some are pending), then gathers what arrives
+/// within [`BATCH_WINDOW`]; true once the ledger is closing.
+async fn gather(
+    queue: &mut mpsc::Receiver<LedgerEntry>,
+    pending: &mut VecDeque<LedgerEntry>,
+    closing: &tokio_util::sync::CancellationToken,
+) -> bool {
+    let mut closed = false;
+    if pending.is_empty() {
+        tokio::select! {
+            entry = queue.recv() => match entry {
+                Some(entry) => pending.push_back(entry),
+                None => closed = true,
+            },
+            () = closing.cancelled() => closed = true,
+        }
+    }
+    let deadline = tokio::time::sleep(BATCH_WINDOW);
+    tokio::pin!(deadline);
+    while !closed && pending.len() < BATCH_MAX {
+        tokio::select! {
+            entry = queue.recv() => match entry {
+                Some(entry) => pending.push_back(entry),
+                None => closed = true,
+            },
+            () = &mut deadline => break,
+            () = closing.cancelled() => closed = true,
+        }
+    }
+    if closed || closing.is_cancelled() {
+        while let Ok(entry) = queue.try_recv() {
+            pending.push_back(entry);
+        }
+        return true;
+    }
+    false
+}
+
+/// Writes the pending entries, a pipeline of at most [`BATCH_MAX`] at a
+/// time; true when none is left.
+async fn write_pending(shared: &Arc<Shared>, pending: &mut VecDeque<LedgerEntry>) -> bool {
+    while !pending.is_empty() {
+        let count = pending.len().min(BATCH_MAX);
+        let oldest = LedgerEntry::now_ms() - LEDGER_RETENTION_MS;
+        let mut pipe = redis::pipe();
+        for entry in pending.iter().take(count) {
+            let Ok(text) = serde_json::to_string(entry) else {
+                continue;
+            };
+            pipe.cmd("XADD")
+                .arg(LEDGER_STREAM)
+                .arg("MINID")
+                .arg("~")
+                .arg(oldest)
+                .arg("*")
+                .arg("e")
+                .arg(text)
+                .ignore();
+        }
+        let mut connection = shared.connection.clone();
+        let run = pipe.query_async::<()>(&mut connection);
+        match tokio::time::timeout(STORE_WAIT * 4, run).await {
+            Ok(Ok(())) => {
+                pending.drain(..count);
+            }
+            Ok(Err(e)) => {
+                shared.mark_down(e.to_string());
+                return false;
+            }
+            Err(_) => {
+                shared.mark_down("a usage ledger write timed out".to_owned());
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Totals of the ledger stream at `url` since `since_ms`, for
+/// `passage-relay usage`.
+pub async fn read_totals(
+    url: &str,
+    since_ms: i64,
+    grouping: Grouping,
+) -> Result<Vec<UsageRow>, String> {
+    let client = client_for(url).map_err(|e| e.to_string())?;
+    let connect = client.get_multiplexed_async_connection();
+    let mut connection = match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e)) => return Err(format!("cannot reach the state store: {e}")),
+        Err(_) => return Err("cannot reach the state store: no answer within 5 s".to_owned()),
+    };
+    let mut entries = Vec::new();
+    let mut from = format!("{since_ms}-0");
+    loop {
+        let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(LEDGER_STREAM)
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut connection)
+            .await
+            .map_err(|e| format!("reading {LEDGER_STREAM}: {e}"))?;
+        let Some(last) = page.ids.last().map(|id| id.id.clone()) else {
+            break;
+        };
+        entries.extend(page.ids.iter().filter_map(|id| {
+            id.get::<String>("e")
+                .and_then(|text| serde_json::from_str::<LedgerEntry>(&text).ok())
+        }));
+        // The next page starts just after this one's last id.
+        from = format!("({last}");
+    }
+    Ok(totals(&entries, grouping))
+}
