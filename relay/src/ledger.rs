@@ -43,8 +43,8 @@ pub struct LedgerEntry {
     pub path: String,
     /// The status the app got (0: none, the app went away first).
     pub status: u16,
-    /// How it ended: complete, refused, client_gone, upstream_broke_off,
-    /// closed_by_policy.
+    /// How it ended: complete, cache_hit, refused, client_gone,
+    /// upstream_broke_off, closed_by_policy.
     pub outcome: String,
     /// Input (prompt) tokens the upstream reported.
     pub input_tokens: u64,
@@ -298,7 +298,7 @@ pub fn read_totals(
     };
     let query = format!(
         "SELECT {key} AS key, COUNT(*),
-             SUM(CASE WHEN status >= 400 OR outcome != 'complete' THEN 1 ELSE 0 END),
+             SUM(CASE WHEN status >= 400 OR outcome NOT IN ('complete', 'cache_hit') THEN 1 ELSE 0 END),
              SUM(input_tokens), SUM(output_tokens), SUM(bytes_in), SUM(bytes_out),
              SUM(duration_us)
          FROM requests WHERE at_ms >= ?1 GROUP BY key ORDER BY key"

@@ -5,6 +5,7 @@
 //! request, [`upstream`] is the HTTP client for the configured upstream, and
 //! [`pki_cmd`] implements `init`, `issue`, `revoke` and `list`.
 
+pub mod answer_cache;
 pub mod body_prefix;
 pub mod keys;
 pub mod ledger;
@@ -66,6 +67,9 @@ pub struct RelayConfig {
     pub connect_timeout: Duration,
     /// Speak only HTTP/2 to the upstream (h2 prior knowledge on http://).
     pub upstream_http2: bool,
+    /// Requests one upstream HTTP/2 connection carries at once before
+    /// another opens.
+    pub upstream_streams_per_connection: u32,
     /// Longest upstream silence before the response head or between chunks.
     pub idle_read_timeout: Duration,
     /// Longest wait for a request head on a new stream.
@@ -104,6 +108,7 @@ impl RelayConfig {
             api_keys: Vec::new(),
             connect_timeout: Duration::from_secs(10),
             upstream_http2: false,
+            upstream_streams_per_connection: crate::upstream::DEFAULT_STREAMS_PER_CONNECTION,
             idle_read_timeout: Duration::from_secs(600),
             head_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
@@ -123,6 +128,7 @@ impl RelayConfig {
                     data_dir: pki_dir.clone(),
                 },
                 fail: FailMode::Open,
+                cache_bytes: crate::state::DEFAULT_CACHE_BYTES,
             },
         }
     }
@@ -238,6 +244,7 @@ impl Relay {
             &config.api_keys,
             config.connect_timeout,
             config.upstream_http2,
+            config.upstream_streams_per_connection,
         )?;
         let state = crate::state::open(&config.state)?;
         let metrics = match config.metrics {

@@ -126,6 +126,11 @@ enum Command {
         /// offer h2. One connection then carries every stream.
         #[arg(long)]
         upstream_http2: bool,
+        /// Requests one upstream HTTP/2 connection carries at once; more
+        /// open another connection rather than queue (servers allow 100 or
+        /// more).
+        #[arg(long, default_value_t = passage_relay::upstream::DEFAULT_STREAMS_PER_CONNECTION, value_parser = clap::value_parser!(u32).range(1..))]
+        upstream_streams_per_connection: u32,
         /// Seconds to wait for a TCP connection to the upstream.
         #[arg(long, default_value_t = 10)]
         connect_timeout: u64,
@@ -162,6 +167,10 @@ enum Command {
         /// with 503 state_unavailable.
         #[arg(long, value_enum, default_value_t = FailMode::Open)]
         state_fail: FailMode,
+        /// MiB the response cache may hold (in memory, or in the --state
+        /// Redis); clients use it only where their rules say `cache`.
+        #[arg(long, default_value_t = 256)]
+        cache_mib: u64,
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -258,8 +267,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_body_mib,
             max_streams_per_connection,
             upstream_http2,
+            upstream_streams_per_connection,
             store,
             state_fail,
+            cache_mib,
             common,
         } => {
             passage_shared::process::init_logging();
@@ -273,6 +284,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                 },
                 fail: state_fail,
+                cache_bytes: cache_mib.saturating_mul(1024 * 1024),
             };
             config.listen_tcp = match (no_tcp, listen_tcp) {
                 (true, _) => TcpListen::Off,
@@ -285,6 +297,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<_>>()?;
             config.connect_timeout = Duration::from_secs(connect_timeout);
             config.upstream_http2 = upstream_http2;
+            config.upstream_streams_per_connection = upstream_streams_per_connection;
             config.idle_read_timeout = Duration::from_secs(idle_timeout);
             anyhow::ensure!(status_interval > 0, "--status-interval must be at least 1");
             config.status_interval = Duration::from_secs(status_interval);

@@ -30,6 +30,38 @@ pub struct ClientRules {
     pub tokens_per_minute: Option<u64>,
     /// Tokens per rolling 24 hours.
     pub tokens_per_day: Option<u64>,
+    /// The response cache: `true` (every cacheable request unless it says
+    /// `x-passage-cache: skip`) or `"opt-in"` (only those that say `use`);
+    /// unset or `false`: off.
+    pub cache: Option<CacheSetting>,
+    /// Seconds an answer stays in the cache (default 3600).
+    pub cache_ttl_seconds: Option<NonZeroU32>,
+    /// Largest answer kept, in KiB (default 1024).
+    pub cache_max_entry_kib: Option<NonZeroU32>,
+    /// Clients naming the same scope share cached answers (default: each
+    /// client its own).
+    pub cache_scope: Option<String>,
+}
+
+/// The `cache` rule as written: a switch, or the word `opt-in`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum CacheSetting {
+    /// `true`: on for every cacheable request; `false`: off.
+    Switch(bool),
+    /// `"opt-in"`: only for requests that ask with `x-passage-cache: use`.
+    Word(String),
+}
+
+/// When a client's requests use the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheUse {
+    /// Never.
+    Off,
+    /// Unless the request says `skip`.
+    Default,
+    /// Only when the request says `use`.
+    OptIn,
 }
 
 /// The policy tables of a config file.
@@ -154,7 +186,31 @@ fn check_rules(table: &str, rules: &ClientRules) -> Result<(), PolicyError> {
     if rules.tokens_per_day == Some(0) {
         return Err(refuse("tokens_per_day", "must be at least 1"));
     }
+    if let Some(CacheSetting::Word(word)) = &rules.cache
+        && word != "opt-in"
+    {
+        return Err(refuse("cache", "must be true, false or \"opt-in\""));
+    }
+    if let Some(scope) = &rules.cache_scope
+        && !passage_shared::pki::is_valid_client_name(scope)
+    {
+        return Err(refuse(
+            "cache_scope",
+            "must be a name (letters, digits, '.', '_', '-')",
+        ));
+    }
     Ok(())
+}
+
+impl ClientRules {
+    /// When the client's requests use the cache.
+    pub fn cache_use(&self) -> CacheUse {
+        match &self.cache {
+            Some(CacheSetting::Switch(true)) => CacheUse::Default,
+            Some(CacheSetting::Word(_)) => CacheUse::OptIn,
+            _ => CacheUse::Off,
+        }
+    }
 }
 
 impl Applied {

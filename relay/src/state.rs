@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use passage_shared::error_body::ApiError;
 
+use crate::answer_cache::{CacheKey, CachedAnswer, MemoryCache};
 use crate::ledger::{LedgerEntry, LedgerError, SqliteLedger};
 use crate::limits::{Limits, LocalAdmission};
 use crate::policy::Applied;
@@ -51,7 +52,12 @@ pub struct StateConfig {
     pub backend: Backend,
     /// What happens while a shared backend is unreachable.
     pub fail: FailMode,
+    /// Most bytes the response cache holds (0: no cache).
+    pub cache_bytes: u64,
 }
+
+/// The response cache's default size: 256 MiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// A request admitted under its client's limits: holds its concurrency
 /// slot until settled or dropped.
@@ -96,6 +102,14 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     /// Puts a finished request in the usage ledger; never waits.
     fn record(&self, entry: LedgerEntry);
 
+    /// The answer cached under `key`, if any; a store that is down or slow
+    /// counts as a miss.
+    fn cache_get<'a>(&'a self, key: &'a CacheKey) -> BoxFuture<'a, Option<Arc<CachedAnswer>>>;
+
+    /// Keeps `answer` under `key` for its time to live (within
+    /// [`STORE_WAIT`]; a store that is down or slow keeps nothing).
+    fn cache_put(&self, key: CacheKey, answer: CachedAnswer) -> BoxFuture<'_, ()>;
+
     /// Writes out everything queued; called once, when the relay stops.
     fn close(&self) -> BoxFuture<'_, ()>;
 
@@ -122,10 +136,13 @@ pub struct StoreCounts {
 /// connects to Redis (which need not be up yet: it is retried).
 pub fn open(config: &StateConfig) -> Result<Arc<dyn StateStore>, StateError> {
     match &config.backend {
-        Backend::Embedded { data_dir } => Ok(Arc::new(Embedded::open(data_dir)?)),
+        Backend::Embedded { data_dir } => {
+            Ok(Arc::new(Embedded::open(data_dir, config.cache_bytes)?))
+        }
         Backend::Redis { url } => Ok(Arc::new(crate::state_redis::RedisState::open(
             url,
             config.fail,
+            config.cache_bytes,
         )?)),
     }
 }
@@ -154,11 +171,13 @@ pub enum StateError {
 pub struct Embedded {
     limits: Limits,
     ledger: Arc<SqliteLedger>,
+    cache: MemoryCache,
 }
 
 impl Embedded {
-    /// Opens the ledger in `data_dir` (made if missing, mode 0700).
-    pub fn open(data_dir: &std::path::Path) -> Result<Embedded, StateError> {
+    /// Opens the ledger in `data_dir` (made if missing, mode 0700), with a
+    /// cache of at most `cache_bytes`.
+    pub fn open(data_dir: &std::path::Path, cache_bytes: u64) -> Result<Embedded, StateError> {
         make_private_dir(data_dir)?;
         let ledger = Arc::new(SqliteLedger::open(
             &data_dir.join(crate::ledger::LEDGER_FILE),
@@ -166,6 +185,7 @@ impl Embedded {
         Ok(Embedded {
             limits: Limits::default(),
             ledger,
+            cache: MemoryCache::new(cache_bytes),
         })
     }
 }
@@ -195,6 +215,15 @@ impl StateStore for Embedded {
 
     fn record(&self, entry: LedgerEntry) {
         self.ledger.record(entry);
+    }
+
+    fn cache_get<'a>(&'a self, key: &'a CacheKey) -> BoxFuture<'a, Option<Arc<CachedAnswer>>> {
+        Box::pin(std::future::ready(self.cache.get(key)))
+    }
+
+    fn cache_put(&self, key: CacheKey, answer: CachedAnswer) -> BoxFuture<'_, ()> {
+        self.cache.put(key, answer);
+        Box::pin(std::future::ready(()))
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

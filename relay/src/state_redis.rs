@@ -28,6 +28,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::answer_cache::{CacheKey, CachedAnswer};
 use crate::ledger::{BATCH_WINDOW, LedgerEntry};
 use crate::limits::{Limits, too_many};
 use crate::policy::Applied;
@@ -151,6 +152,50 @@ end
 return 1
 ";
 
+/// Keeps a cache entry under a size cap. KEYS: the entry, the index of
+/// entries by expiry (ms), their sizes, the total. ARGV: the value, its
+/// time to live in ms, its size, the cap in bytes. Expired entries leave
+/// the count first; then, while over the cap, the entries due to expire
+/// soonest go.
+const CACHE_PUT_LUA: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local function forget(member)
+  local size = tonumber(redis.call('HGET', KEYS[3], member) or '0')
+  redis.call('HDEL', KEYS[3], member)
+  redis.call('ZREM', KEYS[2], member)
+  redis.call('DECRBY', KEYS[4], size)
+end
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  forget(member)
+end
+if redis.call('ZSCORE', KEYS[2], KEYS[1]) then forget(KEYS[1]) end
+local ttl, size, cap = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if size > cap then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+redis.call('ZADD', KEYS[2], now + ttl, KEYS[1])
+redis.call('HSET', KEYS[3], KEYS[1], size)
+local total = redis.call('INCRBY', KEYS[4], size)
+while total > cap do
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  if not oldest then break end
+  redis.call('DEL', oldest)
+  forget(oldest)
+  total = tonumber(redis.call('GET', KEYS[4]) or '0')
+end
+return 1
+";
+
+/// The cache's keys, all under one hash tag.
+fn cache_keys(key: &CacheKey) -> [String; 4] {
+    [
+        format!("passage:{{cache}}:{}", key.hex()),
+        "passage:{cache}:index".to_owned(),
+        "passage:{cache}:sizes".to_owned(),
+        "passage:{cache}:total".to_owned(),
+    ]
+}
+
 /// The keys of one client's counts, all under one hash tag (one slot in
 /// a Redis cluster).
 fn client_keys(client: &str) -> [String; 7] {
@@ -173,6 +218,9 @@ struct Shared {
     connection: ConnectionManager,
     admit: redis::Script,
     settle: redis::Script,
+    cache_put: redis::Script,
+    /// Most bytes the cache may hold in Redis.
+    cache_bytes: u64,
     fail: FailMode,
     /// Counts used while the store is down (fail-open).
     local: Limits,
@@ -411,12 +459,14 @@ fn connection_for(client: redis::Client) -> Result<ConnectionManager, StateError
 impl RedisState {
     /// Sets up the store at `url`; it is connected on first use and again
     /// whenever it was lost.
-    pub fn open(url: &str, fail: FailMode) -> Result<RedisState, StateError> {
+    pub fn open(url: &str, fail: FailMode, cache_bytes: u64) -> Result<RedisState, StateError> {
         let connection = connection_for(client_for(url)?)?;
         let shared = Arc::new(Shared {
             connection,
             admit: redis::Script::new(&format!("{WINDOW_LUA}{ADMIT_LUA}")),
             settle: redis::Script::new(&format!("{WINDOW_LUA}{SETTLE_LUA}")),
+            cache_put: redis::Script::new(CACHE_PUT_LUA),
+            cache_bytes,
             fail,
             local: Limits::default(),
             reachability: Mutex::new(Reachability::default()),
@@ -566,6 +616,67 @@ impl StateStore for RedisState {
         if self.ledger.try_send(entry).is_err() {
             self.ledger_dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    fn cache_get<'a>(&'a self, key: &'a CacheKey) -> BoxFuture<'a, Option<Arc<CachedAnswer>>> {
+        Box::pin(async move {
+            if self.shared.is_down.load(Ordering::Acquire) || self.shared.cache_bytes == 0 {
+                return None;
+            }
+            let mut connection = self.shared.connection.clone();
+            let command = redis::cmd("GET").arg(&cache_keys(key)[0]).clone();
+            let run = command.query_async::<Option<Vec<u8>>>(&mut connection);
+            let value = match tokio::time::timeout(STORE_WAIT, run).await {
+                Ok(Ok(value)) => value?,
+                Ok(Err(e)) => {
+                    self.shared.mark_down(e.to_string());
+                    return None;
+                }
+                Err(_) => {
+                    self.shared
+                        .mark_down(format!("no answer within {} ms", STORE_WAIT.as_millis()));
+                    return None;
+                }
+            };
+            let (answer, _) = bincode::serde::decode_from_slice::<CachedAnswer, _>(
+                &value,
+                bincode::config::standard(),
+            )
+            .ok()?;
+            Some(Arc::new(answer))
+        })
+    }
+
+    fn cache_put(&self, key: CacheKey, answer: CachedAnswer) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            if shared.is_down.load(Ordering::Acquire) || shared.cache_bytes == 0 {
+                return;
+            }
+            let Ok(value) = bincode::serde::encode_to_vec(&answer, bincode::config::standard())
+            else {
+                return;
+            };
+            let ttl_ms = u64::try_from(answer.ttl.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            let mut invocation = shared.cache_put.prepare_invoke();
+            for name in cache_keys(&key) {
+                invocation.key(name);
+            }
+            invocation
+                .arg(value.as_slice())
+                .arg(ttl_ms)
+                .arg(value.len())
+                .arg(shared.cache_bytes);
+            let mut connection = shared.connection.clone();
+            let run = invocation.invoke_async::<i64>(&mut connection);
+            match tokio::time::timeout(STORE_WAIT, run).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => shared.mark_down(e.to_string()),
+                Err(_) => shared.mark_down("a cache write timed out".to_owned()),
+            }
+        })
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

@@ -34,10 +34,11 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::answer_cache::{CACHE_HEADER, CacheFill, CacheKey, CachedAnswer, MAX_CACHED_BODY};
 use crate::body_prefix::{PREFIX_BUDGET, PrefixBudget, read_prefix, reservation};
 use crate::ledger::LedgerEntry;
 use crate::metrics::{RelayMetrics, RequestFigures};
-use crate::policy::{Applied, Policy};
+use crate::policy::{Applied, CacheUse, Policy};
 use crate::request_model::{BodyKind, MultipartScanner, json_model};
 use crate::state::{Admission, StateStore};
 use crate::upstream::{UpstreamBody, UpstreamClient};
@@ -121,6 +122,14 @@ pub(crate) struct RequestRecord {
     charged: bool,
     /// An unrestricted client's JSON body, for its model.
     json_copy: Option<Arc<std::sync::Mutex<JsonCopy>>>,
+    /// Where a cache miss's answer will be kept, until its head arrives.
+    cache_plan: Option<CachePending>,
+    /// A cache miss's 200 answer, collected as it passes.
+    cache_fill: Option<CacheFill>,
+    /// Whether the answer came from the cache.
+    cache_hit: bool,
+    /// The request's place on an upstream connection, until it ends.
+    upstream_slot: Option<crate::upstream::LaneSlot>,
     /// Why an inspector aborted the request body, if one did.
     body_refusal: Arc<std::sync::Mutex<Option<ApiError>>>,
 }
@@ -312,14 +321,18 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
                 usage: record.usage,
             });
         }
-        log_request(&outcome, status, &record, model.as_deref(), duration, error.as_deref());
+        let ended = match outcome {
+            Outcome::Complete if record.cache_hit => "cache_hit",
+            _ => outcome.name(),
+        };
+        log_request(ended, status, &record, model.as_deref(), duration, error.as_deref());
         ctx.state.record(LedgerEntry {
             at_ms: LedgerEntry::now_ms(),
             client: client.to_string(),
             model,
             path,
             status,
-            outcome: outcome.name().to_owned(),
+            outcome: ended.to_owned(),
             input_tokens: record.usage.map_or(0, |u| u.prompt_tokens),
             output_tokens: record.usage.map_or(0, |u| u.completion_tokens),
             bytes_in,
@@ -338,7 +351,7 @@ fn millis(duration: Duration) -> f64 {
 
 /// The one usage line of a request: never a key, a header or a body.
 fn log_request(
-    outcome: &Outcome,
+    ended: &str,
     status: u16,
     record: &RequestRecord,
     model: Option<&str>,
@@ -352,7 +365,6 @@ fn log_request(
     let prompt_tokens = record.usage.map(|u| u.prompt_tokens);
     let completion_tokens = record.usage.map(|u| u.completion_tokens);
     let bytes_out = record.bytes_out;
-    let ended = outcome.name();
     // Info for every outcome: this is the accounting record; `ended` and
     // `error` tell the failures apart.
     info!(
@@ -507,6 +519,13 @@ async fn serve(
         ))
         .await;
     }
+    if let Some(plan) = cache_plan(&mut head, path, &applied, client) {
+        // Boxed, like sessions: most requests never take this path.
+        return Box::pin(serve_cacheable(
+            head, plan, frames, responder, ctx, client, &applied, record, started,
+        ))
+        .await;
+    }
     let body = if head.has_body {
         match request_body(&head, frames, ctx, client, &applied, record).await {
             Ok(body) => body,
@@ -541,6 +560,198 @@ fn check_path_form(path: &str, has_path_rules: bool) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// Where and for how long a request's answer is cached.
+#[derive(Debug)]
+struct CachePlan {
+    scope: String,
+    ttl: Duration,
+    max_entry: usize,
+}
+
+/// A cache miss's key and limits, until the answer's head is known.
+#[derive(Debug)]
+struct CachePending {
+    key: CacheKey,
+    ttl: Duration,
+    max_entry: usize,
+}
+
+/// Whether this request uses the cache, by the client's rules and its
+/// `x-passage-cache` header (which never goes upstream): a repeatable
+/// endpoint, and a JSON body of a declared length under the limit.
+fn cache_plan(
+    head: &mut RequestHead,
+    path: &str,
+    applied: &Applied,
+    client: &str,
+) -> Option<CachePlan> {
+    let asked = head
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(CACHE_HEADER))
+        .map(|h| h.value.to_ascii_lowercase());
+    if asked.is_some() {
+        head.headers
+            .retain(|h| !h.name.eq_ignore_ascii_case(CACHE_HEADER));
+    }
+    let rules = &applied.rules;
+    let wanted = match rules.cache_use() {
+        CacheUse::Off => false,
+        CacheUse::Default => asked.as_deref() != Some(b"skip".as_slice()),
+        CacheUse::OptIn => asked.as_deref() == Some(b"use".as_slice()),
+    };
+    if !wanted || !crate::answer_cache::cacheable(&head.method, path) {
+        return None;
+    }
+    if head.has_body {
+        let small = declared_length(head).is_some_and(|length| length <= MAX_CACHED_BODY);
+        if !small || BodyKind::of(content_type(head)) != BodyKind::Json {
+            return None;
+        }
+    }
+    Some(CachePlan {
+        scope: rules
+            .cache_scope
+            .clone()
+            .unwrap_or_else(|| client.to_owned()),
+        ttl: rules
+            .cache_ttl_seconds
+            .map_or(crate::answer_cache::DEFAULT_TTL, |s| {
+                Duration::from_secs(u64::from(s.get()))
+            }),
+        max_entry: rules
+            .cache_max_entry_kib
+            .map_or(crate::answer_cache::DEFAULT_MAX_ENTRY, |kib| {
+                kib.get() as usize * 1024
+            }),
+    })
+}
+
+/// A request that uses the cache: its whole body is read (it is small),
+/// then the answer comes from the cache, or from the upstream and is kept.
+#[allow(clippy::too_many_arguments)]
+async fn serve_cacheable(
+    head: RequestHead,
+    plan: CachePlan,
+    mut frames: FramedRead<BoxRecv, FrameCodec>,
+    responder: &mut Responder,
+    ctx: &StreamContext,
+    client: &Arc<str>,
+    applied: &Applied,
+    record: &mut RequestRecord,
+    started: Instant,
+) -> Outcome {
+    let refuse = |error: ApiError| {
+        if let Some(metrics) = &ctx.metrics {
+            metrics.refused(client, error.code);
+        }
+        Outcome::Refused(error)
+    };
+    let mut held = None;
+    let body = if head.has_body {
+        // `cache_plan` saw a declared length of at most 1 MiB.
+        let length = declared_length(&head).unwrap_or(0) as usize;
+        match ctx
+            .prefix_budget
+            .reserve(client, length, ctx.head_timeout)
+            .await
+        {
+            Ok(reserved) => held = Some(reserved),
+            Err(error) => return refuse(error),
+        }
+        let prefix = match read_prefix(&mut frames, length, ctx.head_timeout, |_| Ok(false)).await {
+            Ok(prefix) => prefix,
+            Err(error) => return refuse(error),
+        };
+        if !prefix.ended || prefix.bytes.len() != length {
+            return refuse(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "request_body_failed",
+                format!("the request body does not match its Content-Length ({length} bytes)"),
+            ));
+        }
+        prefix.bytes.freeze()
+    } else {
+        Bytes::new()
+    };
+    record.bytes_in.store(body.len() as u64, Ordering::Relaxed);
+    if !body.is_empty() {
+        record.model = json_model(&body);
+    }
+    if applied.restricts_models()
+        && let Err(error) = applied.check_model(client, record.model.as_deref())
+    {
+        return refuse(error);
+    }
+    let key = crate::answer_cache::key(
+        &plan.scope,
+        &head.method,
+        &head.path_and_query,
+        &head.headers,
+        &body,
+    );
+    if let Some(answer) = ctx.state.cache_get(&key).await {
+        record.cache_hit = true;
+        record.status = answer.status;
+        record.ttfb = Some(started.elapsed());
+        record.bytes_out = answer.pieces.iter().map(|p| p.len() as u64).sum();
+        return replay(responder, &answer).await;
+    }
+    record.cache_plan = Some(CachePending {
+        key,
+        ttl: plan.ttl,
+        max_entry: plan.max_entry,
+    });
+    let upstream_body = if head.has_body {
+        let mut resumed = FrameBody::resume(frames, vec![body], true);
+        if let Some(held) = held {
+            resumed = resumed.hold_until_prefix_sent(PrefixHold(Box::new(held)));
+        }
+        Either::Right(resumed)
+    } else {
+        Either::Left(Empty::<Bytes>::new())
+    };
+    proxy(head, upstream_body, responder, ctx, record, started).await
+}
+
+/// Sends a cached answer: its head (marked a hit), each piece as a frame
+/// (an SSE event each, as they first came), and the end.
+async fn replay(responder: &mut Responder, answer: &CachedAnswer) -> Outcome {
+    let mut headers = answer.headers.clone();
+    let sse = headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("content-type") && h.value.starts_with(b"text/event-stream")
+    });
+    if !sse {
+        let length: usize = answer.pieces.iter().map(Bytes::len).sum();
+        headers.push(Header {
+            name: "content-length".into(),
+            value: Bytes::from(length.to_string()),
+        });
+    }
+    headers.push(Header {
+        name: CACHE_HEADER.into(),
+        value: Bytes::from_static(b"hit"),
+    });
+    let head = Frame::ResponseHead(ResponseHead {
+        status: answer.status,
+        headers,
+    });
+    let pieces = answer
+        .pieces
+        .iter()
+        .filter(|piece| !piece.is_empty())
+        .map(|piece| Frame::Data(piece.clone()));
+    for frame in std::iter::once(head).chain(pieces).chain([Frame::End]) {
+        if responder.feed(frame).await.is_err() {
+            return Outcome::ClientGone;
+        }
+    }
+    match responder.flush().await {
+        Ok(()) => Outcome::Complete,
+        Err(_) => Outcome::ClientGone,
+    }
 }
 
 /// The upstream body of a request that has one, after the body checks:
@@ -723,7 +934,10 @@ async fn proxy(
     };
     let response =
         match tokio::time::timeout(ctx.idle_read_timeout, ctx.upstream.send(request)).await {
-            Ok(Ok(response)) => response,
+            Ok(Ok((response, slot))) => {
+                record.upstream_slot = Some(slot);
+                response
+            }
             Ok(Err(_)) if record.bytes_in.load(Ordering::Relaxed) > ctx.max_body => {
                 // The body crossed the limit and aborted the request.
                 return Outcome::Refused(too_large(ctx.max_body));
@@ -770,10 +984,22 @@ async fn proxy(
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
     ));
-    let head = Frame::ResponseHead(ResponseHead {
-        status,
-        headers: headers_to_wire(&parts.headers),
-    });
+    let mut headers = headers_to_wire(&parts.headers);
+    if let Some(pending) = record.cache_plan.take() {
+        headers.push(Header {
+            name: CACHE_HEADER.into(),
+            value: Bytes::from_static(b"miss"),
+        });
+        if status == 200 {
+            record.cache_fill = Some(CacheFill::new(
+                pending.key,
+                pending.ttl,
+                pending.max_entry,
+                &headers,
+            ));
+        }
+    }
+    let head = Frame::ResponseHead(ResponseHead { status, headers });
     let mut batch = BytesMut::new();
     if let Err(e) = encode_frame(&head, &mut batch) {
         return Outcome::Refused(ApiError::new(
@@ -789,17 +1015,22 @@ async fn proxy(
         // when it fits). One that takes longer is not held back: what came
         // so far leaves now and the rest streams below.
         let mut bytes = 0u64;
+        let fill = &mut record.cache_fill;
         let whole = encode_whole_body(&mut body, &mut batch, |data| {
             bytes += data.len() as u64;
             tap.observe(data);
+            if let Some(fill) = fill {
+                fill.observe(data);
+            }
         });
         match tokio::time::timeout(INLINE_WAIT, whole).await {
             Ok(Ok(())) => {
                 record.ttfb = Some(started.elapsed());
                 record.bytes_out = bytes;
-                // Counted before the app has its answer, so its next
-                // request already meets the new count.
+                // Counted (and kept, if cached) before the app has its
+                // answer, so its next request already meets both.
                 record.charge().await;
+                keep_answer(record, ctx).await;
                 // The whole answer, and the end of the stream with it (over
                 // HTTP/2 in one frame).
                 return match write_last(&mut **responder.get_mut(), &batch).await {
@@ -846,6 +1077,9 @@ async fn proxy(
                 if let Some(tap) = &mut record.tap {
                     tap.observe(&data);
                 }
+                if let Some(fill) = &mut record.cache_fill {
+                    fill.observe(&data);
+                }
                 if send_data(responder, data).await.is_err() {
                     return Outcome::ClientGone;
                 }
@@ -856,11 +1090,23 @@ async fn proxy(
             }
             None => {
                 record.charge().await;
+                keep_answer(record, ctx).await;
                 if responder.send(Frame::End).await.is_err() {
                     return Outcome::ClientGone;
                 }
                 return Outcome::Complete;
             }
+        }
+    }
+}
+
+/// Keeps a cache miss's whole answer, now that it has arrived, before its
+/// end goes to the app: the app's next identical request is a hit.
+async fn keep_answer(record: &mut RequestRecord, ctx: &StreamContext) {
+    if let Some(fill) = record.cache_fill.take() {
+        let key = fill.key;
+        if let Some(answer) = fill.finish() {
+            ctx.state.cache_put(key, answer).await;
         }
     }
 }

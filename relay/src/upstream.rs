@@ -5,7 +5,11 @@
 //! URI) chooses where the relay connects. When the relay holds an API key it
 //! replaces the app's Authorization header, so the key never has to leave
 //! this machine. Connections are pooled (HTTP/2 where the upstream offers
-//! it over TLS, HTTP/1.1 otherwise).
+//! it over TLS, HTTP/1.1 otherwise). An HTTP/2 connection carries only as
+//! many streams as its server allows at once (often 100 to 256) and queues
+//! the rest, so requests are spread over lanes, each a pool of its own: a
+//! new lane (a new connection) opens when every lane has
+//! `streams_per_connection` requests in flight.
 
 use std::time::Duration;
 
@@ -229,12 +233,118 @@ pub fn upstream_request<B>(
     Ok(request)
 }
 
+/// The HTTP client of one lane.
+type LaneClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>;
+
+/// Most lanes (so upstream HTTP/2 connections) the relay opens.
+const MAX_LANES: usize = 256;
+/// Requests in flight on one lane before another opens, by default: the
+/// least a server should allow on an HTTP/2 connection (RFC 9113, 6.5.2).
+pub const DEFAULT_STREAMS_PER_CONNECTION: u32 = 100;
+
+/// One pool of upstream connections, and what it carries now.
+#[derive(Debug)]
+struct Lane {
+    client: LaneClient,
+    in_flight: std::sync::atomic::AtomicU32,
+}
+
+/// A request's place on its lane, held until its response has ended.
+#[derive(Debug)]
+pub struct LaneSlot(std::sync::Arc<Lane>);
+
+impl Drop for LaneSlot {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The lanes, and how to open another.
+struct Lanes {
+    lanes: std::sync::RwLock<Vec<std::sync::Arc<Lane>>>,
+    builder: hyper_util::client::legacy::Builder,
+    connector: hyper_rustls::HttpsConnector<HttpConnector>,
+    per_lane: u32,
+}
+
+impl std::fmt::Debug for Lanes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lanes")
+            .field("per_lane", &self.per_lane)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lanes {
+    fn new_lane(&self) -> std::sync::Arc<Lane> {
+        std::sync::Arc::new(Lane {
+            client: self.builder.build(self.connector.clone()),
+            in_flight: std::sync::atomic::AtomicU32::new(0),
+        })
+    }
+
+    /// A place on the first lane with room, opening a lane if none has.
+    fn take(&self) -> LaneSlot {
+        use std::sync::atomic::Ordering;
+        let with_room = |lanes: &[std::sync::Arc<Lane>]| {
+            lanes.iter().find_map(|lane| {
+                lane.in_flight
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < self.per_lane).then_some(n + 1)
+                    })
+                    .ok()
+                    .map(|_| LaneSlot(lane.clone()))
+            })
+        };
+        {
+            let lanes = self
+                .lanes
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(slot) = with_room(&lanes) {
+                return slot;
+            }
+        }
+        let mut lanes = self
+            .lanes
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(slot) = with_room(&lanes) {
+            return slot;
+        }
+        let lane = if lanes.len() < MAX_LANES {
+            let lane = self.new_lane();
+            lanes.push(lane.clone());
+            lane
+        } else {
+            // Every lane full: the least loaded queues one more.
+            lanes
+                .iter()
+                .min_by_key(|lane| lane.in_flight.load(Ordering::Acquire))
+                .cloned()
+                .unwrap_or_else(|| self.new_lane())
+        };
+        lane.in_flight.fetch_add(1, Ordering::AcqRel);
+        LaneSlot(lane)
+    }
+
+    /// How many lanes are open.
+    fn count(&self) -> usize {
+        self.lanes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+}
+
 /// Pooled HTTP client bound to the configured upstream.
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
     base: UpstreamBase,
     keys: Option<std::sync::Arc<KeyRing>>,
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>,
+    lanes: std::sync::Arc<Lanes>,
     /// HTTP/1.1 only, never pooled: a WebSocket upgrade needs a connection
     /// of its own, which the session then keeps.
     upgrades: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>,
@@ -243,13 +353,15 @@ pub struct UpstreamClient {
 impl UpstreamClient {
     /// Makes the client: webpki roots for https, plain http allowed for
     /// local testing, a bounded connect time. `http2_only` speaks HTTP/2
-    /// only (prior knowledge on http://), so all streams share one
-    /// upstream connection; otherwise https negotiates h2 or HTTP/1.1.
+    /// only (prior knowledge on http://); otherwise https negotiates h2 or
+    /// HTTP/1.1. Over HTTP/2 a connection carries `streams_per_connection`
+    /// requests at once before another opens.
     pub fn new(
         base: UpstreamBase,
         api_keys: &[ApiKey],
         connect_timeout: Duration,
         http2_only: bool,
+        streams_per_connection: u32,
     ) -> Result<UpstreamClient, UpstreamConfigError> {
         let keys = KeyRing::new(api_keys)?.map(std::sync::Arc::new);
         let mut http = HttpConnector::new();
@@ -266,12 +378,18 @@ impl UpstreamClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http.clone());
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .http2_only(http2_only)
-            .build(https);
+            .http2_only(http2_only);
+        let lanes = Lanes {
+            lanes: std::sync::RwLock::new(Vec::new()),
+            builder,
+            connector: https,
+            per_lane: streams_per_connection.max(1),
+        };
         let http1 = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -284,7 +402,7 @@ impl UpstreamClient {
         Ok(UpstreamClient {
             base,
             keys,
-            client,
+            lanes: std::sync::Arc::new(lanes),
             upgrades,
         })
     }
@@ -332,15 +450,26 @@ impl UpstreamClient {
             .map_err(|e| self.send_error(e))
     }
 
-    /// Sends the request and waits for the response head.
+    /// Sends the request on a lane with room and waits for the response
+    /// head; the slot keeps the place until dropped (when the response has
+    /// ended).
     pub async fn send(
         &self,
         request: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, ApiError> {
-        self.client
+    ) -> Result<(Response<Incoming>, LaneSlot), ApiError> {
+        let slot = self.lanes.take();
+        let response = slot
+            .0
+            .client
             .request(request)
             .await
-            .map_err(|e| self.send_error(e))
+            .map_err(|e| self.send_error(e))?;
+        Ok((response, slot))
+    }
+
+    /// How many lanes (upstream connection pools) are open.
+    pub fn lanes(&self) -> usize {
+        self.lanes.count()
     }
 
     /// The API error for a request the upstream did not answer.

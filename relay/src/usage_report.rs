@@ -37,7 +37,8 @@ pub struct UsageRow {
     pub key: String,
     /// Requests that ended in the period.
     pub requests: u64,
-    /// Of those, the ones that did not end complete with a status below 400.
+    /// Of those, the ones that did not end complete (or from the cache)
+    /// with a status below 400.
     pub failed: u64,
     /// Input tokens.
     pub input_tokens: u64,
@@ -55,7 +56,8 @@ impl UsageRow {
     /// Adds one entry to the totals.
     fn add(&mut self, entry: &LedgerEntry) {
         self.requests += 1;
-        self.failed += u64::from(entry.status >= 400 || entry.outcome != "complete");
+        let ended_well = matches!(entry.outcome.as_str(), "complete" | "cache_hit");
+        self.failed += u64::from(entry.status >= 400 || !ended_well);
         self.input_tokens = self.input_tokens.saturating_add(entry.input_tokens);
         self.output_tokens = self.output_tokens.saturating_add(entry.output_tokens);
         self.bytes_in = self.bytes_in.saturating_add(entry.bytes_in);

@@ -15,3 +15,20 @@ pub mod stack;
 /// `#[values(Quic, Tcp)] transport: Transport` argument (rstest), so one
 /// body runs once per transport.
 pub use passage_client::connect::TransportChoice as Transport;
+
+/// Raises this process's open-file limit towards `wanted` (as far as the
+/// hard limit allows); whether it now allows that many.
+pub fn allow_open_files(wanted: u64) -> bool {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    let hard = limit.maximum.unwrap_or(u64::MAX);
+    let soft = limit.current.unwrap_or(u64::MAX);
+    if soft >= wanted {
+        return true;
+    }
+    limit.current = Some(wanted.min(hard));
+    let _ = setrlimit(Resource::Nofile, limit);
+    getrlimit(Resource::Nofile)
+        .current
+        .is_none_or(|now| now >= wanted)
+}

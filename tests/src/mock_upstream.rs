@@ -56,6 +56,8 @@ pub type MockBody = BoxBody<Bytes, std::io::Error>;
 pub struct MockRecord {
     /// Requests received, of any kind.
     pub requests: AtomicUsize,
+    /// Connections accepted.
+    pub connections: AtomicUsize,
     /// Headers of the most recent request.
     pub last_headers: Mutex<Option<http::HeaderMap>>,
     /// Endless streams whose reader went away, with when it happened.
@@ -96,6 +98,16 @@ impl MockUpstream {
 
     /// Starts the mock on `addr`.
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<MockUpstream> {
+        Self::serve(addr, 10_000).await
+    }
+
+    /// Starts the mock on an ephemeral port allowing `streams` concurrent
+    /// streams per HTTP/2 connection, as real servers limit them.
+    pub async fn start_with_stream_limit(streams: u32) -> std::io::Result<MockUpstream> {
+        Self::serve("127.0.0.1:0".parse().expect("literal address"), streams).await
+    }
+
+    async fn serve(addr: SocketAddr, streams: u32) -> std::io::Result<MockUpstream> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let record = Arc::new(MockRecord::default());
@@ -107,13 +119,13 @@ impl MockUpstream {
                 };
                 let _ = stream.set_nodelay(true);
                 let record = task_record.clone();
+                record.connections.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let service =
                         hyper::service::service_fn(move |request| route(request, record.clone()));
                     let mut builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    // Room for the benchmark's thousands of held streams over h2c.
-                    builder.http2().max_concurrent_streams(10_000);
+                    builder.http2().max_concurrent_streams(streams);
                     let _ = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
@@ -274,6 +286,12 @@ async fn chat(request: Request<Incoming>) -> Response<MockBody> {
         );
     };
     let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if parsed["model"] == "mock-error" {
+        return json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"error": {"message": "the mock fails this model", "type": "server_error"}}),
+        );
+    }
     if parsed["stream"].as_bool() == Some(true) {
         // With include_usage, the real API sends one more chunk: no
         // choices, the usage of the whole stream.

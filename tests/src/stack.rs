@@ -276,3 +276,17 @@ pub async fn body_json(response: Response<Incoming>) -> serde_json::Value {
     serde_json::from_slice(&bytes)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)))
 }
+
+/// A chat completion request for `model`; a streaming one asks for its
+/// usage in a last chunk, as the SDKs do with `include_usage`.
+pub fn chat_request(model: &str, stream: bool) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": stream,
+    });
+    if stream {
+        body["stream_options"] = serde_json::json!({"include_usage": true});
+    }
+    body
+}

@@ -10,19 +10,10 @@ use passage_tests::mock_upstream::{MockUpstream, SSE_CHUNKS};
 use passage_tests::relays::{
     LocalClient, RelayLaunch, RelayProcess, TestPki, free_udp_port, relay_program,
 };
-use passage_tests::stack::{after_first_event, read_to_end};
+use passage_tests::stack::{after_first_event, chat_request as chat, read_to_end};
 use rstest::rstest;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn chat(model: &str, stream: bool) -> serde_json::Value {
-    serde_json::json!({
-        "model": model,
-        "messages": [{"role": "user", "content": "hi"}],
-        "stream": stream,
-        "stream_options": if stream { serde_json::json!({"include_usage": true}) } else { serde_json::Value::Null },
-    })
-}
 
 async fn client_for(
     pki: &TestPki,
@@ -422,4 +413,75 @@ async fn with_redis_gone_and_fail_closed_limited_clients_get_503(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_capping_streams_per_connection_gets_more_connections(
+    #[values(Quic, Tcp)] transport: Transport,
+) {
+    const STREAMS: usize = 1000;
+    // Each stream holds a socket on the app side and one on the client's.
+    if !passage_tests::allow_open_files(4 * STREAMS as u64 + 512) {
+        eprintln!(
+            "skipped: the open-file limit is below {}",
+            4 * STREAMS + 512
+        );
+        return;
+    }
+    let upstream = MockUpstream::start_with_stream_limit(100)
+        .await
+        .expect("mock upstream");
+    let pki = TestPki::new();
+    let relay = passage_tests::relays::InProcessRelay::start(
+        &pki,
+        free_udp_port(),
+        &upstream.url(),
+        |config| config.upstream_http2 = true,
+    );
+    let client = client_for(&pki, "many", &[relay.addr], transport).await;
+    let started = std::time::Instant::now();
+    let streams = (0..STREAMS).map(|_| {
+        let request = client.send(http::Method::GET, "/v1/endless", None);
+        async move {
+            let response = request.await.expect("an answer");
+            assert_eq!(response.status(), 200);
+            let mut body = response.into_body();
+            use http_body_util::BodyExt;
+            let first = body.frame().await;
+            assert!(matches!(first, Some(Ok(_))), "{first:?}");
+            let after = started.elapsed();
+            (after, body)
+        }
+    });
+    let answered = futures_util::future::join_all(streams).await;
+    let slowest = answered
+        .iter()
+        .map(|(after, _)| *after)
+        .max()
+        .unwrap_or_default();
+    let connections = upstream
+        .record
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    // Queued behind the first connection's 100, 900 streams would never
+    // start (the endless streams never end). The 1 s is measured
+    // on release builds (passage-bench --only lanes); this debug build of
+    // app, client, relay and upstream in one process gets more room.
+    let limit = if cfg!(debug_assertions) {
+        Duration::from_secs(10)
+    } else {
+        Duration::from_secs(1)
+    };
+    assert!(
+        slowest < limit,
+        "the slowest of {STREAMS} streams had its first byte after {slowest:?} ({connections} upstream connections)"
+    );
+    assert!(
+        connections >= STREAMS / 100,
+        "{connections} upstream connections for {STREAMS} streams at 100 each"
+    );
+    eprintln!(
+        "{STREAMS} streams: slowest first byte {slowest:?}, {connections} upstream connections"
+    );
 }
