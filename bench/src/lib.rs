@@ -22,6 +22,7 @@ pub mod stack;
 pub mod stats;
 pub mod streaming;
 pub mod stunnel;
+pub mod teams;
 pub mod transport;
 pub mod websocket;
 
@@ -32,7 +33,7 @@ use crate::report::Section;
 use crate::stack::{HopChain, Tunnel, TunnelOptions, Upstream};
 
 /// Scenario names, in run order.
-pub const SCENARIOS: [&str; 8] = [
+pub const SCENARIOS: [&str; 9] = [
     "overhead",
     "streaming",
     "bulk",
@@ -41,6 +42,7 @@ pub const SCENARIOS: [&str; 8] = [
     "transport",
     "cost",
     "websocket",
+    "teams",
 ];
 
 /// Sizes and durations of one run.
@@ -168,6 +170,7 @@ pub async fn run(
             "transport" => transport::run(&bench, settings).await,
             "cost" => cost::run(&bench, settings).await,
             "websocket" => websocket::run(&bench, settings).await,
+            "teams" => teams::run(&bench, settings).await,
             other => anyhow::bail!(
                 "unknown scenario {other:?}; known: {}",
                 SCENARIOS.join(", ")

@@ -196,9 +196,19 @@ impl Upstream {
     /// Starts `passage-mock-upstream` inside network namespace `netns`
     /// (its loopback there), or in this one.
     pub async fn start_in(bin_dir: &Path, netns: Option<&str>) -> anyhow::Result<Upstream> {
+        Upstream::start_with(bin_dir, netns, &[]).await
+    }
+
+    /// Starts `passage-mock-upstream` with `args` (e.g. `--h2-streams N`).
+    pub async fn start_with(
+        bin_dir: &Path,
+        netns: Option<&str>,
+        args: &[&str],
+    ) -> anyhow::Result<Upstream> {
         let mut command = command_in(netns, &bin_dir.join("passage-mock-upstream"));
         command
             .args(["--listen", "127.0.0.1:0"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let mut proc = Proc::spawn("the mock upstream", &mut command)?;

@@ -126,9 +126,11 @@ impl RelayConfig {
             state: StateConfig {
                 backend: Backend::Embedded {
                     data_dir: pki_dir.clone(),
+                    required: false,
                 },
                 fail: FailMode::Open,
                 cache_bytes: crate::state::DEFAULT_CACHE_BYTES,
+                ledger: true,
             },
         }
     }

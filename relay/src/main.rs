@@ -171,6 +171,9 @@ enum Command {
         /// Redis); clients use it only where their rules say `cache`.
         #[arg(long, default_value_t = 256)]
         cache_mib: u64,
+        /// Keep no usage ledger (the usage line and metrics stay).
+        #[arg(long)]
+        no_ledger: bool,
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -271,6 +274,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             store,
             state_fail,
             cache_mib,
+            no_ledger,
             common,
         } => {
             passage_shared::process::init_logging();
@@ -280,11 +284,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 backend: match store.state {
                     Some(url) => Backend::Redis { url },
                     None => Backend::Embedded {
+                        required: store.data_dir.is_some(),
                         data_dir: store.data_dir.unwrap_or(pki),
                     },
                 },
                 fail: state_fail,
                 cache_bytes: cache_mib.saturating_mul(1024 * 1024),
+                ledger: !no_ledger,
             };
             config.listen_tcp = match (no_tcp, listen_tcp) {
                 (true, _) => TcpListen::Off,

@@ -37,6 +37,11 @@ pub enum Backend {
     Embedded {
         /// The relay's data directory.
         data_dir: PathBuf,
+        /// Whether the directory was asked for (`--data-dir`): then a
+        /// ledger that cannot be written there stops the start; the
+        /// default directory (the PKI's) may be read-only, and then the
+        /// relay runs without a ledger and says so.
+        required: bool,
     },
     /// Everything in the Redis at this `redis://` or `rediss://` URL.
     Redis {
@@ -54,6 +59,8 @@ pub struct StateConfig {
     pub fail: FailMode,
     /// Most bytes the response cache holds (0: no cache).
     pub cache_bytes: u64,
+    /// Whether finished requests go into the usage ledger.
+    pub ledger: bool,
 }
 
 /// The response cache's default size: 256 MiB.
@@ -74,7 +81,7 @@ impl Admission {
     pub async fn settle(self, tokens: u64) {
         match self {
             Admission::Local(local) => local.record_tokens(tokens),
-            Admission::Shared(shared) => shared.settle(tokens).await,
+            Admission::Shared(shared) => shared.settle(tokens),
         }
     }
 }
@@ -136,13 +143,25 @@ pub struct StoreCounts {
 /// connects to Redis (which need not be up yet: it is retried).
 pub fn open(config: &StateConfig) -> Result<Arc<dyn StateStore>, StateError> {
     match &config.backend {
-        Backend::Embedded { data_dir } => {
-            Ok(Arc::new(Embedded::open(data_dir, config.cache_bytes)?))
+        Backend::Embedded { data_dir, required } => {
+            match Embedded::open(data_dir, config.cache_bytes, config.ledger) {
+                Ok(store) => Ok(Arc::new(store)),
+                Err(e) if !required => {
+                    tracing::warn!(error = %e, "no usage ledger: its default directory (the PKI directory) cannot be written; set --data-dir");
+                    Ok(Arc::new(Embedded::open(
+                        data_dir,
+                        config.cache_bytes,
+                        false,
+                    )?))
+                }
+                Err(e) => Err(e),
+            }
         }
         Backend::Redis { url } => Ok(Arc::new(crate::state_redis::RedisState::open(
             url,
             config.fail,
             config.cache_bytes,
+            config.ledger,
         )?)),
     }
 }
@@ -170,18 +189,26 @@ pub enum StateError {
 #[derive(Debug)]
 pub struct Embedded {
     limits: Limits,
-    ledger: Arc<SqliteLedger>,
+    ledger: Option<Arc<SqliteLedger>>,
     cache: MemoryCache,
 }
 
 impl Embedded {
-    /// Opens the ledger in `data_dir` (made if missing, mode 0700), with a
-    /// cache of at most `cache_bytes`.
-    pub fn open(data_dir: &std::path::Path, cache_bytes: u64) -> Result<Embedded, StateError> {
-        make_private_dir(data_dir)?;
-        let ledger = Arc::new(SqliteLedger::open(
-            &data_dir.join(crate::ledger::LEDGER_FILE),
-        )?);
+    /// Opens the ledger in `data_dir` (made if missing, mode 0700) unless
+    /// `ledger` is off, with a cache of at most `cache_bytes`.
+    pub fn open(
+        data_dir: &std::path::Path,
+        cache_bytes: u64,
+        ledger: bool,
+    ) -> Result<Embedded, StateError> {
+        let ledger = match ledger {
+            true => {
+                make_private_dir(data_dir)?;
+                let file = data_dir.join(crate::ledger::LEDGER_FILE);
+                Some(Arc::new(SqliteLedger::open(&file)?))
+            }
+            false => None,
+        };
         Ok(Embedded {
             limits: Limits::default(),
             ledger,
@@ -214,7 +241,9 @@ impl StateStore for Embedded {
     }
 
     fn record(&self, entry: LedgerEntry) {
-        self.ledger.record(entry);
+        if let Some(ledger) = &self.ledger {
+            ledger.record(entry);
+        }
     }
 
     fn cache_get<'a>(&'a self, key: &'a CacheKey) -> BoxFuture<'a, Option<Arc<CachedAnswer>>> {
@@ -230,8 +259,9 @@ impl StateStore for Embedded {
         Box::pin(async move {
             // The writer commits on its own thread; wait for it off the
             // runtime's threads.
-            let ledger = self.ledger.clone();
-            let _ = tokio::task::spawn_blocking(move || ledger.close()).await;
+            if let Some(ledger) = self.ledger.clone() {
+                let _ = tokio::task::spawn_blocking(move || ledger.close()).await;
+            }
         })
     }
 
@@ -246,7 +276,7 @@ impl StateStore for Embedded {
     fn counts(&self) -> StoreCounts {
         StoreCounts {
             failures: 0,
-            ledger_dropped: self.ledger.dropped(),
+            ledger_dropped: self.ledger.as_ref().map_or(0, |l| l.dropped()),
         }
     }
 }

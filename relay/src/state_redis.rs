@@ -78,19 +78,22 @@ end
 local function add(list, total, now, bucket, window, n)
   local start = now - now % bucket
   local last = redis.call('LINDEX', list, -1)
+  local joins = false
   if last then
     local last_start, count = parse(last)
     if last_start >= start then
       redis.call('LSET', list, -1, last_start .. ':' .. (count + n))
-    else
-      redis.call('RPUSH', list, start .. ':' .. n)
+      joins = true
     end
-  else
-    redis.call('RPUSH', list, start .. ':' .. n)
   end
   redis.call('INCRBY', total, n)
-  redis.call('EXPIRE', list, window + bucket)
-  redis.call('EXPIRE', total, window + bucket)
+  if not joins then
+    -- A new bucket: both keys live until it has left the window (a later
+    -- one joining it needs no longer).
+    redis.call('RPUSH', list, start .. ':' .. n)
+    redis.call('EXPIRE', list, window + bucket)
+    redis.call('EXPIRE', total, window + bucket)
+  end
 end
 local function wait(list, total, now, bucket, window, limit)
   for _, item in ipairs(redis.call('LRANGE', list, 0, -1)) do
@@ -105,13 +108,32 @@ end
 local time = redis.call('TIME')
 local now = tonumber(time[1])
 local now_ms = now * 1000 + math.floor(tonumber(time[2]) / 1000)
+-- Applies the settlements carried from ARGV[a] on (a count, then a lease
+-- id or '' and the tokens of each), with five keys each from KEYS[k] on:
+-- leases, tokens per minute list and total, per day list and total.
+local function settle_all(k, a)
+  for i = 0, tonumber(ARGV[a]) - 1 do
+    local kk, aa = k + i * 5, a + 1 + i * 2
+    if ARGV[aa] ~= '' then redis.call('ZREM', KEYS[kk], ARGV[aa]) end
+    local tokens = tonumber(ARGV[aa + 1])
+    if tokens > 0 then
+      expire(KEYS[kk + 1], KEYS[kk + 2], now, 1, 60)
+      add(KEYS[kk + 1], KEYS[kk + 2], now, 1, 60, tokens)
+      expire(KEYS[kk + 3], KEYS[kk + 4], now, 60, 86400)
+      add(KEYS[kk + 3], KEYS[kk + 4], now, 60, 86400, tokens)
+    end
+  end
+end
 ";
 
-/// Admits a request. KEYS: leases, requests list and total, tokens per
-/// minute list and total, tokens per day list and total. ARGV: concurrency
-/// limit, lease id, lease ms, requests per minute, tokens per minute,
-/// tokens per day (0: no such limit). Returns {verdict, wait seconds}.
+/// Applies the settlements this relay has carried since its last call,
+/// then admits a request. KEYS: leases, requests list and total, tokens per
+/// minute list and total, tokens per day list and total, then five per
+/// settlement. ARGV: concurrency limit, lease id, lease ms, requests per
+/// minute, tokens per minute, tokens per day (0: no such limit), then the
+/// settlements. Returns {verdict, wait seconds}.
 const ADMIT_LUA: &str = r"
+settle_all(8, 7)
 local concurrency, lease, lease_ms = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local rpm, tpm, tpd = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 if tpm > 0 then
@@ -138,17 +160,11 @@ end
 return {'ok', 0}
 ";
 
-/// Settles a request. KEYS: leases, tokens per minute list and total,
-/// tokens per day list and total. ARGV: lease id ('' for none), tokens.
+/// Applies carried settlements alone (when no admission came to carry
+/// them): the layout of [`ADMIT_LUA`]'s settlements from the first key and
+/// argument.
 const SETTLE_LUA: &str = r"
-if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
-local tokens = tonumber(ARGV[2])
-if tokens > 0 then
-  expire(KEYS[2], KEYS[3], now, 1, 60)
-  add(KEYS[2], KEYS[3], now, 1, 60, tokens)
-  expire(KEYS[4], KEYS[5], now, 60, 86400)
-  add(KEYS[4], KEYS[5], now, 60, 86400, tokens)
-end
+settle_all(1, 1)
 return 1
 ";
 
@@ -234,6 +250,65 @@ struct Shared {
     relay_id: String,
     /// Times the store failed or was too slow.
     failures: AtomicU64,
+    /// Settlements not yet sent: the next admission carries them, or a
+    /// flush [`SETTLE_DELAY`] after the first.
+    pending: Mutex<Vec<Settlement>>,
+    /// Whether a flush of `pending` is due.
+    flush_due: AtomicBool,
+    /// Held while settlements are taken from `pending` and their command
+    /// queued, so that commands reach the store in the order they took
+    /// them.
+    order: tokio::sync::Mutex<()>,
+}
+
+/// A finished request's lease to free and tokens to count.
+#[derive(Debug)]
+struct Settlement {
+    client: Arc<str>,
+    lease: Option<u64>,
+    tokens: u64,
+}
+
+/// Longest a settlement waits for an admission to carry it.
+const SETTLE_DELAY: Duration = Duration::from_millis(2);
+
+/// Polls `future` once (queueing its command on the store's connection),
+/// then drops `order` and waits for the rest.
+async fn queued_then<F: std::future::Future>(
+    future: F,
+    order: tokio::sync::MutexGuard<'_, ()>,
+) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx))).await;
+    drop(order);
+    match first {
+        std::task::Poll::Ready(output) => output,
+        std::task::Poll::Pending => future.await,
+    }
+}
+
+/// Adds `settlements` to an invocation: their count, then per settlement
+/// its five keys and two arguments.
+fn carry(
+    invocation: &mut redis::ScriptInvocation<'_>,
+    shared: &Shared,
+    settlements: &[Settlement],
+) {
+    invocation.arg(settlements.len());
+    for settlement in settlements {
+        let keys = client_keys(&settlement.client);
+        for index in [0, 3, 4, 5, 6] {
+            invocation.key(&keys[index]);
+        }
+        invocation
+            .arg(
+                settlement
+                    .lease
+                    .map(|id| shared.lease_name(id))
+                    .unwrap_or_default(),
+            )
+            .arg(settlement.tokens);
+    }
 }
 
 impl Shared {
@@ -292,40 +367,59 @@ impl Shared {
         .with_retry_after(1)
     }
 
-    /// Frees a lease and counts tokens, within `budget`.
-    async fn settle(
-        self: &Arc<Self>,
-        client: &str,
-        lease: Option<u64>,
-        tokens: u64,
-        budget: Duration,
-    ) {
-        if let Some(lease) = lease {
+    /// Queues a settlement: this relay's next admission carries it, or a
+    /// flush sends it within [`SETTLE_DELAY`].
+    fn settle_later(self: &Arc<Self>, settlement: Settlement) {
+        if let Some(lease) = settlement.lease {
             self.leases
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&lease);
         }
-        if lease.is_none() && tokens == 0 {
+        if settlement.lease.is_none() && settlement.tokens == 0 {
             return;
         }
-        let keys = client_keys(client);
-        let lease_id = lease.map(|id| self.lease_name(id)).unwrap_or_default();
-        let mut connection = self.connection.clone();
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(settlement);
+        if !self.flush_due.swap(true, Ordering::AcqRel)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let shared = self.clone();
+            runtime.spawn(async move {
+                tokio::time::sleep(SETTLE_DELAY).await;
+                shared.flush().await;
+            });
+        }
+    }
+
+    /// The settlements queued so far, taken.
+    fn take_pending(&self) -> Vec<Settlement> {
+        self.flush_due.store(false, Ordering::Release);
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Sends the queued settlements on their own.
+    async fn flush(self: &Arc<Self>) {
+        if self.is_down.load(Ordering::Acquire) {
+            // The leases expire by themselves; the tokens go uncounted.
+            drop(self.take_pending());
+            return;
+        }
+        let order = self.order.lock().await;
+        let settlements = self.take_pending();
+        if settlements.is_empty() {
+            return;
+        }
         let mut invocation = self.settle.prepare_invoke();
-        invocation
-            .key(&keys[0])
-            .key(&keys[3])
-            .key(&keys[4])
-            .key(&keys[5])
-            .key(&keys[6])
-            .arg(lease_id)
-            .arg(tokens);
+        carry(&mut invocation, self, &settlements);
+        let mut connection = self.connection.clone();
         let run = invocation.invoke_async::<i64>(&mut connection);
-        match tokio::time::timeout(budget, run).await {
+        match tokio::time::timeout(STORE_WAIT, queued_then(run, order)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => self.mark_down(e.to_string()),
-            Err(_) => self.mark_down(format!("no answer within {} ms", budget.as_millis())),
+            Err(_) => self.mark_down(format!("no answer within {} ms", STORE_WAIT.as_millis())),
         }
     }
 
@@ -379,46 +473,33 @@ pub struct SharedAdmission {
     client: Arc<str>,
     /// Its concurrency lease, if the client has a concurrency limit.
     lease: Option<u64>,
-    /// What is left of the request's [`STORE_WAIT`].
-    budget: Duration,
     settled: bool,
 }
 
 impl SharedAdmission {
-    /// Counts `tokens` and frees the lease.
-    pub async fn settle(mut self, tokens: u64) {
+    /// Counts `tokens` and frees the lease: queued for this relay's next
+    /// call to the store, which applies it first, or sent within
+    /// [`SETTLE_DELAY`]. This relay's next admission so always meets it;
+    /// another relay's, within a few milliseconds.
+    pub fn settle(mut self, tokens: u64) {
         self.settled = true;
-        if self.shared.is_down.load(Ordering::Acquire) {
-            // The lease expires by itself; the tokens go uncounted.
-            if let Some(lease) = self.lease {
-                self.shared
-                    .leases
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&lease);
-            }
-            return;
-        }
-        self.shared
-            .settle(&self.client, self.lease, tokens, self.budget)
-            .await;
+        self.shared.settle_later(Settlement {
+            client: self.client.clone(),
+            lease: self.lease,
+            tokens,
+        });
     }
 }
 
 impl Drop for SharedAdmission {
     fn drop(&mut self) {
-        if self.settled {
-            return;
-        }
-        let Some(lease) = self.lease else {
-            return;
-        };
-        // Dropped unsettled (a refusal after admission): free the slot
-        // in the background.
-        let shared = self.shared.clone();
-        let client = self.client.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { shared.settle(&client, Some(lease), 0, STORE_WAIT).await });
+        if !self.settled {
+            // Dropped unsettled (a refusal after admission): free the slot.
+            self.shared.settle_later(Settlement {
+                client: self.client.clone(),
+                lease: self.lease,
+                tokens: 0,
+            });
         }
     }
 }
@@ -427,7 +508,8 @@ impl Drop for SharedAdmission {
 #[derive(Debug)]
 pub struct RedisState {
     shared: Arc<Shared>,
-    ledger: mpsc::Sender<LedgerEntry>,
+    /// The ledger writer's queue, unless the ledger is off.
+    ledger: Option<mpsc::Sender<LedgerEntry>>,
     /// Ledger entries dropped (queue full, or the store gone at close).
     ledger_dropped: Arc<AtomicU64>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -435,13 +517,21 @@ pub struct RedisState {
 }
 
 /// Parses `url` into a client, with errors that never echo a password.
+/// Commands go out at once (TCP_NODELAY): several requests' commands may
+/// be in flight on the one connection.
 fn client_for(url: &str) -> Result<redis::Client, StateError> {
-    redis::Client::open(url).map_err(|e| {
+    use redis::IntoConnectionInfo;
+    let bad = |e: redis::RedisError| {
         StateError::RedisUrl(format!(
             "not a usable Redis URL (redis://[:PASSWORD@]HOST:PORT[/DB] or rediss://...): {:?}",
             e.kind()
         ))
-    })
+    };
+    let info = url
+        .into_connection_info()
+        .map_err(bad)?
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    redis::Client::open(info).map_err(bad)
 }
 
 /// A connection that never waits longer than the store may be waited on.
@@ -459,7 +549,12 @@ fn connection_for(client: redis::Client) -> Result<ConnectionManager, StateError
 impl RedisState {
     /// Sets up the store at `url`; it is connected on first use and again
     /// whenever it was lost.
-    pub fn open(url: &str, fail: FailMode, cache_bytes: u64) -> Result<RedisState, StateError> {
+    pub fn open(
+        url: &str,
+        fail: FailMode,
+        cache_bytes: u64,
+        ledger: bool,
+    ) -> Result<RedisState, StateError> {
         let connection = connection_for(client_for(url)?)?;
         let shared = Arc::new(Shared {
             connection,
@@ -475,8 +570,12 @@ impl RedisState {
             next_lease: AtomicU64::new(0),
             relay_id: format!("{:016x}", fastrand::u64(..)),
             failures: AtomicU64::new(0),
+            pending: Mutex::new(Vec::new()),
+            flush_due: AtomicBool::new(false),
+            order: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(shared.clone().renew_leases());
+        let ledger_on = ledger;
         let (ledger, queue) = mpsc::channel(PENDING_MAX);
         let ledger_dropped = Arc::new(AtomicU64::new(0));
         let closing = tokio_util::sync::CancellationToken::new();
@@ -488,7 +587,7 @@ impl RedisState {
         ));
         Ok(RedisState {
             shared,
-            ledger,
+            ledger: ledger_on.then_some(ledger),
             ledger_dropped,
             writer: Mutex::new(Some(writer)),
             closing,
@@ -517,10 +616,16 @@ impl RedisState {
             .arg(rules.requests_per_minute.map_or(0, |n| n.get()))
             .arg(rules.tokens_per_minute.unwrap_or(0))
             .arg(rules.tokens_per_day.unwrap_or(0));
-        let started = Instant::now();
-        let mut connection = shared.connection.clone();
-        let run = invocation.invoke_async::<(String, u64)>(&mut connection);
-        let (verdict, wait) = match tokio::time::timeout(STORE_WAIT, run).await {
+        let admitted = async {
+            let order = shared.order.lock().await;
+            // This relay's settlements so far go first, in the same call.
+            let settlements = shared.take_pending();
+            carry(&mut invocation, shared, &settlements);
+            let mut connection = shared.connection.clone();
+            let run = invocation.invoke_async::<(String, u64)>(&mut connection);
+            queued_then(run, order).await
+        };
+        let (verdict, wait) = match tokio::time::timeout(STORE_WAIT, admitted).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => return self.unreachable(client, applied, e.to_string()),
             Err(_) => {
@@ -541,7 +646,6 @@ impl RedisState {
                     shared: shared.clone(),
                     client: client.clone(),
                     lease,
-                    budget: STORE_WAIT.saturating_sub(started.elapsed()),
                     settled: false,
                 }));
             }
@@ -613,7 +717,10 @@ impl StateStore for RedisState {
     }
 
     fn record(&self, entry: LedgerEntry) {
-        if self.ledger.try_send(entry).is_err() {
+        let Some(ledger) = &self.ledger else {
+            return;
+        };
+        if ledger.try_send(entry).is_err() {
             self.ledger_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -98,16 +98,22 @@ impl MockUpstream {
 
     /// Starts the mock on `addr`.
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<MockUpstream> {
-        Self::serve(addr, 10_000).await
+        Self::start_on_with_stream_limit(addr, 10_000).await
     }
 
     /// Starts the mock on an ephemeral port allowing `streams` concurrent
     /// streams per HTTP/2 connection, as real servers limit them.
     pub async fn start_with_stream_limit(streams: u32) -> std::io::Result<MockUpstream> {
-        Self::serve("127.0.0.1:0".parse().expect("literal address"), streams).await
+        Self::start_on_with_stream_limit("127.0.0.1:0".parse().expect("literal address"), streams)
+            .await
     }
 
-    async fn serve(addr: SocketAddr, streams: u32) -> std::io::Result<MockUpstream> {
+    /// Starts the mock on `addr`, allowing `streams` concurrent streams per
+    /// HTTP/2 connection.
+    pub async fn start_on_with_stream_limit(
+        addr: SocketAddr,
+        streams: u32,
+    ) -> std::io::Result<MockUpstream> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let record = Arc::new(MockRecord::default());

@@ -279,11 +279,17 @@ async fn two_relays_on_one_redis_enforce_one_budget_and_keep_one_ledger(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // Tokens: 10 through each relay put the client over 15 on both.
+    // Tokens: 10 through each relay put the client over 15 on both. A
+    // relay's own next request meets its counts at once; the other relay
+    // within 2 ms (the settlement waits that long for a request to carry
+    // it), so the steps that change relay wait 10 ms.
     let budget_one = client_for(&bed.pki, "budget", &[one.addr], transport).await;
     let budget_two = client_for(&bed.pki, "budget", &[two.addr], transport).await;
+    let other_relay_sees_it = || tokio::time::sleep(Duration::from_millis(10));
     assert_eq!(complete(&budget_one, "m", false).await, 200);
+    other_relay_sees_it().await;
     assert_eq!(complete(&budget_two, "m", false).await, 200);
+    other_relay_sees_it().await;
     assert_eq!(complete(&budget_one, "m", false).await, 429);
     assert_eq!(complete(&budget_two, "m", false).await, 429);
 
@@ -455,6 +461,14 @@ async fn an_upstream_capping_streams_per_connection_gets_more_connections(
         }
     });
     let answered = futures_util::future::join_all(streams).await;
+    if std::env::var_os("PASSAGE_DEBUG_LANES").is_some() {
+        let mut times: Vec<u128> = answered.iter().map(|(a, _)| a.as_millis()).collect();
+        times.sort_unstable();
+        eprintln!(
+            "first bytes (ms): {:?}",
+            times.iter().step_by(25).collect::<Vec<_>>()
+        );
+    }
     let slowest = answered
         .iter()
         .map(|(after, _)| *after)
