@@ -3,16 +3,16 @@
 //! SQLite file written by a thread of its own in batches, off the request
 //! path.
 //!
-//! A request only queues its entry (never waits on the disk); the writer
-//! commits what arrived at most [`BATCH_WINDOW`] after the first entry of a
-//! batch, so a killed relay loses at most that much. Closing the ledger
+//! A request only queues its entry (never waits on the disk, never wakes
+//! the writer); the writer commits what arrived every [`BATCH_WINDOW`], so
+//! a killed relay loses at most that much. Closing the ledger
 //! (on SIGTERM, after the drain) commits everything queued.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
@@ -170,46 +170,45 @@ fn commit(connection: &mut Connection, batch: &[LedgerEntry]) -> rusqlite::Resul
     transaction.commit()
 }
 
-/// The writer thread: waits for an entry, gathers what else arrives within
-/// [`BATCH_WINDOW`], commits, and again; on `Close` commits and stops.
+/// The writer thread: every [`BATCH_WINDOW`] (or when woken by a close)
+/// it takes what is queued and commits it in one transaction. Requests
+/// never wake it: queueing an entry is a channel send, nothing more.
 fn write_batches(mut connection: Connection, queue: Receiver<Message>, path: PathBuf) {
     let mut batch: Vec<LedgerEntry> = Vec::new();
     let mut closing = None;
-    while closing.is_none() {
-        match queue.recv() {
-            Ok(Message::Entry(entry)) => batch.push(*entry),
-            Ok(Message::Close(done)) => closing = Some(done),
-            Err(_) => break,
-        }
-        let deadline = Instant::now() + BATCH_WINDOW;
-        while closing.is_none() && batch.len() < BATCH_MAX {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match queue.recv_timeout(left) {
+    let mut open = true;
+    while open && closing.is_none() {
+        std::thread::park_timeout(BATCH_WINDOW);
+        loop {
+            match queue.try_recv() {
                 Ok(Message::Entry(entry)) => batch.push(*entry),
                 Ok(Message::Close(done)) => closing = Some(done),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        if closing.is_some() {
-            // What was queued before the close belongs in this commit.
-            while let Ok(message) = queue.try_recv() {
-                if let Message::Entry(entry) = message {
-                    batch.push(*entry);
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
                 }
             }
+            if batch.len() >= BATCH_MAX {
+                write(&mut connection, &mut batch, &path);
+            }
         }
-        if batch.is_empty() {
-            continue;
-        }
-        if let Err(e) = commit(&mut connection, &batch) {
-            error!(file = %path.display(), entries = batch.len(), error = %e, "usage ledger: a batch could not be written");
-        }
-        batch.clear();
+        write(&mut connection, &mut batch, &path);
     }
     if let Some(done) = closing {
         let _ = done.send(());
     }
+}
+
+/// Commits `batch` (if any) and empties it; a failure is logged.
+fn write(connection: &mut Connection, batch: &mut Vec<LedgerEntry>, path: &Path) {
+    if batch.is_empty() {
+        return;
+    }
+    if let Err(e) = commit(connection, batch) {
+        error!(file = %path.display(), entries = batch.len(), error = %e, "usage ledger: a batch could not be written");
+    }
+    batch.clear();
 }
 
 impl SqliteLedger {
@@ -258,6 +257,9 @@ impl SqliteLedger {
     pub fn close(&self) {
         let (done, finished) = std::sync::mpsc::sync_channel(1);
         if self.queue.send(Message::Close(done)).is_ok() {
+            if let Some(writer) = &*self.writer.lock().unwrap_or_else(PoisonError::into_inner) {
+                writer.thread().unpark();
+            }
             let _ = finished.recv();
         }
         let writer = self

@@ -54,109 +54,150 @@ const PENDING_MAX: usize = 65_536;
 /// Most ledger entries sent in one pipeline.
 const BATCH_MAX: usize = 1024;
 
-/// The rolling windows' Lua helpers, shared by both scripts. A window is a
-/// list of `start:count` items, oldest first, and a running total.
+/// The rolling windows' Lua helpers, shared by both scripts. A client's
+/// windows (requests per minute, tokens per minute and per day) keep their
+/// running total, current bucket and the time their oldest bucket leaves
+/// in one hash, read once and written once per call; completed buckets
+/// wait in a list per window (`start:count`, oldest first), read only when
+/// the oldest is due to leave.
 const WINDOW_LUA: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1])
+local now_ms = now * 1000 + math.floor(tonumber(time[2]) / 1000)
+local NAMES = {'rpm', 'tpm', 'tpd'}
 local function parse(item)
   local sep = string.find(item, ':', 1, true)
   return tonumber(string.sub(item, 1, sep - 1)), tonumber(string.sub(item, sep + 1))
 end
-local function expire(list, total, now, bucket, window)
+local states = {}
+-- A client's windows: total t, current bucket start s (-1: none) and
+-- count c, and x, when the oldest counted bucket leaves (0: none).
+local function state(hash)
+  local st = states[hash]
+  if st then return st end
+  local v = redis.call('HMGET', hash, 'rpm.t', 'rpm.s', 'rpm.c', 'rpm.x',
+    'tpm.t', 'tpm.s', 'tpm.c', 'tpm.x', 'tpd.t', 'tpd.s', 'tpd.c', 'tpd.x')
+  st = {}
+  for i, name in ipairs(NAMES) do
+    st[name] = {t = tonumber(v[i * 4 - 3]) or 0, s = tonumber(v[i * 4 - 2]) or -1,
+      c = tonumber(v[i * 4 - 1]) or 0, x = tonumber(v[i * 4]) or 0}
+  end
+  states[hash] = st
+  return st
+end
+local function save_all()
+  for hash, st in pairs(states) do
+    local fields = {}
+    for _, name in ipairs(NAMES) do
+      local w = st[name]
+      for _, f in ipairs({'t', 's', 'c', 'x'}) do
+        fields[#fields + 1] = name .. '.' .. f
+        fields[#fields + 1] = w[f]
+      end
+    end
+    redis.call('HSET', hash, unpack(fields))
+    redis.call('EXPIRE', hash, 86400 + 120)
+  end
+end
+-- Drops what has left the window; the total after.
+local function expire(w, list, bucket, window)
+  if w.x == 0 or w.x > now then return w.t end
   while true do
     local head = redis.call('LINDEX', list, 0)
-    if not head then
-      redis.call('DEL', total)
-      return 0
-    end
+    if not head then break end
     local start, count = parse(head)
-    if start + bucket + window > now then break end
-    redis.call('LPOP', list)
-    redis.call('DECRBY', total, count)
-  end
-  return tonumber(redis.call('GET', total) or '0')
-end
-local function add(list, total, now, bucket, window, n)
-  local start = now - now % bucket
-  local last = redis.call('LINDEX', list, -1)
-  local joins = false
-  if last then
-    local last_start, count = parse(last)
-    if last_start >= start then
-      redis.call('LSET', list, -1, last_start .. ':' .. (count + n))
-      joins = true
+    if start + bucket + window > now then
+      w.x = start + bucket + window
+      return w.t
     end
+    redis.call('LPOP', list)
+    w.t = w.t - count
   end
-  redis.call('INCRBY', total, n)
-  if not joins then
-    -- A new bucket: both keys live until it has left the window (a later
-    -- one joining it needs no longer).
-    redis.call('RPUSH', list, start .. ':' .. n)
-    redis.call('EXPIRE', list, window + bucket)
-    redis.call('EXPIRE', total, window + bucket)
+  -- No completed bucket left: the current one is all there is.
+  if w.s >= 0 and w.s + bucket + window > now then
+    w.t, w.x = w.c, w.s + bucket + window
+  else
+    w.t, w.s, w.c, w.x = 0, -1, 0, 0
   end
+  return w.t
 end
-local function wait(list, total, now, bucket, window, limit)
+local function add(w, list, bucket, window, n)
+  local start = now - now % bucket
+  if w.s < start then
+    if w.s >= 0 and w.c > 0 then
+      redis.call('RPUSH', list, w.s .. ':' .. w.c)
+      redis.call('EXPIRE', list, window + bucket)
+    end
+    w.s, w.c = start, 0
+    if w.x == 0 then w.x = start + bucket + window end
+  end
+  w.c, w.t = w.c + n, w.t + n
+end
+-- Seconds until the total is under limit.
+local function wait(w, list, bucket, window, limit)
+  local total = w.t
   for _, item in ipairs(redis.call('LRANGE', list, 0, -1)) do
     local start, count = parse(item)
     total = total - count
-    if total < limit then
-      return math.max(1, start + bucket + window - now)
-    end
+    if total < limit then return math.max(1, start + bucket + window - now) end
   end
-  return 1
+  return math.max(1, w.s + bucket + window - now)
 end
-local time = redis.call('TIME')
-local now = tonumber(time[1])
-local now_ms = now * 1000 + math.floor(tonumber(time[2]) / 1000)
 -- Applies the settlements carried from ARGV[a] on (a count, then a lease
--- id or '' and the tokens of each), with five keys each from KEYS[k] on:
--- leases, tokens per minute list and total, per day list and total.
+-- id or '' and the tokens of each), with a client's five keys each from
+-- KEYS[k] on.
 local function settle_all(k, a)
   for i = 0, tonumber(ARGV[a]) - 1 do
     local kk, aa = k + i * 5, a + 1 + i * 2
     if ARGV[aa] ~= '' then redis.call('ZREM', KEYS[kk], ARGV[aa]) end
     local tokens = tonumber(ARGV[aa + 1])
     if tokens > 0 then
-      expire(KEYS[kk + 1], KEYS[kk + 2], now, 1, 60)
-      add(KEYS[kk + 1], KEYS[kk + 2], now, 1, 60, tokens)
-      expire(KEYS[kk + 3], KEYS[kk + 4], now, 60, 86400)
-      add(KEYS[kk + 3], KEYS[kk + 4], now, 60, 86400, tokens)
+      local st = state(KEYS[kk + 1])
+      expire(st.tpm, KEYS[kk + 3], 1, 60)
+      add(st.tpm, KEYS[kk + 3], 1, 60, tokens)
+      expire(st.tpd, KEYS[kk + 4], 60, 86400)
+      add(st.tpd, KEYS[kk + 4], 60, 86400, tokens)
     end
   end
 end
 ";
 
 /// Applies the settlements this relay has carried since its last call,
-/// then admits a request. KEYS: leases, requests list and total, tokens per
-/// minute list and total, tokens per day list and total, then five per
+/// then admits a request. KEYS: the client's leases, windows hash, and
+/// lists of requests, tokens per minute and per day; then five per
 /// settlement. ARGV: concurrency limit, lease id, lease ms, requests per
 /// minute, tokens per minute, tokens per day (0: no such limit), then the
 /// settlements. Returns {verdict, wait seconds}.
 const ADMIT_LUA: &str = r"
-settle_all(8, 7)
+settle_all(6, 7)
 local concurrency, lease, lease_ms = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local rpm, tpm, tpd = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-if tpm > 0 then
-  local total = expire(KEYS[4], KEYS[5], now, 1, 60)
-  if total >= tpm then return {'tokens_per_minute', wait(KEYS[4], total, now, 1, 60, tpm)} end
+local st = state(KEYS[2])
+local function refuse(what, seconds)
+  save_all()
+  return {what, seconds}
 end
-if tpd > 0 then
-  local total = expire(KEYS[6], KEYS[7], now, 60, 86400)
-  if total >= tpd then return {'tokens_per_day', wait(KEYS[6], total, now, 60, 86400, tpd)} end
+if tpm > 0 and expire(st.tpm, KEYS[4], 1, 60) >= tpm then
+  return refuse('tokens_per_minute', wait(st.tpm, KEYS[4], 1, 60, tpm))
+end
+if tpd > 0 and expire(st.tpd, KEYS[5], 60, 86400) >= tpd then
+  return refuse('tokens_per_day', wait(st.tpd, KEYS[5], 60, 86400, tpd))
 end
 if concurrency > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
-  if redis.call('ZCARD', KEYS[1]) >= concurrency then return {'concurrent_requests', 1} end
+  if redis.call('ZCARD', KEYS[1]) >= concurrency then return refuse('concurrent_requests', 1) end
 end
 if rpm > 0 then
-  local total = expire(KEYS[2], KEYS[3], now, 1, 60)
-  if total >= rpm then return {'requests_per_minute', wait(KEYS[2], total, now, 1, 60, rpm)} end
-  add(KEYS[2], KEYS[3], now, 1, 60, 1)
+  if expire(st.rpm, KEYS[3], 1, 60) >= rpm then
+    return refuse('requests_per_minute', wait(st.rpm, KEYS[3], 1, 60, rpm))
+  end
+  add(st.rpm, KEYS[3], 1, 60, 1)
 end
 if concurrency > 0 then
   redis.call('ZADD', KEYS[1], now_ms + lease_ms, lease)
   redis.call('PEXPIRE', KEYS[1], lease_ms * 2)
 end
+save_all()
 return {'ok', 0}
 ";
 
@@ -165,6 +206,7 @@ return {'ok', 0}
 /// argument.
 const SETTLE_LUA: &str = r"
 settle_all(1, 1)
+save_all()
 return 1
 ";
 
@@ -214,9 +256,8 @@ fn cache_keys(key: &CacheKey) -> [String; 4] {
 
 /// The keys of one client's counts, all under one hash tag (one slot in
 /// a Redis cluster).
-fn client_keys(client: &str) -> [String; 7] {
-    ["leases", "rpm", "rpm:n", "tpm", "tpm:n", "tpd", "tpd:n"]
-        .map(|what| format!("passage:{{{client}}}:{what}"))
+fn client_keys(client: &str) -> [String; 5] {
+    ["leases", "windows", "rpm", "tpm", "tpd"].map(|what| format!("passage:{{{client}}}:{what}"))
 }
 
 /// Whether the store answers, and since when it does not.
@@ -296,9 +337,8 @@ fn carry(
 ) {
     invocation.arg(settlements.len());
     for settlement in settlements {
-        let keys = client_keys(&settlement.client);
-        for index in [0, 3, 4, 5, 6] {
-            invocation.key(&keys[index]);
+        for key in client_keys(&settlement.client) {
+            invocation.key(key);
         }
         invocation
             .arg(
@@ -831,8 +871,8 @@ impl StateStore for RedisState {
     }
 }
 
-/// Appends ledger entries to the stream in batches: what arrives within
-/// [`BATCH_WINDOW`] of a batch's first entry goes in one pipeline. Entries
+/// Appends ledger entries to the stream in batches: what arrived in each
+/// [`BATCH_WINDOW`] goes in one pipeline. Entries
 /// that could not be written wait (up to [`PENDING_MAX`]) and go with the
 /// next batch; at close, what is queued gets written, or counted as lost.
 async fn write_ledger(
@@ -868,42 +908,24 @@ async fn write_ledger(
     }
 }
 
-/// Waits for an entry (unless some are pending), then gathers what arrives
-/// within [`BATCH_WINDOW`]; true once the ledger is closing.
+/// Waits [`BATCH_WINDOW`] (or for the close), then takes what is queued:
+/// requests never wake the writer. True once the ledger is closing.
 async fn gather(
     queue: &mut mpsc::Receiver<LedgerEntry>,
     pending: &mut VecDeque<LedgerEntry>,
     closing: &tokio_util::sync::CancellationToken,
 ) -> bool {
-    let mut closed = false;
-    if pending.is_empty() {
-        tokio::select! {
-            entry = queue.recv() => match entry {
-                Some(entry) => pending.push_back(entry),
-                None => closed = true,
-            },
-            () = closing.cancelled() => closed = true,
+    tokio::select! {
+        () = tokio::time::sleep(BATCH_WINDOW) => {}
+        () = closing.cancelled() => {}
+    }
+    loop {
+        match queue.try_recv() {
+            Ok(entry) => pending.push_back(entry),
+            Err(mpsc::error::TryRecvError::Empty) => return closing.is_cancelled(),
+            Err(mpsc::error::TryRecvError::Disconnected) => return true,
         }
     }
-    let deadline = tokio::time::sleep(BATCH_WINDOW);
-    tokio::pin!(deadline);
-    while !closed && pending.len() < BATCH_MAX {
-        tokio::select! {
-            entry = queue.recv() => match entry {
-                Some(entry) => pending.push_back(entry),
-                None => closed = true,
-            },
-            () = &mut deadline => break,
-            () = closing.cancelled() => closed = true,
-        }
-    }
-    if closed || closing.is_cancelled() {
-        while let Ok(entry) = queue.try_recv() {
-            pending.push_back(entry);
-        }
-        return true;
-    }
-    false
 }
 
 /// Writes the pending entries, a pipeline of at most [`BATCH_MAX`] at a

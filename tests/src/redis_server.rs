@@ -51,6 +51,26 @@ impl RedisServer {
         format!("redis://{}", self.addr)
     }
 
+    /// Runs `redis-cli` against the server with `args`; its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.addr.port().to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        assert!(output.status.success(), "redis-cli {args:?} failed");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// The server's clock, in seconds since the epoch.
+    pub fn now(&self) -> u64 {
+        self.cli(&["TIME"])
+            .lines()
+            .next()
+            .and_then(|s| s.trim().parse().ok())
+            .expect("TIME answers seconds")
+    }
+
     /// Starts the server again on its port (empty: nothing is persisted).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "redis-server is already running");

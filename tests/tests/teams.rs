@@ -309,6 +309,58 @@ async fn two_relays_on_one_redis_enforce_one_budget_and_keep_one_ledger(
     assert_eq!(budget["input_tokens"], 10, "{report:#}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_windows_let_old_buckets_go_and_say_when_the_next_leaves() {
+    let Some(bed) = RedisBed::start().await else {
+        return;
+    };
+    let relay = bed.relay(&[]).await;
+    let team = client_for(&bed.pki, "team", &[relay.addr], Quic).await;
+    // The window as a relay left it 30 s ago (30 requests) and 70 s ago
+    // (29 requests, since gone): 30 of 60 count.
+    let now = bed.redis.now();
+    let (old, recent) = (now - 70, now - 30);
+    let windows = "passage:{team}:windows";
+    bed.redis
+        .cli(&["RPUSH", "passage:{team}:rpm", &format!("{old}:29")]);
+    bed.redis.cli(&[
+        "HSET",
+        windows,
+        "rpm.t",
+        "59",
+        "rpm.s",
+        &recent.to_string(),
+        "rpm.c",
+        "30",
+        "rpm.x",
+        &(old + 61).to_string(),
+    ]);
+    let mut admitted = 0;
+    let mut retry_after = None;
+    for _ in 0..40 {
+        let response = team.get("/v1/models").await.expect("answer");
+        match response.status().as_u16() {
+            200 => admitted += 1,
+            429 => {
+                retry_after = response.headers()["retry-after"]
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok());
+                break;
+            }
+            other => panic!("status {other}"),
+        }
+    }
+    assert_eq!(admitted, 30, "the 29 of 70 s ago left the window");
+    // The next to leave are the 30 of 30 s ago: in about 31 s.
+    assert!(
+        retry_after.is_some_and(|s| (29..=32).contains(&s)),
+        "retry-after {retry_after:?}"
+    );
+    let total = bed.redis.cli(&["HGET", windows, "rpm.t"]);
+    assert_eq!(total, "60");
+}
+
 /// The longest a request may take while the store is down or stalled:
 /// the store's 250 ms, and room for a loaded test machine.
 const STORE_DOWN_LIMIT: Duration = Duration::from_millis(250 + 400);
