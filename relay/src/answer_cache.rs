@@ -337,6 +337,26 @@ mod tests {
     }
 
     #[test]
+    fn the_memory_cache_keeps_to_its_byte_cap() {
+        let cap = 64 * 1024;
+        let cache = MemoryCache::new(cap);
+        let answer = CachedAnswer {
+            status: 200,
+            headers: Vec::new(),
+            pieces: vec![Bytes::from(vec![b'x'; 4096])],
+            ttl: DEFAULT_TTL,
+        };
+        for i in 0..64u8 {
+            cache.put(CacheKey([i; 32]), answer.clone());
+        }
+        cache.entries.run_pending_tasks();
+        let kept = cache.entries.weighted_size();
+        assert!(kept <= cap, "{kept} bytes kept under a cap of {cap}");
+        assert!(cache.entries.entry_count() < 64);
+        assert!(cache.entries.entry_count() >= 8, "it keeps what fits");
+    }
+
+    #[test]
     fn the_memory_cache_forgets_after_the_entrys_ttl() {
         let cache = MemoryCache::new(1 << 20);
         let answer = |ttl| CachedAnswer {

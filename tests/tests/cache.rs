@@ -223,3 +223,41 @@ async fn the_redis_cache_serves_repeats_per_client_across_relays(
     assert_eq!(seen.cache.as_deref(), Some("hit"));
     assert_eq!(upstream.record.requests.load(Ordering::SeqCst), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_cache_keeps_to_its_byte_cap() {
+    use passage_relay::answer_cache::{CacheKey, CachedAnswer};
+    use passage_relay::state::{FailMode, StateStore};
+    if !passage_tests::redis_server::available() {
+        return;
+    }
+    let redis = passage_tests::redis_server::RedisServer::start();
+    let cap = 64 * 1024;
+    let store =
+        passage_relay::state_redis::RedisState::open(&redis.url(), FailMode::Open, cap, false)
+            .expect("store");
+    // 4 KiB answers, each due a second after the one before.
+    for i in 0..64u8 {
+        let answer = CachedAnswer {
+            status: 200,
+            headers: Vec::new(),
+            pieces: vec![Bytes::from(vec![b'x'; 4096])],
+            ttl: Duration::from_secs(60 + u64::from(i)),
+        };
+        store.cache_put(CacheKey([i; 32]), answer).await;
+    }
+    let total: u64 = redis
+        .cli(&["GET", "passage:{cache}:total"])
+        .parse()
+        .expect("a byte count");
+    assert!(total <= cap, "{total} bytes kept under a cap of {cap}");
+    assert!(total >= cap / 2, "it keeps what fits: {total}");
+    assert!(
+        store.cache_get(&CacheKey([63; 32])).await.is_some(),
+        "the newest is kept"
+    );
+    assert!(
+        store.cache_get(&CacheKey([0; 32])).await.is_none(),
+        "the one due soonest went first"
+    );
+}
