@@ -2,8 +2,10 @@
 //! and calls the upstream API.
 //!
 //! [`listener`] accepts QUIC connections and streams, [`stream`] serves one
-//! request, [`upstream`] is the HTTP client for the configured upstream, and
-//! [`pki_cmd`] implements `init`, `issue`, `revoke` and `list`.
+//! request, [`upstream`] is the HTTP client for the configured upstream,
+//! [`state`] keeps limits, the usage [`ledger`] and the [`answer_cache`]
+//! (in this process, or in Redis: [`state_redis`]), and [`pki_cmd`]
+//! implements `init`, `issue`, `revoke` and `list`.
 
 pub mod answer_cache;
 pub mod body_prefix;
