@@ -210,6 +210,18 @@ save_all()
 return 1
 ";
 
+/// Renews live leases from the server's clock. KEYS: each lease's set;
+/// ARGV: the lease time in ms, then each lease's id (leases already gone
+/// stay gone).
+const RENEW_LUA: &str = r"
+local time = redis.call('TIME')
+local until_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) + tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', until_ms, ARGV[i + 1])
+end
+return #KEYS
+";
+
 /// Keeps a cache entry under a size cap. KEYS: the entry, the index of
 /// entries by expiry (ms), their sizes, the total. ARGV: the value, its
 /// time to live in ms, its size, the cap in bytes. Expired entries leave
@@ -275,6 +287,7 @@ struct Shared {
     connection: ConnectionManager,
     admit: redis::Script,
     settle: redis::Script,
+    renew: redis::Script,
     cache_put: redis::Script,
     /// Most bytes the cache may hold in Redis.
     cache_bytes: u64,
@@ -483,22 +496,18 @@ impl Shared {
             if live.is_empty() || self.is_down.load(Ordering::Acquire) {
                 continue;
             }
-            let mut pipe = redis::pipe();
+            // On the server's clock, like the admissions that prune them.
+            let mut invocation = self.renew.prepare_invoke();
+            invocation.arg(LEASE.as_millis() as u64);
             for (id, client) in &live {
-                // Server time is not at hand here; the lease runs from the
-                // renewal, which TIME-based pruning compares against.
-                let until = crate::ledger::LedgerEntry::now_ms() + LEASE.as_millis() as i64;
-                pipe.cmd("ZADD")
-                    .arg(&client_keys(client)[0])
-                    .arg("XX")
-                    .arg(until)
-                    .arg(self.lease_name(*id))
-                    .ignore();
+                invocation
+                    .key(&client_keys(client)[0])
+                    .arg(self.lease_name(*id));
             }
             let mut connection = self.connection.clone();
-            let run = pipe.query_async::<()>(&mut connection);
+            let run = invocation.invoke_async::<i64>(&mut connection);
             match tokio::time::timeout(STORE_WAIT * 4, run).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) => self.mark_down(e.to_string()),
                 Err(_) => self.mark_down("lease renewal timed out".to_owned()),
             }
@@ -600,6 +609,7 @@ impl RedisState {
             connection,
             admit: redis::Script::new(&format!("{WINDOW_LUA}{ADMIT_LUA}")),
             settle: redis::Script::new(&format!("{WINDOW_LUA}{SETTLE_LUA}")),
+            renew: redis::Script::new(RENEW_LUA),
             cache_put: redis::Script::new(CACHE_PUT_LUA),
             cache_bytes,
             fail,
