@@ -5,8 +5,9 @@
 //! calling the upstream.
 //!
 //! The key is a SHA-256 of the scope, method, path and query, the headers
-//! that select an account (`OpenAI-Organization`, `OpenAI-Project`) and the
-//! body. Only 200 answers are kept, whole: a stream cut short, cancelled or
+//! that select an account or shape the answer (`OpenAI-Organization`,
+//! `OpenAI-Project`, `Accept-Encoding`, and the app's `Authorization` when
+//! it is what goes upstream) and the body. Only 200 answers are kept, whole: a stream cut short, cancelled or
 //! over the size limit is not. A streamed answer (SSE) is kept event by
 //! event and replayed with the same event boundaries.
 //!
@@ -87,12 +88,15 @@ pub fn cacheable(method: &str, path: &str) -> bool {
     }
 }
 
-/// The key of a request in `scope`.
+/// The key of a request in `scope`. With `own_key` (the app's
+/// Authorization goes upstream, the relay holds no key) the app's key is
+/// part of it: an answer is never given to another key.
 pub fn key(
     scope: &str,
     method: &str,
     path_and_query: &str,
     headers: &[Header],
+    own_key: bool,
     body: &[u8],
 ) -> CacheKey {
     let mut digest = Sha256::new();
@@ -104,10 +108,16 @@ pub fn key(
     part(scope.as_bytes());
     part(method.as_bytes());
     part(path_and_query.as_bytes());
-    for name in ["openai-organization", "openai-project"] {
+    let authorization = if own_key { "authorization" } else { "" };
+    for name in [
+        "openai-organization",
+        "openai-project",
+        "accept-encoding",
+        authorization,
+    ] {
         let value = headers
             .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .find(|h| !name.is_empty() && h.name.eq_ignore_ascii_case(name))
             .map_or(&[][..], |h| &h.value[..]);
         part(value);
     }
@@ -281,18 +291,42 @@ mod tests {
 
     #[test]
     fn keys_differ_by_scope_body_and_account_headers() {
-        let base = key("a", "POST", "/v1/chat/completions", &[], b"{}");
-        assert_eq!(base, key("a", "POST", "/v1/chat/completions", &[], b"{}"));
-        assert_ne!(base, key("b", "POST", "/v1/chat/completions", &[], b"{}"));
-        assert_ne!(base, key("a", "POST", "/v1/chat/completions", &[], b"{ }"));
-        assert_ne!(base, key("a", "POST", "/v1/embeddings", &[], b"{}"));
+        let base = key("a", "POST", "/v1/chat/completions", &[], false, b"{}");
+        assert_eq!(
+            base,
+            key("a", "POST", "/v1/chat/completions", &[], false, b"{}")
+        );
+        assert_ne!(
+            base,
+            key("b", "POST", "/v1/chat/completions", &[], false, b"{}")
+        );
+        assert_ne!(
+            base,
+            key("a", "POST", "/v1/chat/completions", &[], false, b"{ }")
+        );
+        assert_ne!(base, key("a", "POST", "/v1/embeddings", &[], false, b"{}"));
         let project = [header("OpenAI-Project", "p1")];
         assert_ne!(
             base,
-            key("a", "POST", "/v1/chat/completions", &project, b"{}")
+            key("a", "POST", "/v1/chat/completions", &project, false, b"{}")
         );
         // Lengths first: moving a byte between parts changes the key.
-        assert_ne!(key("ab", "", "", &[], b""), key("a", "b", "", &[], b""));
+        assert_ne!(
+            key("ab", "", "", &[], false, b""),
+            key("a", "b", "", &[], false, b"")
+        );
+        // The app's own key counts only when it is what goes upstream.
+        let keyed = [header("Authorization", "Bearer sk-1")];
+        let other = [header("Authorization", "Bearer sk-2")];
+        let path = "/v1/chat/completions";
+        assert_ne!(
+            key("a", "POST", path, &keyed, true, b"{}"),
+            key("a", "POST", path, &other, true, b"{}")
+        );
+        assert_eq!(
+            key("a", "POST", path, &keyed, false, b"{}"),
+            key("a", "POST", path, &other, false, b"{}")
+        );
     }
 
     #[test]

@@ -217,7 +217,10 @@ const RENEW_LUA: &str = r"
 local time = redis.call('TIME')
 local until_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) + tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', until_ms, ARGV[i + 1])
+  if redis.call('ZADD', key, 'XX', 'CH', until_ms, ARGV[i + 1]) > 0 then
+    -- The set must outlive the lease it holds.
+    redis.call('PEXPIRE', key, tonumber(ARGV[1]) * 2)
+  end
 end
 return #KEYS
 ";

@@ -519,7 +519,7 @@ async fn serve(
         ))
         .await;
     }
-    if let Some(plan) = cache_plan(&mut head, path, &applied, client) {
+    if let Some(plan) = cache_plan(&mut head, path, &applied, client, ctx.max_body) {
         // Boxed, like sessions: most requests never take this path.
         return Box::pin(serve_cacheable(
             head, plan, frames, responder, ctx, client, &applied, record, started,
@@ -586,6 +586,7 @@ fn cache_plan(
     path: &str,
     applied: &Applied,
     client: &str,
+    max_body: u64,
 ) -> Option<CachePlan> {
     let asked = head
         .headers
@@ -606,8 +607,15 @@ fn cache_plan(
         return None;
     }
     if head.has_body {
-        let small = declared_length(head).is_some_and(|length| length <= MAX_CACHED_BODY);
-        if !small || BodyKind::of(content_type(head)) != BodyKind::Json {
+        // Anything request_body would refuse or stream goes its way.
+        let small = declared_length(head)
+            .is_some_and(|length| length <= MAX_CACHED_BODY && length <= max_body);
+        let content_types = head
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("content-type"))
+            .count();
+        if !small || content_types != 1 || BodyKind::of(content_type(head)) != BodyKind::Json {
             return None;
         }
     }
@@ -690,6 +698,7 @@ async fn serve_cacheable(
         &head.method,
         &head.path_and_query,
         &head.headers,
+        !ctx.upstream.replaces_authorization(),
         &body,
     );
     if let Some(answer) = ctx.state.cache_get(&key).await {
@@ -697,6 +706,8 @@ async fn serve_cacheable(
         record.status = answer.status;
         record.ttfb = Some(started.elapsed());
         record.bytes_out = answer.pieces.iter().map(|p| p.len() as u64).sum();
+        // Its slot is free before the app has the answer, as on every path.
+        record.charge().await;
         return replay(responder, &answer).await;
     }
     record.cache_plan = Some(CachePending {

@@ -407,6 +407,12 @@ impl UpstreamClient {
         })
     }
 
+    /// Whether the relay's keys replace the app's Authorization (else the
+    /// app's own key goes upstream).
+    pub fn replaces_authorization(&self) -> bool {
+        self.keys.is_some()
+    }
+
     /// The configured upstream.
     pub fn base(&self) -> &UpstreamBase {
         &self.base
