@@ -368,6 +368,23 @@ fn carry(
 }
 
 impl Shared {
+    /// Counts a failure of a background write (a cache put, a ledger
+    /// batch) that was only slow: requests go on using the store.
+    fn note_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A background write failed: the store is marked down only when the
+    /// connection itself failed, so that one slow or refused write does not
+    /// send limited clients to the fallback (or, failing closed, to 503s).
+    fn background_failed(self: &Arc<Self>, e: &redis::RedisError) {
+        if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+            self.mark_down(e.to_string());
+        } else {
+            self.note_failure();
+        }
+    }
+
     /// Marks the store down (once) and starts the probe that brings it back.
     fn mark_down(self: &Arc<Self>, why: String) {
         self.failures.fetch_add(1, Ordering::Relaxed);
@@ -833,8 +850,8 @@ impl StateStore for RedisState {
             let run = invocation.invoke_async::<i64>(&mut connection);
             match tokio::time::timeout(STORE_WAIT, run).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => shared.mark_down(e.to_string()),
-                Err(_) => shared.mark_down("a cache write timed out".to_owned()),
+                Ok(Err(e)) => shared.background_failed(&e),
+                Err(_) => shared.note_failure(),
             }
         })
     }
@@ -969,11 +986,11 @@ async fn write_pending(shared: &Arc<Shared>, pending: &mut VecDeque<LedgerEntry>
                 pending.drain(..count);
             }
             Ok(Err(e)) => {
-                shared.mark_down(e.to_string());
+                shared.background_failed(&e);
                 return false;
             }
             Err(_) => {
-                shared.mark_down("a usage ledger write timed out".to_owned());
+                shared.note_failure();
                 return false;
             }
         }
