@@ -329,14 +329,6 @@ impl Lanes {
         lane.in_flight.fetch_add(1, Ordering::AcqRel);
         LaneSlot(lane)
     }
-
-    /// How many lanes are open.
-    fn count(&self) -> usize {
-        self.lanes
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
-    }
 }
 
 /// Pooled HTTP client bound to the configured upstream.
@@ -471,11 +463,6 @@ impl UpstreamClient {
             .await
             .map_err(|e| self.send_error(e))?;
         Ok((response, slot))
-    }
-
-    /// How many lanes (upstream connection pools) are open.
-    pub fn lanes(&self) -> usize {
-        self.lanes.count()
     }
 
     /// The API error for a request the upstream did not answer.
