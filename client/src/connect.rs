@@ -124,6 +124,18 @@ impl Connection {
         }
     }
 
+    /// Packets (QUIC) or segments (TCP) this end has sent, and of those
+    /// lost (QUIC's loss detection) or retransmitted (TCP), where known.
+    pub fn sent_and_lost(&self) -> Option<(u64, u64)> {
+        match self {
+            Connection::Quic(connection) => {
+                let path = connection.stats().path;
+                Some((path.sent_packets, path.lost_packets))
+            }
+            Connection::Tcp(connection) => connection.sent_and_retransmitted(),
+        }
+    }
+
     /// A count that grows whenever anything arrives from the relay
     /// (datagrams on QUIC, segments on TCP): the tunnel's sign of life.
     pub fn heard(&self) -> u64 {
@@ -240,9 +252,10 @@ impl Dialer {
             e => e.to_string(),
         })?;
         let mut control = Control::Quic(connection.clone());
-        welcome(&mut control).await?;
+        let connection = Connection::Quic(connection);
+        welcome(&mut control, &connection).await?;
         Ok(Established {
-            connection: Connection::Quic(connection),
+            connection,
             control,
         })
     }
@@ -260,9 +273,10 @@ impl Dialer {
             frames: frame_reader(control.recv),
             send: control.send,
         };
-        welcome(&mut control).await?;
+        let connection = Connection::Tcp(connection);
+        welcome(&mut control, &connection).await?;
         Ok(Established {
-            connection: Connection::Tcp(connection),
+            connection,
             control,
         })
     }
@@ -273,16 +287,25 @@ pub const NO_REPLY: &str = "no reply";
 
 /// Reads the relay's welcome: in TLS 1.3 the client finishes its handshake
 /// before the relay has judged its certificate, so only the welcome proves
-/// it was accepted.
-async fn welcome(control: &mut Control) -> Result<(), String> {
+/// it was accepted. A refusal carries the connection's end as the relay
+/// gave it (its TLS alert, or passage's close reason).
+async fn welcome(control: &mut Control, connection: &Connection) -> Result<(), String> {
+    let refused = |detail: Option<String>| {
+        let why = connection.close_reason().or(detail).unwrap_or_default();
+        if why.is_empty() {
+            "the relay refused the connection".to_owned()
+        } else {
+            format!("the relay refused the connection: {why}")
+        }
+    };
     match control.next_frame().await {
         Some(Ok(Frame::Welcome(_))) => Ok(()),
         Some(Ok(frame)) => Err(format!(
             "the relay sent a {} frame instead of a welcome",
             frame.kind()
         )),
-        Some(Err(e)) => Err(format!("the relay refused the connection: {e}")),
-        None => Err("the relay refused the connection".to_owned()),
+        Some(Err(e)) => Err(refused(Some(e))),
+        None => Err(refused(None)),
     }
 }
 

@@ -4,9 +4,11 @@
 //!
 //! [`server`] is the local HTTP server, [`tunnel`] keeps a connection to
 //! each relay up (QUIC, or TLS over TCP where UDP is blocked: [`connect`]),
-//! and [`forward`] moves one request onto a stream and its response back.
+//! and [`forward`] moves one request onto a stream and its response back;
+//! [`doctor`] checks each hop when something does not work.
 
 pub mod connect;
+pub mod doctor;
 pub mod forward;
 pub mod local_access;
 pub mod metrics;
@@ -20,8 +22,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use passage_shared::bundle::Bundle;
+use passage_shared::cert_expiry::CertificateExpiry;
 use passage_shared::pki::{PkiError, parse_cert, parse_key};
 use passage_shared::tls::{TlsError, client_tls_config};
+use passage_shared::transport::TransportTuning;
 use passage_shared::transport::quic::{self, QuicSetupError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -106,6 +110,9 @@ pub enum ClientError {
     /// The bundle's certificates or key are unusable.
     #[error("bundle: {0}")]
     Bundle(#[from] PkiError),
+    /// The client certificate's validity cannot be read.
+    #[error("bundle: the client certificate's validity cannot be read")]
+    Certificate,
     /// TLS could not be configured.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -145,6 +152,37 @@ pub enum ClientError {
     },
 }
 
+/// The bundle's identity as the two transports present it: QUIC's client
+/// configuration, and TLS over TCP's under its own ALPN.
+pub fn tunnel_tls(
+    bundle: &Bundle,
+    tuning: TransportTuning,
+) -> Result<(quinn::ClientConfig, Arc<rustls::ClientConfig>), ClientError> {
+    let tls = client_tls_config(
+        parse_cert(&bundle.ca_cert, "the CA certificate")?,
+        vec![parse_cert(&bundle.cert, "the client certificate")?],
+        parse_key(&bundle.key, "the client key")?,
+    )?;
+    let mut tcp_tls = tls.clone();
+    tcp_tls.alpn_protocols = vec![passage_shared::frame::ALPN_TCP.to_vec()];
+    let quic = quic::client_config(tls, tuning)?;
+    Ok((quic, Arc::new(tcp_tls)))
+}
+
+/// The relays to use, in order of preference: the bundle's, then `extra`.
+pub fn relay_targets(bundle: &Bundle, extra: &[String], tcp_port: Option<u16>) -> Vec<RelayTarget> {
+    bundle
+        .relays
+        .iter()
+        .chain(extra)
+        .map(|address| {
+            let mut target = RelayTarget::new(address, bundle.server_name.as_deref());
+            target.tcp_port = tcp_port;
+            target
+        })
+        .collect()
+}
+
 /// A bound client, ready to run.
 #[derive(Debug)]
 pub struct Client {
@@ -155,6 +193,7 @@ pub struct Client {
     config: ClientConfig,
     metrics: Option<TcpListener>,
     access: LocalAccess,
+    expiry: CertificateExpiry,
 }
 
 impl Client {
@@ -172,26 +211,11 @@ impl Client {
             config.access_token.as_ref().map(|t| t.0.as_str()),
             &config.cors_origins,
         )?;
-        let bundle = &config.bundle;
-        let tls = client_tls_config(
-            parse_cert(&bundle.ca_cert, "the CA certificate")?,
-            vec![parse_cert(&bundle.cert, "the client certificate")?],
-            parse_key(&bundle.key, "the client key")?,
-        )?;
-        // The same identity over TCP, under the TCP transport's own ALPN.
-        let mut tcp_tls = tls.clone();
-        tcp_tls.alpn_protocols = vec![passage_shared::frame::ALPN_TCP.to_vec()];
-        let quic = quic::client_config(tls, config.tunnel.transport)?;
-        let targets = bundle
-            .relays
-            .iter()
-            .chain(&config.extra_relays)
-            .map(|address| {
-                let mut target = RelayTarget::new(address, bundle.server_name.as_deref());
-                target.tcp_port = config.tcp_port;
-                target
-            })
-            .collect();
+        let (quic, tls) = tunnel_tls(&config.bundle, config.tunnel.transport)?;
+        let expiry =
+            CertificateExpiry::of(&parse_cert(&config.bundle.cert, "the client certificate")?)
+                .ok_or(ClientError::Certificate)?;
+        let targets = relay_targets(&config.bundle, &config.extra_relays, config.tcp_port);
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -209,11 +233,12 @@ impl Client {
         Ok(Client {
             listener,
             quic,
-            tls: Arc::new(tcp_tls),
+            tls,
             targets,
             config,
             metrics,
             access,
+            expiry,
         })
     }
 
@@ -255,8 +280,10 @@ impl Client {
         let metrics = self.metrics.map(|listener| {
             let metrics = Arc::new(ClientMetrics::new());
             let render = {
-                let (metrics, tunnel) = (metrics.clone(), tunnel.clone());
-                Arc::new(move || metrics.render(&tunnel)) as passage_shared::metrics_http::Render
+                let (metrics, tunnel, expiry) =
+                    (metrics.clone(), tunnel.clone(), self.expiry.clone());
+                Arc::new(move || metrics.render(&tunnel, &expiry))
+                    as passage_shared::metrics_http::Render
             };
             let task = tokio::spawn(passage_shared::metrics_http::serve(
                 listener,
@@ -275,7 +302,12 @@ impl Client {
             ws_max_message: self.config.ws_max_message,
             sessions: tokio_util::task::TaskTracker::new(),
             sessions_closing: tokio_util::sync::CancellationToken::new(),
+            expiry: self.expiry.clone(),
         });
+        let expiry_warnings = tokio::spawn(self.expiry.clone().warn_while_due(
+            "client",
+            "ask the relay's operator for a new bundle (`passage-relay renew --name NAME`)",
+        ));
         server::serve(self.listener, ctx, self.config.drain_timeout, shutdown).await;
         if let Some((_, task)) = metrics {
             task.abort();
@@ -284,6 +316,7 @@ impl Client {
         // Let the manager send CONNECTION_CLOSE so the relay frees the
         // connection now rather than after its idle timeout.
         let _ = tokio::time::timeout(Duration::from_secs(2), manager).await;
+        expiry_warnings.abort();
         info!("client stopped");
     }
 }

@@ -28,60 +28,80 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the local endpoint and keep the tunnel up.
-    Run {
-        /// TOML file setting any of these flags by name (e.g.
-        /// `connect-wait = 10`); flags given here win over it.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Bundle file from `passage-relay issue`.
-        #[arg(long)]
-        bundle: PathBuf,
-        /// Local address apps connect to (base_url http://ADDR/v1).
-        #[arg(long, default_value = DEFAULT_LISTEN)]
-        listen: SocketAddr,
-        /// Another relay HOST:PORT to fail over to, after the bundle's (repeatable).
-        #[arg(long = "relay")]
-        relays: Vec<String>,
-        /// Transport to the relays: auto (QUIC, falling back to TLS over TCP
-        /// where UDP is blocked), quic or tcp.
-        #[arg(long, default_value = "auto")]
-        transport: TransportChoice,
-        /// The relays' TCP port, when the relay serves TCP on another port
-        /// than its UDP one (its --listen-tcp).
-        #[arg(long)]
-        tcp_port: Option<u16>,
-        /// File remembering which transport last worked per relay, so a
-        /// restart on a network that blocks UDP goes straight to TCP
-        /// (default: $XDG_STATE_HOME or ~/.local/state, then
-        /// passage-client/transports.json); `none` keeps it in memory.
-        #[arg(long, value_name = "FILE")]
-        state_file: Option<PathBuf>,
-        /// Seconds a request waits for the tunnel before failing with 503.
-        #[arg(long, default_value_t = 4)]
-        connect_wait: u64,
-        /// Serve Prometheus metrics at http://ADDR/metrics.
-        #[arg(long, value_name = "ADDR")]
-        metrics: Option<SocketAddr>,
-        /// Environment variable holding a local access token (16+
-        /// characters): apps must then send it as their API key, and it
-        /// goes no further than this client.
-        #[arg(long, value_name = "VAR")]
-        access_token_env: Option<String>,
-        /// Allow --listen on an address other machines can reach (needs
-        /// --access-token-env).
-        #[arg(long)]
-        allow_non_loopback: bool,
-        /// A web origin (scheme://host[:port]) whose browser requests are
-        /// allowed, with CORS headers (repeatable); other origins get 403.
-        #[arg(long = "cors-origin", value_name = "ORIGIN")]
-        cors_origins: Vec<String>,
+    Run(RunArgs),
+    /// Check each hop to the upstream (bundle, name, relay, QUIC, TCP,
+    /// certificate, upstream, round trip, loss, throughput) and name the
+    /// first that fails; exits 0 when requests would work.
+    Doctor {
         #[command(flatten)]
-        common: CommonArgs,
+        run: RunArgs,
+        /// Print the findings as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for each handshake and each answer.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=120))]
+        timeout: u64,
+        /// Seconds each throughput transfer (up, then down) runs.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=60))]
+        transfer_seconds: u64,
     },
 }
 
+/// The flags of `run`, which `doctor` takes too (so one config file serves both).
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// TOML file setting any of these flags by name (e.g.
+    /// `connect-wait = 10`); flags given here win over it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Bundle file from `passage-relay issue`.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Local address apps connect to (base_url http://ADDR/v1).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// Another relay HOST:PORT to fail over to, after the bundle's (repeatable).
+    #[arg(long = "relay")]
+    relays: Vec<String>,
+    /// Transport to the relays: auto (QUIC, falling back to TLS over TCP
+    /// where UDP is blocked), quic or tcp.
+    #[arg(long, default_value = "auto")]
+    transport: TransportChoice,
+    /// The relays' TCP port, when the relay serves TCP on another port
+    /// than its UDP one (its --listen-tcp).
+    #[arg(long)]
+    tcp_port: Option<u16>,
+    /// File remembering which transport last worked per relay, so a
+    /// restart on a network that blocks UDP goes straight to TCP
+    /// (default: $XDG_STATE_HOME or ~/.local/state, then
+    /// passage-client/transports.json); `none` keeps it in memory.
+    #[arg(long, value_name = "FILE")]
+    state_file: Option<PathBuf>,
+    /// Seconds a request waits for the tunnel before failing with 503.
+    #[arg(long, default_value_t = 4)]
+    connect_wait: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Environment variable holding a local access token (16+
+    /// characters): apps must then send it as their API key, and it
+    /// goes no further than this client.
+    #[arg(long, value_name = "VAR")]
+    access_token_env: Option<String>,
+    /// Allow --listen on an address other machines can reach (needs
+    /// --access-token-env).
+    #[arg(long)]
+    allow_non_loopback: bool,
+    /// A web origin (scheme://host[:port]) whose browser requests are
+    /// allowed, with CORS headers (repeatable); other origins get 403.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
 fn main() -> std::process::ExitCode {
-    let parsed = passage_shared::config_file::parse_with_config::<Cli>("run", &[])
+    let parsed = passage_shared::config_file::parse_with_config::<Cli>(&["run", "doctor"], &[])
         .map_err(anyhow::Error::from)
         .and_then(run);
     match parsed {
@@ -94,7 +114,48 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let Command::Run {
+    match cli.command {
+        Command::Run(args) => serve(args),
+        Command::Doctor {
+            run,
+            json,
+            timeout,
+            transfer_seconds,
+        } => doctor(run, json, timeout, transfer_seconds),
+    }
+}
+
+/// `doctor`: prints its findings; fails (exit 1) when requests would not work.
+fn doctor(args: RunArgs, json: bool, timeout: u64, transfer_seconds: u64) -> anyhow::Result<()> {
+    let mut tuning = TransportTuning::default();
+    args.common.apply(&mut tuning).map_err(anyhow::Error::msg)?;
+    let options = passage_client::doctor::DoctorOptions {
+        extra_relays: args.relays,
+        choice: args.transport,
+        tcp_port: args.tcp_port,
+        tuning,
+        timeout: Duration::from_secs(timeout),
+        transfer_time: Duration::from_secs(transfer_seconds),
+    };
+    let runtime = args
+        .common
+        .runtime()
+        .context("starting the async runtime")?;
+    let report = runtime.block_on(passage_client::doctor::examine(&args.bundle, &options));
+    if json {
+        println!("{}", report.json());
+    } else {
+        print!("{}", report.text());
+    }
+    if report.ok {
+        Ok(())
+    } else {
+        std::process::exit(1)
+    }
+}
+
+fn serve(args: RunArgs) -> anyhow::Result<()> {
+    let RunArgs {
         config: _,
         bundle,
         listen,
@@ -108,7 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         allow_non_loopback,
         cors_origins,
         common,
-    } = cli.command;
+    } = args;
     passage_shared::process::init_logging();
     let mut transport = TransportTuning::default();
     common.apply(&mut transport).map_err(anyhow::Error::msg)?;

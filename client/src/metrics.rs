@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use passage_shared::cert_expiry::CertificateExpiry;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -55,6 +56,7 @@ fn latency_histogram() -> Histogram {
 /// The client's metrics and their registry.
 #[derive(Debug)]
 pub struct ClientMetrics {
+    certificate_expiry: Gauge,
     registry: Registry,
     requests: Family<StatusLabel, Counter>,
     duration: Family<StatusLabel, Histogram, fn() -> Histogram>,
@@ -145,8 +147,15 @@ impl ClientMetrics {
             "QUIC probes made while on TCP, by result (ok: the link moved to QUIC)",
             probes.clone(),
         );
+        let certificate_expiry = Gauge::default();
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until the client's certificate expires (negative once it has)",
+            certificate_expiry.clone(),
+        );
         ClientMetrics {
             registry,
+            certificate_expiry,
             requests,
             duration,
             ttfb,
@@ -162,12 +171,14 @@ impl ClientMetrics {
         }
     }
 
-    /// The metrics as OpenMetrics text, with the tunnel's figures as of now.
-    pub fn render(&self, tunnel: &Tunnel) -> String {
+    /// The metrics as OpenMetrics text, with the tunnel's figures and the
+    /// certificate's expiry as of now.
+    pub fn render(&self, tunnel: &Tunnel, expiry: &CertificateExpiry) -> String {
         let _one_at_a_time = self
             .rendering
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.certificate_expiry.set(expiry.seconds_left());
         self.active_streams.set(tunnel.open_streams() as i64);
         for link in tunnel.links() {
             let label = RelayLabel {

@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use passage_shared::cert_expiry::CertificateExpiry;
 use passage_shared::error_body::ApiError;
 use passage_shared::websocket;
 use tokio::net::TcpListener;
@@ -47,6 +48,8 @@ pub struct ServerContext {
     /// Cancelled when the drain timeout has run out: sessions still open
     /// close with 1001.
     pub sessions_closing: CancellationToken,
+    /// The client certificate's expiry, for `/healthz`.
+    pub expiry: passage_shared::cert_expiry::CertificateExpiry,
 }
 
 /// Most header lines a request may have. Below the 100 that hyper's parser
@@ -189,7 +192,7 @@ async fn handle(
                 *response.status_mut() = StatusCode::NO_CONTENT;
                 return local(response);
             }
-            Ok(Verdict::HealthOnly) => return local(health(&ctx.tunnel, false)),
+            Ok(Verdict::HealthOnly) => return local(health(&ctx.tunnel, None)),
             Err(error) => {
                 warn!(
                     status = error.status.as_u16(),
@@ -201,7 +204,7 @@ async fn handle(
         }
         let request = Request::from_parts(parts, body);
         if request.method() == Method::GET && request.uri().path() == "/healthz" {
-            return local(health(&ctx.tunnel, true));
+            return local(health(&ctx.tunnel, Some(&ctx.expiry)));
         }
         let started = Instant::now();
         let request_bytes = http_body::Body::size_hint(request.body()).exact();
@@ -232,10 +235,12 @@ async fn handle(
 
 /// `GET /healthz`: 200 while a relay is up and confirmed alive (heard
 /// from within the confirmation window), 503 (OpenAI-shaped, with the
-/// reason) otherwise. With `detail` (the caller may know), both carry each
-/// relay's address, link and transport, the request streams open and the
-/// live tasks of this process; without it, only the status.
-fn health(tunnel: &Tunnel, detail: bool) -> Response<ResponseBody> {
+/// reason) otherwise. With the certificate's expiry (the caller may know
+/// the detail), both carry it, each relay's address, link and transport,
+/// the request streams open and the live tasks of this process; without
+/// it, only the status.
+fn health(tunnel: &Tunnel, expiry: Option<&CertificateExpiry>) -> Response<ResponseBody> {
+    let detail = expiry.is_some();
     let links = tunnel.links();
     let confirm_within = tunnel.settings().confirm_within;
     let up = links.iter().find_map(|link| {
@@ -291,7 +296,8 @@ fn health(tunnel: &Tunnel, detail: bool) -> Response<ResponseBody> {
             (error.status, body)
         }
     };
-    if detail {
+    if let Some(expiry) = expiry {
+        expiry.health_fields(&mut body);
         let relays: Vec<serde_json::Value> = links.iter().map(link_detail).collect();
         body["relays"] = relays.into();
         body["open_streams"] = tunnel.open_streams().into();

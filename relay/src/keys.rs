@@ -112,6 +112,13 @@ impl KeyRing {
         );
     }
 
+    /// Every key, in the order configured (for a check of each).
+    pub fn every(&self) -> Vec<KeyChoice> {
+        (0..self.keys.len())
+            .map(|index| self.choice(index))
+            .collect()
+    }
+
     fn resting_until(&self, index: usize) -> Option<Instant> {
         *self.keys[index]
             .resting_until

@@ -9,18 +9,22 @@
 
 pub mod answer_cache;
 pub mod body_prefix;
+pub mod doctor;
+pub mod doctor_answer;
 pub mod keys;
 pub mod ledger;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod pki_cmd;
+pub mod pki_watch;
 pub mod policy;
 pub mod request_model;
 pub mod state;
 pub mod state_redis;
 pub mod stream;
 pub mod upstream;
+pub mod upstream_check;
 pub mod usage;
 pub mod usage_report;
 pub mod websocket;
@@ -30,18 +34,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use passage_shared::cert_expiry::CertificateExpiry;
 use passage_shared::frame::ALPN_TCP;
 use passage_shared::pki::{PkiDir, PkiError};
 use passage_shared::revocation::Revocations;
-use passage_shared::tls::{TlsError, relay_tls_config};
+use passage_shared::tls::{RelayCertificate, TlsError, relay_tls_config};
 use passage_shared::transport::quic::{self, QuicSetupError};
 use passage_shared::transport::{MAX_CONCURRENT_STREAMS, TransportTuning};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::listener::{Revocation, TcpSide};
+use crate::listener::TcpSide;
 use crate::metrics::RelayMetrics;
+use crate::pki_watch::PkiWatch;
 use crate::policy::Policy;
 use crate::state::{Backend, FailMode, StateConfig, StateError, StateStore};
 use crate::stream::StreamContext;
@@ -156,6 +162,9 @@ pub enum RelayError {
     /// The PKI directory could not be read.
     #[error("PKI: {0}")]
     Pki(#[from] PkiError),
+    /// The relay certificate's validity cannot be read.
+    #[error("PKI: the relay certificate's validity cannot be read")]
+    Certificate,
     /// TLS could not be configured.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -195,7 +204,7 @@ pub struct Relay {
     ctx: Arc<StreamContext>,
     drain_timeout: Duration,
     status_interval: Duration,
-    revocation: Revocation,
+    pki: PkiWatch,
     metrics: Option<(tokio::net::TcpListener, Arc<RelayMetrics>)>,
     state: Arc<dyn StateStore>,
 }
@@ -228,12 +237,14 @@ impl Relay {
         let identity = pki.load_relay_identity()?;
         let revocations = Revocations::new(pki.revoked_fingerprints()?);
         let endpoint_config = quic::stable_endpoint_config(identity.key.secret_der());
-        let tls = relay_tls_config(
-            identity.ca,
-            identity.chain,
-            identity.key,
-            revocations.clone(),
-        )?;
+        let leaf = identity
+            .chain
+            .first()
+            .map(|c| c.to_vec())
+            .unwrap_or_default();
+        let expiry = CertificateExpiry::of(&leaf).ok_or(RelayError::Certificate)?;
+        let certificate = Arc::new(RelayCertificate::new(identity.chain, identity.key)?);
+        let tls = relay_tls_config(identity.ca, certificate.clone(), revocations.clone())?;
         // The same identity and verifier over TCP, under the TCP ALPN.
         let mut tcp_tls = tls.clone();
         tcp_tls.alpn_protocols = vec![ALPN_TCP.to_vec()];
@@ -282,11 +293,7 @@ impl Relay {
             state,
             drain_timeout: config.drain_timeout,
             status_interval: config.status_interval,
-            revocation: Revocation {
-                pki_dir: config.pki_dir,
-                revocations,
-                requested: Arc::new(tokio::sync::Notify::new()),
-            },
+            pki: PkiWatch::new(config.pki_dir, revocations, certificate, expiry),
         })
     }
 
@@ -294,7 +301,7 @@ impl Relay {
     /// refuse revoked certificates from then on and close their connections.
     pub fn reload_handle(&self) -> ReloadHandle {
         ReloadHandle {
-            revocations: self.revocation.requested.clone(),
+            revocations: self.pki.requested.clone(),
             ctx: self.ctx.clone(),
         }
     }
@@ -326,14 +333,19 @@ impl Relay {
             upstream = %self.ctx.upstream.base(),
             "relay serving"
         );
+        let expiry = self.pki.expiry.clone();
         let metrics_task = self.metrics.map(|(listener, metrics)| {
             tokio::spawn(passage_shared::metrics_http::serve(
                 listener,
-                metrics.renderer(self.state.clone()),
-                Some(health_renderer(self.state.clone())),
+                metrics.renderer(self.state.clone(), expiry.clone()),
+                Some(health_renderer(self.state.clone(), expiry.clone())),
                 shutdown.clone(),
             ))
         });
+        let expiry_warnings = tokio::spawn(expiry.warn_while_due(
+            "relay",
+            "renew it with `passage-relay renew --server`; the relay loads it within 30 s or on SIGHUP",
+        ));
         listener::serve(
             self.endpoint,
             self.tcp,
@@ -341,13 +353,14 @@ impl Relay {
             self.tuning,
             self.drain_timeout,
             self.status_interval,
-            self.revocation,
+            self.pki,
             shutdown,
         )
         .await;
         if let Some(task) = metrics_task {
             task.abort();
         }
+        expiry_warnings.abort();
         // Every request has ended: what the ledger holds is written out.
         self.state.close().await;
         info!("relay stopped");
@@ -355,17 +368,22 @@ impl Relay {
 }
 
 /// `GET /healthz` on the metrics address: `ok`, or `degraded` with why
-/// (the relay serves either way).
-fn health_renderer(state: Arc<dyn StateStore>) -> passage_shared::metrics_http::Render {
+/// (the relay serves either way), with the state store's health and the
+/// relay certificate's expiry.
+fn health_renderer(
+    state: Arc<dyn StateStore>,
+    expiry: CertificateExpiry,
+) -> passage_shared::metrics_http::Render {
     Arc::new(move || {
         let (status, detail) = match state.health() {
             crate::state::StoreHealth::Ok => ("ok", "ok".to_owned()),
             crate::state::StoreHealth::Degraded(why) => ("degraded", why),
         };
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "status": status,
             "state": {"backend": state.backend(), "status": detail},
         });
+        expiry.health_fields(&mut body);
         format!("{body}\n")
     })
 }

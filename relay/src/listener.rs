@@ -14,17 +14,18 @@
 //! finish and their clients to close the connection; then the endpoint
 //! closes.
 //!
-//! Revocation: on a reload request (SIGHUP) the listener re-reads the PKI
-//! directory's revocation list; the TLS verifier refuses revoked
-//! certificates from then on, and open connections that present one are
-//! closed.
+//! Revocation and renewal: on a reload request (SIGHUP), when the PKI
+//! files change on disk, and when a revocation set for later falls due,
+//! the listener re-reads the revocation list and the relay's certificate
+//! ([`PkiWatch`]); the TLS verifier refuses revoked certificates from then
+//! on, open connections that present one are closed, and new handshakes
+//! get a renewed relay certificate.
 //!
 //! While it runs, the listener logs a status line (connections, open
 //! streams, live tasks) at most once per status interval and only when
 //! those figures changed, so an operator can see them return to zero.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,7 +34,7 @@ use std::net::SocketAddr;
 
 use futures_util::SinkExt;
 use passage_shared::frame::{ALPN_TCP, Frame, Welcome, close_code, frame_writer, reset_code};
-use passage_shared::pki::{PkiDir, certificate_common_name};
+use passage_shared::pki::certificate_common_name;
 use passage_shared::revocation::{Fingerprint, Revocations, fingerprint};
 use passage_shared::transport::{BoxRecv, BoxSend, Ended, TransportKind, TransportTuning, tcp};
 use rustls::pki_types::CertificateDer;
@@ -43,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::pki_watch::PkiWatch;
 use crate::stream::{self, StreamContext};
 
 /// Longest a TLS handshake may take before the attempt is dropped.
@@ -53,17 +55,6 @@ const GO_AWAY_WAIT: Duration = Duration::from_secs(1);
 
 /// How often the relay looks for a QUIC client's new address (migration).
 const ADDRESS_CHECK: Duration = Duration::from_secs(1);
-
-/// The revocation list of a running relay and how to reload it.
-#[derive(Debug)]
-pub struct Revocation {
-    /// The PKI directory holding `revoked.toml`.
-    pub pki_dir: PathBuf,
-    /// The set the TLS verifier checks.
-    pub revocations: Revocations,
-    /// Signalled to reload (SIGHUP).
-    pub requested: Arc<tokio::sync::Notify>,
-}
 
 /// One open client connection: its certificate's fingerprint, the
 /// client's name, and how to close it.
@@ -134,26 +125,35 @@ impl Drop for LiveGuard {
     }
 }
 
-/// Re-reads the revocation list, swaps it into the verifier and closes
-/// open connections of revoked certificates. A list that cannot be read
-/// leaves the old one in force.
-fn reload_revocations(revocation: &Revocation, live: &Live) {
-    match PkiDir::new(&revocation.pki_dir).revoked_fingerprints() {
-        Ok(revoked) => {
-            // Swap first, then close: a connection registering meanwhile is
-            // either seen here or re-checks against the new list itself.
-            let count = revocation.revocations.replace(revoked.clone());
-            let closed = live.close_revoked(&revoked);
-            info!(
-                revoked = count,
-                closed_connections = closed,
-                "revocation list reloaded"
-            );
-        }
-        Err(e) => warn!(
-            error = %passage_shared::error_chain(&e),
-            "cannot read the revocation list; the previous one stays in force"
-        ),
+/// Re-reads the PKI directory ([`PkiWatch::reload`]), closes open
+/// connections of certificates now revoked, and returns when to look again
+/// for a revocation set for later.
+fn reload_pki(watch: &PkiWatch, live: &Live) -> Option<tokio::time::Instant> {
+    let reloaded = watch.reload();
+    if let Some(revoked) = &reloaded.revoked {
+        let closed = live.close_revoked(revoked);
+        info!(
+            revoked = revoked.len(),
+            closed_connections = closed,
+            "revocation list reloaded"
+        );
+    }
+    due_instant(reloaded.next_due)
+}
+
+/// The tokio instant of a wall-clock time (a second late: revocations are
+/// stamped to the second).
+fn due_instant(at: Option<time::OffsetDateTime>) -> Option<tokio::time::Instant> {
+    let wait = at? - time::OffsetDateTime::now_utc() + time::Duration::seconds(1);
+    let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
+    Some(tokio::time::Instant::now() + wait)
+}
+
+/// Resolves at `due`; never without one.
+async fn sleep_until_due(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -212,7 +212,7 @@ pub async fn serve(
     (tuning, max_streams): (TransportTuning, u32),
     drain_timeout: Duration,
     status_interval: Duration,
-    revocation: Revocation,
+    pki: PkiWatch,
     shutdown: CancellationToken,
 ) {
     let live = Arc::new(Live::default());
@@ -224,7 +224,7 @@ pub async fn serve(
         ctx,
         streams: streams.clone(),
         live: live.clone(),
-        revocations: revocation.revocations.clone(),
+        revocations: pki.revocations.clone(),
         tuning,
         max_streams,
         shutdown: shutdown.clone(),
@@ -233,11 +233,18 @@ pub async fn serve(
     let mut status = tokio::time::interval(status_interval.max(Duration::from_millis(100)));
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_status = None;
+    let mut look = tokio::time::interval(crate::pki_watch::LOOK_EVERY);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut due = due_instant(pki.next_due());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = status.tick() => log_status(&connections, &streams, &mut last_status),
-            () = revocation.requested.notified() => reload_revocations(&revocation, &live),
+            () = pki.requested.notified() => due = reload_pki(&pki, &live),
+            _ = look.tick() => if pki.changed_on_disk() {
+                due = reload_pki(&pki, &live);
+            },
+            () = sleep_until_due(due) => due = reload_pki(&pki, &live),
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let unannounced = Unannounced::register(&unannounced);

@@ -43,6 +43,92 @@ struct StoreArgs {
     state: Option<String>,
 }
 
+/// The flags of `serve`, which `doctor` takes too (so one config file serves both).
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// TOML file setting any of these flags by name (e.g.
+    /// `idle-timeout = 600`); flags given here win over it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// PKI directory made by `init`.
+    #[arg(long)]
+    pki: PathBuf,
+    /// UDP address to listen on (QUIC); TLS over TCP is served on the
+    /// same port unless --listen-tcp or --no-tcp says otherwise.
+    #[arg(long, default_value = "0.0.0.0:4433")]
+    listen: SocketAddr,
+    /// TCP address for the fallback transport (TLS over TCP, for
+    /// clients whose networks block UDP); default: --listen's.
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_tcp")]
+    listen_tcp: Option<SocketAddr>,
+    /// Serve QUIC only, no TCP fallback.
+    #[arg(long)]
+    no_tcp: bool,
+    /// Upstream base URL; request paths are appended to it.
+    #[arg(long, default_value = "https://api.openai.com")]
+    upstream: String,
+    /// Environment variable holding an upstream API key (repeatable:
+    /// keys are used in turn, one that gets 401 or 429 rests); when
+    /// set, the key replaces the app's Authorization header.
+    #[arg(long)]
+    api_key_env: Vec<String>,
+    /// Speak only HTTP/2 to the upstream: prior knowledge (h2c) for an
+    /// http:// upstream such as a local gateway; an https upstream must
+    /// offer h2. One connection then carries every stream.
+    #[arg(long)]
+    upstream_http2: bool,
+    /// Requests one upstream HTTP/2 connection carries at once; more
+    /// open another connection rather than queue (servers allow 100 or
+    /// more).
+    #[arg(long, default_value_t = passage_relay::upstream::DEFAULT_STREAMS_PER_CONNECTION, value_parser = clap::value_parser!(u32).range(1..))]
+    upstream_streams_per_connection: u32,
+    /// Seconds to wait for a TCP connection to the upstream.
+    #[arg(long, default_value_t = 10)]
+    connect_timeout: u64,
+    /// Seconds of upstream silence (before the head or between chunks)
+    /// after which the request fails with 504.
+    #[arg(long, default_value_t = 600)]
+    idle_timeout: u64,
+    /// Seconds without a message either way after which a WebSocket
+    /// session is closed.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    ws_idle_timeout: u64,
+    /// Seconds between status lines (connections, open streams, tasks),
+    /// logged only when those figures changed.
+    #[arg(long, default_value_t = 10)]
+    status_interval: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// KiB of a request body read, at most, to find the model of a
+    /// client whose models are restricted (`allow_models`).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    model_scan_limit_kib: u64,
+    /// Largest request body accepted, in MiB (413 above it).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    max_body_mib: u64,
+    /// Request streams one client connection may have open at once;
+    /// more wait for a free one.
+    #[arg(long, default_value_t = passage_shared::transport::MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
+    max_streams_per_connection: u32,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// While the --state store is unreachable: `open` serves under this
+    /// relay's own limits, `closed` refuses limited clients' requests
+    /// with 503 state_unavailable.
+    #[arg(long, value_enum, default_value_t = FailMode::Open)]
+    state_fail: FailMode,
+    /// MiB the response cache may hold (in memory, or in the --state
+    /// Redis); clients use it only where their rules say `cache`.
+    #[arg(long, default_value_t = 256)]
+    cache_mib: u64,
+    /// Keep no usage ledger (the usage line and metrics stay).
+    #[arg(long)]
+    no_ledger: bool,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
 // Parsed once at start: the size of the largest variant costs nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
@@ -78,7 +164,7 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Revoke every certificate issued to a client (a running relay applies it on SIGHUP).
+    /// Revoke every certificate issued to a client (a running relay applies it within 30 s, or on SIGHUP).
     Revoke {
         /// PKI directory made by `init`.
         #[arg(long)]
@@ -87,6 +173,32 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+    /// Renew a client's bundle (--name) or the relay's certificate (--server).
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["name", "server"])))]
+    Renew {
+        /// PKI directory made by `init`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The client whose bundle to renew: same name, relays and server
+        /// name, a new key and certificate, written over its bundle file.
+        #[arg(long)]
+        name: Option<String>,
+        /// Renew the relay's own certificate (same CA and names); a running
+        /// relay loads it within 30 s or on SIGHUP, clients need no change.
+        #[arg(long)]
+        server: bool,
+        /// With --name: how long the client's older certificates keep
+        /// working (e.g. 24h, 7d, 0s to revoke them at once).
+        #[arg(long, default_value = "24h")]
+        grace: String,
+        /// Days the new certificate is valid (default: 730 for a client,
+        /// 1825 for the relay).
+        #[arg(long)]
+        days: Option<i64>,
+        /// With --name: the client's bundle file (default: DIR/clients/NAME.toml).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// List issued client certificates with their expiry and state.
     List {
         /// PKI directory made by `init`.
@@ -94,88 +206,16 @@ enum Command {
         dir: PathBuf,
     },
     /// Accept tunnel connections and forward requests to the upstream.
-    Serve {
-        /// TOML file setting any of these flags by name (e.g.
-        /// `idle-timeout = 600`); flags given here win over it.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// PKI directory made by `init`.
-        #[arg(long)]
-        pki: PathBuf,
-        /// UDP address to listen on (QUIC); TLS over TCP is served on the
-        /// same port unless --listen-tcp or --no-tcp says otherwise.
-        #[arg(long, default_value = "0.0.0.0:4433")]
-        listen: SocketAddr,
-        /// TCP address for the fallback transport (TLS over TCP, for
-        /// clients whose networks block UDP); default: --listen's.
-        #[arg(long, value_name = "ADDR", conflicts_with = "no_tcp")]
-        listen_tcp: Option<SocketAddr>,
-        /// Serve QUIC only, no TCP fallback.
-        #[arg(long)]
-        no_tcp: bool,
-        /// Upstream base URL; request paths are appended to it.
-        #[arg(long, default_value = "https://api.openai.com")]
-        upstream: String,
-        /// Environment variable holding an upstream API key (repeatable:
-        /// keys are used in turn, one that gets 401 or 429 rests); when
-        /// set, the key replaces the app's Authorization header.
-        #[arg(long)]
-        api_key_env: Vec<String>,
-        /// Speak only HTTP/2 to the upstream: prior knowledge (h2c) for an
-        /// http:// upstream such as a local gateway; an https upstream must
-        /// offer h2. One connection then carries every stream.
-        #[arg(long)]
-        upstream_http2: bool,
-        /// Requests one upstream HTTP/2 connection carries at once; more
-        /// open another connection rather than queue (servers allow 100 or
-        /// more).
-        #[arg(long, default_value_t = passage_relay::upstream::DEFAULT_STREAMS_PER_CONNECTION, value_parser = clap::value_parser!(u32).range(1..))]
-        upstream_streams_per_connection: u32,
-        /// Seconds to wait for a TCP connection to the upstream.
-        #[arg(long, default_value_t = 10)]
-        connect_timeout: u64,
-        /// Seconds of upstream silence (before the head or between chunks)
-        /// after which the request fails with 504.
-        #[arg(long, default_value_t = 600)]
-        idle_timeout: u64,
-        /// Seconds without a message either way after which a WebSocket
-        /// session is closed.
-        #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
-        ws_idle_timeout: u64,
-        /// Seconds between status lines (connections, open streams, tasks),
-        /// logged only when those figures changed.
-        #[arg(long, default_value_t = 10)]
-        status_interval: u64,
-        /// Serve Prometheus metrics at http://ADDR/metrics.
-        #[arg(long, value_name = "ADDR")]
-        metrics: Option<SocketAddr>,
-        /// KiB of a request body read, at most, to find the model of a
-        /// client whose models are restricted (`allow_models`).
-        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
-        model_scan_limit_kib: u64,
-        /// Largest request body accepted, in MiB (413 above it).
-        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
-        max_body_mib: u64,
-        /// Request streams one client connection may have open at once;
-        /// more wait for a free one.
-        #[arg(long, default_value_t = passage_shared::transport::MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
-        max_streams_per_connection: u32,
+    Serve(ServeArgs),
+    /// Check what `serve` with these flags needs (PKI and certificate,
+    /// listen sockets, API keys, upstream reach and the keys' verdict, the
+    /// state backend) and name the first that fails; exits 0 when it would serve.
+    Doctor {
         #[command(flatten)]
-        store: StoreArgs,
-        /// While the --state store is unreachable: `open` serves under this
-        /// relay's own limits, `closed` refuses limited clients' requests
-        /// with 503 state_unavailable.
-        #[arg(long, value_enum, default_value_t = FailMode::Open)]
-        state_fail: FailMode,
-        /// MiB the response cache may hold (in memory, or in the --state
-        /// Redis); clients use it only where their rules say `cache`.
-        #[arg(long, default_value_t = 256)]
-        cache_mib: u64,
-        /// Keep no usage ledger (the usage line and metrics stay).
+        serve: ServeArgs,
+        /// Print the findings as one JSON object.
         #[arg(long)]
-        no_ledger: bool,
-        #[command(flatten)]
-        common: CommonArgs,
+        json: bool,
     },
     /// Print the usage ledger's totals by client, model or day.
     Usage {
@@ -204,9 +244,12 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let parsed = passage_shared::config_file::parse_with_config::<Cli>("serve", &POLICY_SECTIONS)
-        .map_err(anyhow::Error::from)
-        .and_then(run);
+    let parsed = passage_shared::config_file::parse_with_config::<Cli>(
+        &["serve", "doctor"],
+        &POLICY_SECTIONS,
+    )
+    .map_err(anyhow::Error::from)
+    .and_then(run);
     match parsed {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -229,6 +272,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => pki_cmd::issue(&dir, &name, &relays, server_name.as_deref(), days, out).map(|_| ()),
         Command::Revoke { dir, name } => pki_cmd::revoke(&dir, &name),
         Command::List { dir } => pki_cmd::list(&dir),
+        Command::Renew {
+            dir,
+            name,
+            server,
+            grace,
+            days,
+            out,
+        } => match name {
+            Some(name) if !server => {
+                let grace = parse_grace(&grace)?;
+                let days = days.unwrap_or(passage_shared::pki::DEFAULT_CLIENT_DAYS);
+                pki_cmd::renew_client(&dir, &name, grace, days, out).map(|_| ())
+            }
+            _ => pki_cmd::renew_server(&dir, days.unwrap_or(passage_shared::pki::RELAY_DAYS)),
+        },
         Command::Usage {
             config,
             pki,
@@ -253,86 +311,130 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             usage(location, &since, by, format)
         }
-        Command::Serve {
-            config: config_path,
-            pki,
-            listen,
-            listen_tcp,
-            no_tcp,
-            upstream,
-            api_key_env,
-            connect_timeout,
-            idle_timeout,
-            ws_idle_timeout,
-            status_interval,
-            metrics,
-            model_scan_limit_kib,
-            max_body_mib,
-            max_streams_per_connection,
-            upstream_http2,
-            upstream_streams_per_connection,
-            store,
-            state_fail,
-            cache_mib,
-            no_ledger,
-            common,
-        } => {
+        Command::Serve(args) => {
             passage_shared::process::init_logging();
-            let upstream = UpstreamBase::parse(&upstream)?;
-            let mut config = RelayConfig::new(listen, pki.clone(), upstream);
-            config.state = StateConfig {
-                backend: match store.state {
-                    Some(url) => Backend::Redis { url },
-                    None => Backend::Embedded {
-                        required: store.data_dir.is_some(),
-                        data_dir: store.data_dir.unwrap_or(pki),
-                    },
-                },
-                fail: state_fail,
-                cache_bytes: cache_mib.saturating_mul(1024 * 1024),
-                ledger: !no_ledger,
-            };
-            config.listen_tcp = match (no_tcp, listen_tcp) {
-                (true, _) => TcpListen::Off,
-                (false, Some(addr)) => TcpListen::At(addr),
-                (false, None) => TcpListen::SamePort,
-            };
-            config.api_keys = api_key_env
-                .iter()
-                .map(|var| read_api_key(var))
-                .collect::<anyhow::Result<_>>()?;
-            config.connect_timeout = Duration::from_secs(connect_timeout);
-            config.upstream_http2 = upstream_http2;
-            config.upstream_streams_per_connection = upstream_streams_per_connection;
-            config.idle_read_timeout = Duration::from_secs(idle_timeout);
-            anyhow::ensure!(status_interval > 0, "--status-interval must be at least 1");
-            config.status_interval = Duration::from_secs(status_interval);
-            config.drain_timeout = common.drain_timeout();
-            config.metrics = metrics;
-            config.max_body = max_body_mib * 1024 * 1024;
-            config.ws_limits = passage_shared::websocket::SessionLimits {
-                max_message: common.ws_max_message(),
-                idle: Duration::from_secs(ws_idle_timeout),
-            };
-            config.max_streams_per_connection = max_streams_per_connection;
-            config.model_scan_limit = usize::try_from(model_scan_limit_kib * 1024)
-                .context("--model-scan-limit-kib is too large")?;
-            common
-                .apply(&mut config.transport)
-                .map_err(anyhow::Error::msg)?;
-            let file = match config_path {
-                Some(path) => {
-                    config.policy = load_policy(&path).map_err(anyhow::Error::msg)?;
-                    Some(ConfigFile {
-                        settings: current_settings().map_err(anyhow::Error::msg)?,
-                        path,
-                    })
-                }
-                None => None,
-            };
+            let (config, common, file) = relay_config(args)?;
             serve(config, &common, file)
         }
+        Command::Doctor { serve, json } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let report = match relay_config(serve) {
+                Ok((config, _, _)) => runtime.block_on(passage_relay::doctor::examine(&config)),
+                // A flag, the config file or a key variable is unusable:
+                // `serve` would stop here too.
+                Err(e) => {
+                    passage_shared::doctor::Report::new(vec![passage_shared::doctor::Check::fail(
+                        "config",
+                        format!("{e:#}"),
+                        "fix the flag, config file key or variable named",
+                    )])
+                }
+            };
+            if json {
+                println!("{}", report.json());
+            } else {
+                print!("{}", report.text());
+            }
+            if !report.ok {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
+}
+
+/// The relay's configuration from the flags of `serve` (and its config file).
+fn relay_config(args: ServeArgs) -> anyhow::Result<(RelayConfig, CommonArgs, Option<ConfigFile>)> {
+    let ServeArgs {
+        config: config_path,
+        pki,
+        listen,
+        listen_tcp,
+        no_tcp,
+        upstream,
+        api_key_env,
+        connect_timeout,
+        idle_timeout,
+        ws_idle_timeout,
+        status_interval,
+        metrics,
+        model_scan_limit_kib,
+        max_body_mib,
+        max_streams_per_connection,
+        upstream_http2,
+        upstream_streams_per_connection,
+        store,
+        state_fail,
+        cache_mib,
+        no_ledger,
+        common,
+    } = args;
+    let upstream = UpstreamBase::parse(&upstream)?;
+    let mut config = RelayConfig::new(listen, pki.clone(), upstream);
+    config.state = StateConfig {
+        backend: match store.state {
+            Some(url) => Backend::Redis { url },
+            None => Backend::Embedded {
+                required: store.data_dir.is_some(),
+                data_dir: store.data_dir.unwrap_or(pki),
+            },
+        },
+        fail: state_fail,
+        cache_bytes: cache_mib.saturating_mul(1024 * 1024),
+        ledger: !no_ledger,
+    };
+    config.listen_tcp = match (no_tcp, listen_tcp) {
+        (true, _) => TcpListen::Off,
+        (false, Some(addr)) => TcpListen::At(addr),
+        (false, None) => TcpListen::SamePort,
+    };
+    config.api_keys = api_key_env
+        .iter()
+        .map(|var| read_api_key(var))
+        .collect::<anyhow::Result<_>>()?;
+    config.connect_timeout = Duration::from_secs(connect_timeout);
+    config.upstream_http2 = upstream_http2;
+    config.upstream_streams_per_connection = upstream_streams_per_connection;
+    config.idle_read_timeout = Duration::from_secs(idle_timeout);
+    anyhow::ensure!(status_interval > 0, "--status-interval must be at least 1");
+    config.status_interval = Duration::from_secs(status_interval);
+    config.drain_timeout = common.drain_timeout();
+    config.metrics = metrics;
+    config.max_body = max_body_mib * 1024 * 1024;
+    config.ws_limits = passage_shared::websocket::SessionLimits {
+        max_message: common.ws_max_message(),
+        idle: Duration::from_secs(ws_idle_timeout),
+    };
+    config.max_streams_per_connection = max_streams_per_connection;
+    config.model_scan_limit = usize::try_from(model_scan_limit_kib * 1024)
+        .context("--model-scan-limit-kib is too large")?;
+    common
+        .apply(&mut config.transport)
+        .map_err(anyhow::Error::msg)?;
+    let file = match config_path {
+        Some(path) => {
+            config.policy = load_policy(&path).map_err(anyhow::Error::msg)?;
+            Some(ConfigFile {
+                settings: current_settings().map_err(anyhow::Error::msg)?,
+                path,
+            })
+        }
+        None => None,
+    };
+    Ok((config, common, file))
+}
+
+/// A grace period: `0`, or a number and s, m, h or d.
+fn parse_grace(text: &str) -> anyhow::Result<Duration> {
+    if text.trim().trim_end_matches(['s', 'm', 'h', 'd']) == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let ms = passage_relay::usage_report::parse_period(text)
+        .map_err(|e| anyhow::anyhow!("--grace {e}"))?;
+    Ok(Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
 }
 
 /// Where a relay keeps its ledger, as `usage` was told.
@@ -421,7 +523,7 @@ struct ConfigFile {
 /// Parses the process's command line and config file again, as at start.
 fn current_settings() -> Result<Vec<FileSetting>, String> {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    config_file::try_parse_with_config::<Cli>(&argv, "serve", &POLICY_SECTIONS)
+    config_file::try_parse_with_config::<Cli>(&argv, &["serve", "doctor"], &POLICY_SECTIONS)
         .map(|(_, settings)| settings)
         .map_err(|e| e.to_string())
 }
@@ -508,7 +610,7 @@ fn serve(config: RelayConfig, common: &CommonArgs, file: Option<ConfigFile>) -> 
         let reload = relay.reload_handle();
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading the config file and the revocation list");
+                tracing::info!("SIGHUP: reloading the config file, the revocation list and the relay certificate");
                 // A reload that panics must not end the reloads that follow.
                 let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     reload_config(file.as_ref(), &reload);

@@ -108,6 +108,7 @@ pub struct RelayMetrics {
     usage_tokens: Family<ClientModelKind, Counter>,
     usage_bytes: Family<ClientModelKind, Counter>,
     state_up: Gauge,
+    certificate_expiry: Gauge,
     state_failures: Counter,
     ledger_dropped: Counter,
     models: Mutex<HashSet<String>>,
@@ -207,6 +208,12 @@ impl RelayMetrics {
             "Times the state store failed or did not answer within 250 ms",
             state_failures.clone(),
         );
+        let certificate_expiry = Gauge::default();
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until the relay's certificate expires (negative once it has)",
+            certificate_expiry.clone(),
+        );
         let ledger_dropped = Counter::default();
         registry.register(
             "ledger_dropped",
@@ -230,6 +237,7 @@ impl RelayMetrics {
             state_up,
             state_failures,
             ledger_dropped,
+            certificate_expiry,
             models: Mutex::new(HashSet::new()),
         }
     }
@@ -243,14 +251,16 @@ impl RelayMetrics {
     }
 
     /// A renderer for [`passage_shared::metrics_http::serve`] that first
-    /// reads the state store's figures.
+    /// reads the state store's figures and the certificate's expiry.
     pub fn renderer(
         self: &Arc<Self>,
         state: Arc<dyn crate::state::StateStore>,
+        expiry: passage_shared::cert_expiry::CertificateExpiry,
     ) -> passage_shared::metrics_http::Render {
         let metrics = self.clone();
         Arc::new(move || {
             metrics.observe_state(&*state);
+            metrics.certificate_expiry.set(expiry.seconds_left());
             metrics.render()
         })
     }

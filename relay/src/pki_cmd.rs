@@ -1,5 +1,6 @@
 //! The PKI commands of `passage-relay`: `init` makes the CA and relay
-//! certificate, `issue` writes one client bundle.
+//! certificate, `issue` writes one client bundle, `renew` replaces a
+//! client's bundle or the relay's certificate, `revoke` and `list`.
 
 use std::path::{Path, PathBuf};
 
@@ -79,7 +80,7 @@ pub fn issue(
 }
 
 /// `passage-relay revoke`: puts every certificate issued to `name` on the
-/// revocation list; a running relay applies it on SIGHUP.
+/// revocation list; a running relay applies it within 30 s, or on SIGHUP.
 pub fn revoke(dir: &Path, name: &str) -> anyhow::Result<()> {
     let pki = PkiDir::new(dir);
     let added = pki
@@ -92,8 +93,93 @@ pub fn revoke(dir: &Path, name: &str) -> anyhow::Result<()> {
             "revoked {added} certificate(s) of {name:?} in {}",
             pki.revocation_list_path().display()
         );
-        println!("send SIGHUP to the running relay to apply it (its connections are closed)");
+        println!(
+            "a running relay applies it within 30 s, or at once on SIGHUP (its connections are closed)"
+        );
     }
+    Ok(())
+}
+
+/// `passage-relay renew --name`: a fresh bundle for an existing client
+/// (same name, relays and server name, a new key and certificate), written
+/// where its bundle was; the client's older certificates are revoked once
+/// `grace` has passed, so the old bundle works until the new one is in
+/// place. Returns the new bundle's path.
+pub fn renew_client(
+    dir: &Path,
+    name: &str,
+    grace: std::time::Duration,
+    days: i64,
+    out: Option<PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    if days <= 0 {
+        bail!("--days must be positive");
+    }
+    let pki = PkiDir::new(dir);
+    let out = out.unwrap_or_else(|| pki.bundle_path(name));
+    let old = passage_shared::bundle::Bundle::load(&out).with_context(|| {
+        format!("reading {name:?}'s bundle (its relays and server name are kept); give --out FILE if it is elsewhere")
+    })?;
+    if old.name != name {
+        bail!(
+            "{} is the bundle of {:?}, not {name:?}",
+            out.display(),
+            old.name
+        );
+    }
+    let bundle = pki
+        .issue_client(name, &old.relays, old.server_name.as_deref(), days)
+        .with_context(|| format!("issuing a certificate for {name:?} from {}", dir.display()))?;
+    let text = bundle.to_toml().context("encoding the bundle")?;
+    let mut fresh = out.as_os_str().to_owned();
+    fresh.push(".new");
+    let fresh = PathBuf::from(fresh);
+    let _ = std::fs::remove_file(&fresh);
+    write_new_file(&fresh, text.as_bytes(), 0o600)
+        .with_context(|| format!("writing the new bundle for {name:?}"))?;
+    let grace = time::Duration::try_from(grace).context("--grace is too long")?;
+    let from = time::OffsetDateTime::now_utc() + grace;
+    // The old certificates first, then the new one on record: the new one
+    // is never on the list.
+    let revoked = pki
+        .revoke_from(name, from)
+        .with_context(|| format!("revoking {name:?}'s older certificates"))?;
+    pki.record_issued(name, &bundle.cert)
+        .with_context(|| format!("recording the certificate of {name:?}"))?;
+    std::fs::rename(&fresh, &out).with_context(|| format!("replacing {}", out.display()))?;
+    println!(
+        "wrote the new bundle for {name:?} to {} (mode 0600)",
+        out.display()
+    );
+    if revoked > 0 {
+        println!(
+            "its {revoked} older certificate(s) stop working at {} UTC; a running relay applies that by itself",
+            from.to_offset(time::UtcOffset::UTC)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        );
+    }
+    println!("copy it to the client machine and restart passage-client with it before then");
+    Ok(out)
+}
+
+/// `passage-relay renew --server`: a new relay certificate and key from
+/// the same CA for the same names; clients need no change.
+pub fn renew_server(dir: &Path, days: i64) -> anyhow::Result<()> {
+    if days <= 0 {
+        bail!("--days must be positive");
+    }
+    let pki = PkiDir::new(dir);
+    pki.renew_relay(days)
+        .with_context(|| format!("renewing the relay certificate in {}", dir.display()))?;
+    println!(
+        "renewed the relay certificate in {} for {} days (the old one is kept as relay.crt.old)",
+        dir.display(),
+        days
+    );
+    println!(
+        "a running relay loads it within 30 s, or at once on SIGHUP; connections open now carry on"
+    );
     Ok(())
 }
 
@@ -122,11 +208,13 @@ pub fn list(dir: &Path) -> anyhow::Result<()> {
             continue;
         }
         let state = if cert.revoked {
-            "revoked"
+            "revoked".to_owned()
         } else if cert.expired {
-            "expired"
+            "expired".to_owned()
+        } else if let Some(from) = &cert.revoked_from {
+            format!("valid, revoked from {from} UTC")
         } else {
-            "valid"
+            "valid".to_owned()
         };
         println!(
             "{:width$}  {:16}  {:10}  {state}",

@@ -603,6 +603,28 @@ fn client_for(url: &str) -> Result<redis::Client, StateError> {
     redis::Client::open(info).map_err(bad)
 }
 
+/// One PING to the Redis at `url` on a connection of its own, within
+/// `limit`: how long it took, or why it failed (never with the password).
+pub async fn ping(url: &str, limit: Duration) -> Result<Duration, String> {
+    let client = client_for(url).map_err(|e| e.to_string())?;
+    let started = std::time::Instant::now();
+    let attempt = async {
+        let mut connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+            .map_err(|e| format!("PING failed: {e}"))
+    };
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(Ok(_)) => Ok(started.elapsed()),
+        Ok(Err(why)) => Err(why),
+        Err(_) => Err(format!("no answer within {} s", limit.as_secs())),
+    }
+}
+
 /// A connection that never waits longer than the store may be waited on.
 fn connection_for(client: redis::Client) -> Result<ConnectionManager, StateError> {
     let config = ConnectionManagerConfig::new()

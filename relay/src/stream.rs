@@ -259,6 +259,19 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
     let span =
         info_span!("request", id = %head.id, client = %client, method = %head.method, path = %path);
     async move {
+        if let Some(question) = crate::doctor_answer::question(&head) {
+            // A client's doctor asks the relay itself: no upstream call,
+            // no limits, no ledger entry.
+            let started = Instant::now();
+            match crate::doctor_answer::answer(question, &mut frames, &mut responder, &ctx).await {
+                Ok(status) => {
+                    responder.get_mut().finish();
+                    info!(status, ms = millis(started.elapsed()), question = %String::from_utf8_lossy(question), "doctor question answered");
+                }
+                Err(e) => debug!(error = %e, "could not answer the doctor"),
+            }
+            return;
+        }
         let started = Instant::now();
         let mut record = RequestRecord::default();
         if let Some(metrics) = &ctx.metrics {

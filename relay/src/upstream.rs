@@ -405,6 +405,14 @@ impl UpstreamClient {
         self.keys.is_some()
     }
 
+    /// Every relay key's `Authorization` value, in the order configured
+    /// (none when apps' own keys go upstream).
+    pub fn key_authorizations(&self) -> Vec<HeaderValue> {
+        self.keys.as_ref().map_or_else(Vec::new, |keys| {
+            keys.every().into_iter().map(|k| k.authorization).collect()
+        })
+    }
+
     /// The configured upstream.
     pub fn base(&self) -> &UpstreamBase {
         &self.base

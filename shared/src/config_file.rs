@@ -185,35 +185,38 @@ impl std::fmt::Display for ParseFailure {
     }
 }
 
-/// Parses `argv` as `P`. When its subcommand `name` was given `--config
-/// FILE`, the file's settings are merged in first (flags on the command
-/// line win); those settings are returned too.
+/// Parses `argv` as `P`. When one of its subcommands `names` was given
+/// `--config FILE`, the file's settings are merged in first (flags on the
+/// command line win); those settings are returned too.
 pub fn try_parse_with_config<P: clap::Parser>(
     argv: &[OsString],
-    name: &str,
+    names: &[&str],
     sections: &[&str],
 ) -> Result<(P, Vec<FileSetting>), ParseFailure> {
     let parsed =
         |matches: &clap::ArgMatches| P::from_arg_matches(matches).map_err(ParseFailure::Usage);
     // A first pass without required flags: they may come from the file.
-    let lenient = P::command().mut_subcommand(name, |sub| sub.mut_args(|arg| arg.required(false)));
+    let lenient = names.iter().fold(P::command(), |command, name| {
+        command.mut_subcommand(name, |sub| sub.mut_args(|arg| arg.required(false)))
+    });
     let first = lenient
         .clone()
         .try_get_matches_from(argv)
         .map_err(ParseFailure::Usage)?;
     let config = match first.subcommand() {
-        Some((sub, matches)) if sub == name => matches
+        Some((sub, matches)) if names.contains(&sub) => matches
             .get_one::<std::path::PathBuf>("config")
             .cloned()
-            .map(|path| (path, matches.clone())),
+            .map(|path| (sub.to_owned(), path, matches.clone())),
         _ => None,
     };
-    let Some((path, sub_matches)) = config else {
+    let Some((name, path, sub_matches)) = config else {
         let matches = P::command()
             .try_get_matches_from(argv)
             .map_err(ParseFailure::Usage)?;
         return Ok((parsed(&matches)?, Vec::new()));
     };
+    let name = name.as_str();
     let settings = match lenient.find_subcommand(name) {
         Some(sub_command) => file_settings(sub_command, &sub_matches, &path, sections)
             .map_err(ParseFailure::Config)?,
@@ -237,11 +240,11 @@ pub fn try_parse_with_config<P: clap::Parser>(
 /// Parses the process's arguments as `P` (see [`try_parse_with_config`]);
 /// usage errors and `--help` exit as clap does.
 pub fn parse_with_config<P: clap::Parser>(
-    name: &str,
+    names: &[&str],
     sections: &[&str],
 ) -> Result<P, ConfigFileError> {
     let argv: Vec<OsString> = std::env::args_os().collect();
-    match try_parse_with_config(&argv, name, sections) {
+    match try_parse_with_config(&argv, names, sections) {
         Ok((parsed, _)) => Ok(parsed),
         Err(ParseFailure::Config(e)) => Err(e),
         Err(ParseFailure::Usage(e)) => e.exit(),

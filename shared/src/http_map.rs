@@ -22,6 +22,13 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
+/// Headers that mark a request for the tunnel itself (a WebSocket
+/// session, a doctor's question): set by passage, never taken from an app.
+const TUNNEL_MARKERS: [&str; 2] = [
+    crate::websocket::UPGRADE_HEADER,
+    crate::doctor::DOCTOR_HEADER,
+];
+
 /// Whether `name` (in any case) is a hop-by-hop header by definition.
 pub fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
@@ -41,7 +48,9 @@ pub fn headers_to_wire(headers: &HeaderMap) -> Vec<Header> {
         .iter()
         .filter(|(name, _)| {
             let name = name.as_str();
-            !is_hop_by_hop(name) && !named_by_connection.iter().any(|n| n == name)
+            !is_hop_by_hop(name)
+                && !TUNNEL_MARKERS.iter().any(|m| m.eq_ignore_ascii_case(name))
+                && !named_by_connection.iter().any(|n| n == name)
         })
         .map(|(name, value)| Header {
             name: name.as_str().to_owned(),
@@ -122,6 +131,17 @@ mod tests {
         extend_from_wire(&mut headers, wire).expect("valid");
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn an_app_cannot_send_a_tunnel_marker() {
+        let mut headers = HeaderMap::new();
+        headers.insert("Passage-Doctor", HeaderValue::from_static("upstream"));
+        headers.insert("passage-upgrade", HeaderValue::from_static("websocket"));
+        headers.insert("x-passage-cache", HeaderValue::from_static("skip"));
+        let wire = headers_to_wire(&headers);
+        let names: Vec<&str> = wire.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["x-passage-cache"]);
     }
 
     #[test]

@@ -8,7 +8,9 @@
 pub mod allocator;
 pub mod body;
 pub mod bundle;
+pub mod cert_expiry;
 pub mod config_file;
+pub mod doctor;
 pub mod error_body;
 pub mod frame;
 pub mod http_map;

@@ -32,7 +32,7 @@ pub const DEFAULT_RELAY_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 /// Days a CA certificate is valid.
 const CA_DAYS: i64 = 3650;
 /// Days the relay certificate is valid.
-const RELAY_DAYS: i64 = 1825;
+pub const RELAY_DAYS: i64 = 1825;
 /// Days a client certificate is valid unless `issue` is told otherwise.
 pub const DEFAULT_CLIENT_DAYS: i64 = 730;
 /// Backdating of `not_before`, so a client whose clock is a little behind still connects.
@@ -246,6 +246,50 @@ impl PkiDir {
         })
     }
 
+    /// Replaces the relay's certificate and key with new ones from the same
+    /// CA for the same names, valid `days`; the old pair is kept beside
+    /// them as `relay.crt.old` and `relay.key.old`. Clients need no change:
+    /// they trust the CA. The key is renamed into place before the
+    /// certificate, so a relay reading between the two finds a mismatched
+    /// pair, keeps its old one, and reads again.
+    pub fn renew_relay(&self, days: i64) -> Result<(), PkiError> {
+        let names = self.relay_names()?;
+        let ca_pem = read_text(&self.ca_cert_path())?;
+        let ca_key_pem = read_private(&self.ca_key_path())?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(crypto("reading the CA key"))?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
+            .map_err(crypto("reading the CA certificate"))?;
+        let params = CertificateParams::new(names).map_err(crypto("relay certificate names"))?;
+        let (cert, key) = sign_leaf(
+            params,
+            "passage relay",
+            ExtendedKeyUsagePurpose::ServerAuth,
+            days,
+            &issuer,
+        )?;
+        let (cert_path, key_path) = (self.relay_cert_path(), self.relay_key_path());
+        let with_suffix = |path: &Path, suffix: &str| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            PathBuf::from(name)
+        };
+        for (path, text, mode) in [
+            (&key_path, key.serialize_pem(), 0o600),
+            (&cert_path, cert.pem(), 0o644),
+        ] {
+            let fresh = with_suffix(path, ".new");
+            let _ = fs::remove_file(&fresh);
+            write_new_file(&fresh, text.as_bytes(), mode)?;
+        }
+        for path in [&key_path, &cert_path] {
+            fs::copy(path, with_suffix(path, ".old")).map_err(io_at(path))?;
+        }
+        for path in [&key_path, &cert_path] {
+            fs::rename(with_suffix(path, ".new"), path).map_err(io_at(path))?;
+        }
+        Ok(())
+    }
+
     /// The DNS names and IP addresses the relay certificate is valid for.
     pub fn relay_names(&self) -> Result<Vec<String>, PkiError> {
         let der = parse_cert(
@@ -292,6 +336,23 @@ impl PkiDir {
             key: parse_key(&read_private(&self.relay_key_path())?, "the relay key")?,
         })
     }
+}
+
+/// When the DER certificate `der` expires (`None` if it cannot be read).
+pub fn certificate_not_after(der: &[u8]) -> Option<OffsetDateTime> {
+    x509_parser::parse_x509_certificate(der)
+        .ok()
+        .map(|(_, cert)| cert.validity().not_after.to_datetime())
+}
+
+/// A UTC time as `YYYY-MM-DD`, as expiry dates are shown.
+pub fn day_of(time: OffsetDateTime) -> String {
+    format!(
+        "{}-{:02}-{:02}",
+        time.year(),
+        u8::from(time.month()),
+        time.day()
+    )
 }
 
 /// Parses one PEM certificate.

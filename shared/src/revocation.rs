@@ -8,6 +8,9 @@
 //! ```
 //!
 //! A certificate is named by its SHA-256 fingerprint (of its DER bytes).
+//! `revoked_at` (UTC, `YYYY-MM-DDTHH:MM:SSZ`) is when the revocation takes
+//! effect: `renew` sets it a grace period ahead, so the old certificate
+//! keeps working while the new bundle reaches its client.
 
 use std::collections::HashSet;
 use std::fs;
@@ -17,7 +20,10 @@ use std::sync::{Arc, RwLock};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::pki::{PkiDir, PkiError, certificate_common_name, parse_cert, write_new_file};
+use crate::pki::{
+    PkiDir, PkiError, certificate_common_name, certificate_not_after, day_of, parse_cert,
+    write_new_file,
+};
 
 /// A certificate's SHA-256 fingerprint.
 pub type Fingerprint = [u8; 32];
@@ -53,8 +59,10 @@ pub struct IssuedCert {
     pub not_after: String,
     /// Whether it has expired.
     pub expired: bool,
-    /// Whether it is on the revocation list.
+    /// Whether it is revoked now.
     pub revoked: bool,
+    /// When a revocation set for later takes effect, `YYYY-MM-DD HH:MM` UTC.
+    pub revoked_from: Option<String>,
     /// Why the file could not be read, if it could not (the rest is empty then).
     pub problem: Option<String>,
 }
@@ -102,6 +110,7 @@ impl PkiDir {
     /// file that cannot be read is listed with its problem, not fatal.
     pub fn issued(&self) -> Result<Vec<IssuedCert>, PkiError> {
         let revoked = self.revoked_fingerprints()?;
+        let pending = self.pending_revocations()?;
         let now = time::OffsetDateTime::now_utc();
         let mut seen = HashSet::new();
         let mut issued = Vec::new();
@@ -120,18 +129,21 @@ impl PkiDir {
                     if !seen.insert(print) {
                         continue;
                     }
-                    let not_after = x509_parser::parse_x509_certificate(&der)
-                        .ok()
-                        .map(|(_, cert)| cert.validity().not_after.to_datetime());
+                    let not_after = certificate_not_after(&der);
                     issued.push(IssuedCert {
                         name: certificate_common_name(&der).unwrap_or_else(|| "?".to_owned()),
                         fingerprint: hex(&print),
-                        not_after: not_after.map_or_else(
-                            || "?".to_owned(),
-                            |t| format!("{}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day()),
-                        ),
+                        not_after: not_after.map_or_else(|| "?".to_owned(), day_of),
                         expired: not_after.is_some_and(|t| t < now),
                         revoked: revoked.contains(&print),
+                        revoked_from: pending
+                            .iter()
+                            .filter(|(p, _)| *p == print)
+                            .map(|(_, at)| *at)
+                            .min()
+                            .map(|at| {
+                                format!("{} {:02}:{:02}", day_of(at), at.hour(), at.minute())
+                            }),
                         problem: None,
                     });
                 }
@@ -141,6 +153,7 @@ impl PkiDir {
                     not_after: String::new(),
                     expired: false,
                     revoked: false,
+                    revoked_from: None,
                     problem: Some(problem),
                 }),
             }
@@ -152,6 +165,13 @@ impl PkiDir {
     /// Revokes every recorded certificate of client `name` not revoked yet;
     /// returns how many were added to the list.
     pub fn revoke(&self, name: &str) -> Result<usize, PkiError> {
+        self.revoke_from(name, time::OffsetDateTime::now_utc())
+    }
+
+    /// Revokes every recorded certificate of client `name` not revoked yet
+    /// as of `from` (now, or later for a grace period); returns how many
+    /// were added to the list.
+    pub fn revoke_from(&self, name: &str, from: time::OffsetDateTime) -> Result<usize, PkiError> {
         let issued = self.issued()?;
         if !issued.iter().any(|cert| cert.name == name) {
             return Err(PkiError::InvalidName {
@@ -163,16 +183,7 @@ impl PkiDir {
         // One revoke at a time: the list is read, extended and replaced.
         let _lock = ListLock::take(&self.revocation_list_path().with_extension("toml.lock"))?;
         let mut list = self.revocation_list()?;
-        let now = time::OffsetDateTime::now_utc();
-        let stamp = format!(
-            "{}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-            now.year(),
-            u8::from(now.month()),
-            now.day(),
-            now.hour(),
-            now.minute(),
-            now.second()
-        );
+        let stamp = stamp(from);
         let mut added = 0;
         for cert in issued
             .iter()
@@ -210,12 +221,40 @@ impl PkiDir {
         Ok(added)
     }
 
-    /// The fingerprints on the revocation list (none if there is no list).
+    /// Revocations on the list that take effect later, with when.
+    pub fn pending_revocations(
+        &self,
+    ) -> Result<Vec<(Fingerprint, time::OffsetDateTime)>, PkiError> {
+        let now = time::OffsetDateTime::now_utc();
+        Ok(self
+            .revocation_list()?
+            .revoked
+            .iter()
+            .filter_map(|entry| {
+                let at = parse_stamp(&entry.revoked_at)?;
+                (at > now).then_some((from_hex(&entry.fingerprint)?, at))
+            })
+            .collect())
+    }
+
+    /// When the next revocation set for later takes effect, if any.
+    pub fn next_revocation_due(&self) -> Result<Option<time::OffsetDateTime>, PkiError> {
+        Ok(self
+            .pending_revocations()?
+            .into_iter()
+            .map(|(_, at)| at)
+            .min())
+    }
+
+    /// The fingerprints revoked now (none if there is no list): entries
+    /// whose time has come, and any whose time cannot be read.
     pub fn revoked_fingerprints(&self) -> Result<HashSet<Fingerprint>, PkiError> {
         let path = self.revocation_list_path();
+        let now = time::OffsetDateTime::now_utc();
         self.revocation_list()?
             .revoked
             .iter()
+            .filter(|entry| parse_stamp(&entry.revoked_at).is_none_or(|at| at <= now))
             .map(|entry| {
                 from_hex(&entry.fingerprint).ok_or_else(|| PkiError::Crypto {
                     context: format!("reading {}", path.display()),
@@ -239,6 +278,41 @@ impl PkiDir {
             message: e.message().to_owned(),
         })
     }
+}
+
+/// A time as `revoked.toml` keeps it: `YYYY-MM-DDTHH:MM:SSZ`, UTC.
+fn stamp(at: time::OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second()
+    )
+}
+
+/// Reads a [`stamp`].
+fn parse_stamp(text: &str) -> Option<time::OffsetDateTime> {
+    let (date, clock) = text.strip_suffix('Z')?.split_once('T')?;
+    let mut date = date.splitn(3, '-').map(str::parse::<u32>);
+    let mut clock = clock.splitn(3, ':').map(str::parse::<u8>);
+    let (year, month, day) = (date.next()?.ok()?, date.next()?.ok()?, date.next()?.ok()?);
+    let (hour, minute, second) = (
+        clock.next()?.ok()?,
+        clock.next()?.ok()?,
+        clock.next()?.ok()?,
+    );
+    let date = time::Date::from_calendar_date(
+        i32::try_from(year).ok()?,
+        time::Month::try_from(u8::try_from(month).ok()?).ok()?,
+        u8::try_from(day).ok()?,
+    )
+    .ok()?;
+    let clock = time::Time::from_hms(hour, minute, second).ok()?;
+    Some(time::PrimitiveDateTime::new(date, clock).assume_utc())
 }
 
 /// The files in `dir` ending in `.extension` (none if `dir` does not exist).
@@ -418,5 +492,37 @@ mod tests {
         let print = fingerprint(b"certificate");
         assert_eq!(from_hex(&hex(&print)), Some(print));
         assert_eq!(from_hex("zz"), None);
+    }
+
+    #[test]
+    fn a_revocation_set_for_later_waits_for_its_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = PkiDir::new(dir.path().join("pki"));
+        pki.init(&[]).expect("init");
+        let bundle = pki
+            .issue_client("alice", &["localhost:4433".into()], None, 30)
+            .expect("issue");
+        pki.record_issued("alice", &bundle.cert).expect("record");
+        let later = time::OffsetDateTime::now_utc() + time::Duration::hours(2);
+        assert_eq!(pki.revoke_from("alice", later).expect("revoke"), 1);
+        assert!(pki.revoked_fingerprints().expect("load").is_empty());
+        let due = pki.next_revocation_due().expect("load").expect("pending");
+        assert!(
+            (due - later).abs() < time::Duration::seconds(1),
+            "{due} {later}"
+        );
+        let listed = pki.issued().expect("list");
+        assert!(
+            !listed[0].revoked && listed[0].revoked_from.is_some(),
+            "{listed:?}"
+        );
+        // Revoked now as well: the earlier time wins.
+        assert_eq!(pki.revoke("alice").expect("revoke"), 1);
+        assert_eq!(pki.revoked_fingerprints().expect("load").len(), 1);
+        assert_eq!(
+            parse_stamp(&stamp(later)).map(|t| t.unix_timestamp()),
+            Some(later.unix_timestamp())
+        );
+        assert_eq!(parse_stamp("2026-13-01T00:00:00Z"), None);
     }
 }

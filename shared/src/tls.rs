@@ -98,12 +98,82 @@ impl ClientCertVerifier for RevocationCheck {
     }
 }
 
-/// The relay's TLS config: its own certificate, and client certificates
-/// required, verified against `ca`, and refused when in `revocations`.
-pub fn relay_tls_config(
-    ca: CertificateDer<'static>,
+/// The relay's own certificate and key, replaceable while it serves: a
+/// renewed certificate (`passage-relay renew --server`) is put in place on
+/// reload, for every handshake from then on, over QUIC and TCP alike.
+#[derive(Debug)]
+pub struct RelayCertificate {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl RelayCertificate {
+    /// The certificate `chain` (leaf first) with its `key`.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<RelayCertificate, TlsError> {
+        Ok(RelayCertificate {
+            current: std::sync::RwLock::new(Arc::new(certified_key(chain, key)?)),
+        })
+    }
+
+    /// Serves `chain` and `key` from the next handshake on; the key must
+    /// match the certificate, or the old pair stays.
+    pub fn replace(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<(), TlsError> {
+        let fresh = Arc::new(certified_key(chain, key)?);
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        Ok(())
+    }
+
+    /// The leaf certificate served now.
+    pub fn leaf(&self) -> Option<CertificateDer<'static>> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .cert
+            .first()
+            .cloned()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for RelayCertificate {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        )
+    }
+}
+
+/// A certificate chain and its key as rustls signs with them, checked to
+/// belong together.
+fn certified_key(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+) -> Result<rustls::sign::CertifiedKey, TlsError> {
+    let certified = rustls::sign::CertifiedKey::from_der(chain, key, &provider())?;
+    certified.keys_match()?;
+    Ok(certified)
+}
+
+/// The relay's TLS config: its own certificate (replaceable, see
+/// [`RelayCertificate`]), and client certificates required, verified
+/// against `ca`, and refused when in `revocations`.
+pub fn relay_tls_config(
+    ca: CertificateDer<'static>,
+    certificate: Arc<RelayCertificate>,
     revocations: Revocations,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
@@ -113,7 +183,7 @@ pub fn relay_tls_config(
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(certificate);
     config.alpn_protocols = vec![ALPN.to_vec()];
     config.max_early_data_size = 0;
     // No session resumption: a resumed handshake reuses the earlier client
@@ -121,6 +191,21 @@ pub fn relay_tls_config(
     // come back. Reconnects are rare; a full handshake costs little.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// A TLS config that trusts only `ca` and presents no certificate: for a
+/// relay's `doctor` to tell whether the relay of this PKI serves a port
+/// (the relay then refuses it, after its own certificate was checked).
+pub fn anonymous_probe_config(
+    ca: CertificateDer<'static>,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(config)
 }
 

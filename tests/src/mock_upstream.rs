@@ -194,6 +194,7 @@ async fn route(
         ("GET", "/v1/broken-sized") => broken_sized(),
         ("GET", "/download") => download(&request, record.clone()),
         ("GET", "/v1/keyed") => keyed(&request),
+        ("GET", "/v1/models") if key_is_rejected(&request) => rejected_key(),
         ("GET", "/v1/open-cors") => open_cors(),
         ("GET", "/v1/realtime") => crate::mock_realtime::realtime(request, record.clone()),
         ("GET", "/v1/many-headers") => many_headers(query_u64(&request, "n").unwrap_or(300)),
@@ -596,6 +597,28 @@ async fn sink(request: Request<Incoming>) -> Response<MockBody> {
         }
     }
     json(StatusCode::OK, serde_json::json!({"bytes": len}))
+}
+
+/// Whether the request's key is one this mock refuses: any whose
+/// Authorization contains `rejected`, as the API refuses a revoked key.
+fn key_is_rejected(request: &Request<Incoming>) -> bool {
+    request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("rejected"))
+}
+
+/// The API's answer to a key it does not know.
+fn rejected_key() -> Response<MockBody> {
+    json(
+        StatusCode::UNAUTHORIZED,
+        serde_json::json!({"error": {
+            "message": "Incorrect API key provided: sk-rejected-0000. You can find your API key at https://platform.openai.com/account/api-keys.",
+            "type": "invalid_request_error",
+            "code": "invalid_api_key"
+        }}),
+    )
 }
 
 fn keyed(request: &Request<Incoming>) -> Response<MockBody> {

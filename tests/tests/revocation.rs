@@ -30,7 +30,8 @@ async fn a_revoked_client_is_cut_off_and_others_carry_on(
     bob.wait_for_relay(relay.addr, Duration::from_secs(10))
         .await;
 
-    // Revoked on disk only: nothing changes until the relay reloads.
+    // Revoked on disk only: nothing changes until the relay reloads (on
+    // SIGHUP, or when it next looks at the files, within 30 s).
     assert_eq!(PkiDir::new(pki.path()).revoke("alice").expect("revoke"), 1);
     let models = alice.get("/v1/models").await.expect("answer");
     assert_eq!(models.status(), 200);

@@ -766,6 +766,10 @@ struct KernelCounters {
     data_segments_in: u64,
     /// Bytes sent that the peer acknowledged (`tcpi_bytes_acked`).
     bytes_acked: u64,
+    /// Segments sent, retransmissions included (`tcpi_segs_out`).
+    segments_out: u64,
+    /// Segments retransmitted over the connection's life (`tcpi_total_retrans`).
+    retransmitted: u64,
 }
 
 /// The kernel's counters for `socket`, if it says.
@@ -789,6 +793,8 @@ fn kernel_counters(socket: &std::os::fd::OwnedFd) -> Option<KernelCounters> {
     (result == 0).then_some(KernelCounters {
         data_segments_in: u64::from(info.tcpi_data_segs_in),
         bytes_acked: info.tcpi_bytes_acked,
+        segments_out: u64::from(info.tcpi_segs_out),
+        retransmitted: u64::from(info.tcpi_total_retrans),
     })
 }
 
@@ -1014,6 +1020,14 @@ impl ClientConnection {
     /// segments, out of order included): the tunnel's sign of life.
     pub fn heard(&self) -> u64 {
         self.state.heard()
+    }
+
+    /// Segments this end has sent and of those retransmitted, as the
+    /// kernel counts them (none where it does not say, or once closed).
+    pub fn sent_and_retransmitted(&self) -> Option<(u64, u64)> {
+        let watch = self.state.socket.lock().ok()?;
+        let counters = kernel_counters(watch.handle.as_ref()?)?;
+        Some((counters.segments_out, counters.retransmitted))
     }
 }
 
