@@ -1,6 +1,6 @@
 //! QUIC transport settings and endpoint construction shared by both ends.
 //!
-//! The numbers follow DESIGN.md ("The tunnel"): windows sized for long
+//! The numbers follow docs/DESIGN.md ("The tunnel"): windows sized for long
 //! lossy links but bounded so a slow reader holds back the sender, many
 //! concurrent streams, keep-alive well under the idle timeout, and UDP
 //! socket buffers raised before the endpoint exists. Also the QUIC side of
