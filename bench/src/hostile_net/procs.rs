@@ -49,6 +49,8 @@ pub struct Capabilities {
     pub client_transport: bool,
     /// `passage-relay serve` serves TCP (it takes `--no-tcp`).
     pub relay_tcp: bool,
+    /// `passage-client doctor` exists.
+    pub doctor: bool,
 }
 
 impl Capabilities {
@@ -65,6 +67,7 @@ impl Capabilities {
         Ok(Capabilities {
             client_transport: help("passage-client", "run")?.contains("--transport"),
             relay_tcp: help("passage-relay", "serve")?.contains("--no-tcp"),
+            doctor: help("passage-client", "doctor")?.contains("--bundle"),
         })
     }
 
@@ -249,6 +252,87 @@ impl Stack {
             http: client(),
             started,
             implied_quic: !self.caps.client_transport,
+        })
+    }
+}
+
+/// What `passage-client doctor --json` found, run in the client namespace.
+#[derive(Debug, Clone)]
+pub struct DoctorFinding {
+    /// Its exit code.
+    pub code: i32,
+    /// The check it names as the first failure.
+    pub first_failure: Option<String>,
+    /// Each check's name and verdict, in order.
+    pub verdicts: Vec<(String, String)>,
+}
+
+impl DoctorFinding {
+    /// The verdict of check `name` (empty if there is none).
+    pub fn verdict(&self, name: &str) -> &str {
+        self.verdicts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
+
+    /// The verdicts in one line, for the table.
+    pub fn summary(&self) -> String {
+        let checks: Vec<String> = self
+            .verdicts
+            .iter()
+            .filter(|(name, _)| {
+                ["relay", "quic", "tcp", "certificate", "upstream"].contains(&name.as_str())
+            })
+            .map(|(name, verdict)| format!("{name} {verdict}"))
+            .collect();
+        format!("exit {}, {}", self.code, checks.join(", "))
+    }
+}
+
+impl Stack {
+    /// Runs `passage-client doctor` on the stack's bundle in the client
+    /// namespace, with a 3 s handshake limit.
+    pub async fn doctor(&self) -> anyhow::Result<DoctorFinding> {
+        let output = tokio::process::Command::new(self.bed.ip())
+            .args(["netns", "exec", &self.bed.names.client_ns])
+            .arg(self.bin_dir.join("passage-client"))
+            .arg("doctor")
+            .arg("--bundle")
+            .arg(&self.bundle)
+            .args(["--json", "--timeout", "3", "--transfer-seconds", "1"])
+            .args(["--state-file", "none"])
+            .env("RUST_LOG", "off")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .context("running passage-client doctor")?;
+        let report: serde_json::Value =
+            serde_json::from_slice(&output.stdout).with_context(|| {
+                format!(
+                    "doctor printed no JSON: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                )
+            })?;
+        let verdicts = report["checks"]
+            .as_array()
+            .map(|checks| {
+                checks
+                    .iter()
+                    .map(|c| {
+                        (
+                            c["name"].as_str().unwrap_or_default().to_owned(),
+                            c["verdict"].as_str().unwrap_or_default().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(DoctorFinding {
+            code: output.status.code().unwrap_or(-1),
+            first_failure: report["first_failure"].as_str().map(str::to_owned),
+            verdicts,
         })
     }
 }

@@ -12,7 +12,7 @@ use super::bed::{CLIENT_ADDR, Impairment, MOVED_CLIENT_ADDR};
 use super::procs::{Client, Outcome, Stack, Transport};
 
 /// Scenario groups, in run order (names for `--only`).
-pub const GROUPS: [&str; 7] = [
+pub const GROUPS: [&str; 8] = [
     "udp-blocked-start",
     "tcp-blocked",
     "udp-blocked-mid",
@@ -20,6 +20,7 @@ pub const GROUPS: [&str; 7] = [
     "address-change",
     "relay-restart",
     "relay-dead",
+    "doctor",
 ];
 
 /// One line of the table.
@@ -112,6 +113,7 @@ async fn run_group(group: &str, stack: &mut Stack, rows: &mut Vec<Row>) -> anyho
         "address-change" => per_transport(stack, rows, "address change", address_change).await,
         "relay-restart" => per_transport(stack, rows, "relay restart", relay_restart).await,
         "relay-dead" => per_transport(stack, rows, "relay dead", relay_dead).await,
+        "doctor" => doctor(stack, rows).await,
         other => anyhow::bail!("unknown scenario {other:?}; known: {}", GROUPS.join(", ")),
     }
 }
@@ -142,6 +144,51 @@ where
         stack.bed.reset_client_address()?;
         stack.ensure_relay()?;
     }
+    Ok(())
+}
+
+/// `passage-client doctor` on each broken network names the hop that
+/// broke: UDP dropped (QUIC warns, TCP carries, exit 0), TCP dropped (the
+/// reverse), both dropped and the relay stopped (the relay, exit 1).
+async fn doctor(stack: &mut Stack, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    const TARGET_ONE: &str = "exit 0; the blocked transport warns, the other is ok";
+    if !stack.caps.doctor {
+        rows.push(Row::new(
+            "doctor",
+            "runs",
+            "not run: this build has no doctor".to_owned(),
+            false,
+        ));
+        return Ok(());
+    }
+    for (label, impairment, warned, carried) in [
+        ("doctor, UDP blocked", Impairment::BlockUdp, "quic", "tcp"),
+        ("doctor, TCP blocked", Impairment::BlockTcp, "tcp", "quic"),
+    ] {
+        stack.bed.impose(impairment)?;
+        let found = stack.doctor().await?;
+        let pass = found.code == 0
+            && found.verdict(warned) == "warn"
+            && found.verdict(carried) == "ok"
+            && found.verdict("upstream") == "ok";
+        rows.push(Row::new(label, TARGET_ONE, found.summary(), pass));
+    }
+    stack.bed.impose(Impairment::None)?;
+    stack
+        .stop_relay(Signal::KILL, Duration::from_secs(5))
+        .await?;
+    let found = stack.doctor().await?;
+    let pass = found.code == 1 && found.first_failure.as_deref() == Some("relay");
+    rows.push(Row::new(
+        "doctor, relay down",
+        "exit 1, first failing check: relay",
+        format!(
+            "{}; first failure {}",
+            found.summary(),
+            found.first_failure.as_deref().unwrap_or("none")
+        ),
+        pass,
+    ));
     Ok(())
 }
 
