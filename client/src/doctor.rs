@@ -613,10 +613,12 @@ async fn path_checks(
     )
     .await;
     let after = connection.sent_and_lost();
+    // The relay's count of what arrived, over the time from the head to
+    // its answer (the upload stops early at the most a doctor may send).
     let up = match upload {
-        Ok(Ok((200, body, _, _))) => {
+        Ok(Ok((200, body, _, took))) => {
             let bytes: u64 = String::from_utf8_lossy(&body).trim().parse().unwrap_or(0);
-            Some(bytes)
+            Some((bytes, took))
         }
         _ => None,
     };
@@ -658,7 +660,7 @@ async fn path_checks(
     match (download, up) {
         (Ok(Ok((200, _, bytes, took))), up) => {
             let up_text = up
-                .map(|b| format!(", up {:.1} Mbit/s", mbit(b, options.transfer_time)))
+                .map(|(bytes, took)| format!(", up {:.1} Mbit/s", mbit(bytes, took)))
                 .unwrap_or_default();
             checks.push(Check::ok(
                 "throughput",
