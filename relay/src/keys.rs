@@ -11,7 +11,7 @@ use http::header::RETRY_AFTER;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tracing::warn;
 
-use crate::upstream::{ApiKey, UpstreamConfigError};
+use crate::upstream_config::{ApiKey, UpstreamConfigError};
 
 /// Rest of a key after a 429 without a usable `retry-after`.
 pub const RATE_LIMIT_REST: Duration = Duration::from_secs(30);

@@ -25,6 +25,7 @@ pub mod state_redis;
 pub mod stream;
 pub mod upstream;
 pub mod upstream_check;
+pub mod upstream_config;
 pub mod usage;
 pub mod usage_report;
 pub mod websocket;
