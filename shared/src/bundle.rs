@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::pki::PrivateRead;
+use crate::private_file::{PrivateRead, read_private_text};
 
 /// Contents of a client bundle file.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,7 +64,7 @@ pub enum BundleError {
 impl Bundle {
     /// Reads and checks a bundle file.
     pub fn load(path: &Path) -> Result<Bundle, BundleError> {
-        let text = crate::pki::read_private_text(path).map_err(|e| match e {
+        let text = read_private_text(path).map_err(|e| match e {
             PrivateRead::Exposed(mode) => BundleError::Exposed {
                 path: path.display().to_string(),
                 mode,

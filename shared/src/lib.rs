@@ -17,6 +17,7 @@ pub mod http_map;
 pub mod loopback_host;
 pub mod metrics_http;
 pub mod pki;
+pub mod private_file;
 pub mod process;
 pub mod revocation;
 pub mod tls;
