@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod pki_cmd;
 pub mod pki_watch;
 pub mod policy;
+pub mod request_body;
 pub mod request_model;
 pub mod state;
 pub mod state_redis;

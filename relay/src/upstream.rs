@@ -22,18 +22,18 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use passage_shared::body::{BodyError, FrameBody};
+use passage_shared::body::BodyError;
 use passage_shared::error_body::ApiError;
 use passage_shared::error_chain;
 use passage_shared::frame::RequestHead;
 use passage_shared::http_map::extend_from_wire;
-use passage_shared::transport::BoxRecv;
 
 use crate::keys::KeyRing;
+use crate::request_body::RequestBody;
 pub use crate::upstream_config::{ApiKey, UpstreamConfigError};
 
 /// The body of a request sent upstream: nothing, or the app's body frames.
-pub type UpstreamBody = Either<Empty<Bytes>, FrameBody<BoxRecv>>;
+pub type UpstreamBody = Either<Empty<Bytes>, RequestBody>;
 
 /// Where requests go: scheme, authority and an optional base path.
 #[derive(Debug, Clone, PartialEq, Eq)]

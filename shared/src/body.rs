@@ -33,9 +33,11 @@ pub enum BodyError {
     /// The stream ended without an `End` frame.
     #[error("stream ended before the body was complete")]
     Truncated,
-    /// The inspector set with [`FrameBody::inspect`] refused the body.
+    /// The inspector set with [`FrameBody::inspect`] refused the body,
+    /// for this reason (the inspector's own error, to be downcast by
+    /// whoever set it).
     #[error("the body was refused: {0}")]
-    Refused(String),
+    Refused(InspectError),
     /// The body grew past the limit set with [`FrameBody::limited`].
     #[error("the body is larger than the limit of {limit} bytes")]
     TooLarge {
@@ -78,7 +80,10 @@ impl std::fmt::Debug for PrefixHold {
 pub struct Inspector(pub Box<InspectFn>);
 
 /// What an [`Inspector`] runs: `Err(why)` refuses the body.
-pub type InspectFn = dyn FnMut(&Bytes) -> Result<(), String> + Send;
+pub type InspectFn = dyn FnMut(&Bytes) -> Result<(), InspectError> + Send;
+
+/// Why an [`Inspector`] refused a body: its own error, kept typed.
+pub type InspectError = Box<dyn std::error::Error + Send + Sync>;
 
 impl std::fmt::Debug for Inspector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

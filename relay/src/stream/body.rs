@@ -16,7 +16,8 @@ use passage_shared::transport::BoxRecv;
 use tokio_util::codec::FramedRead;
 
 use crate::body_prefix::{PREFIX_BUDGET, read_prefix, reservation};
-use crate::request_model::{BodyKind, MultipartError, MultipartScanner, json_model};
+use crate::request_body::{BodyRefusal, RequestBody, too_large};
+use crate::request_model::{BodyKind, MultipartScanner, json_model};
 use crate::upstream::UpstreamBody;
 
 use super::Request;
@@ -64,18 +65,6 @@ pub(super) async fn request_body(
     model_checked_body(req, kind, declared, frames).await
 }
 
-/// The 413 for a body over `max` bytes.
-pub(super) fn too_large(max: u64) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "request_too_large",
-        format!(
-            "the request body is larger than this relay accepts ({} MiB)",
-            max / (1024 * 1024)
-        ),
-    )
-}
-
 /// The body of a client free to use any model: nothing is held back; a
 /// JSON body's chunks are kept as they pass, only to name its model in the
 /// usage line.
@@ -103,7 +92,10 @@ fn plain_body(
             Ok(())
         })));
     }
-    Either::Right(body)
+    Either::Right(RequestBody::reporting(
+        body,
+        req.record.body_refusal.clone(),
+    ))
 }
 
 /// The body of a client under a model rule: its start is held back (a
@@ -133,7 +125,13 @@ async fn model_checked_body(
         ctx.head_timeout,
         |chunk| match &mut scanner {
             Some(scanner) => {
-                scanner.feed(chunk).map_err(|e| model_refusal(client, e))?;
+                scanner.feed(chunk).map_err(|error| {
+                    BodyRefusal::Model {
+                        client: client.clone(),
+                        error,
+                    }
+                    .api_error()
+                })?;
                 Ok(scanner.model().is_some())
             }
             None => Ok(false),
@@ -160,19 +158,19 @@ async fn model_checked_body(
         .limited(ctx.max_body);
     if let Some(mut scanner) = scanner {
         // The rest of the form streams on, watched for a second `model`.
-        let refusal = req.record.body_refusal.clone();
         let client = client.clone();
         body = body.inspect(Inspector(Box::new(move |chunk: &Bytes| {
-            scanner.feed(chunk).map_err(|e| {
-                let error = model_refusal(&client, e.clone());
-                *refusal
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
-                e.to_string()
+            scanner.feed(chunk).map_err(|error| {
+                let refusal = BodyRefusal::Model {
+                    client: client.clone(),
+                    error,
+                };
+                refusal.into()
             })
         })));
     }
-    Ok(Either::Right(body))
+    let refusals = req.record.body_refusal.clone();
+    Ok(Either::Right(RequestBody::reporting(body, refusals)))
 }
 
 /// What finds the model in a body of this kind: a multipart scanner for a
@@ -207,15 +205,6 @@ fn json_too_large(client: &str, scan_limit: usize) -> ApiError {
             "client '{client}' is under a model rule, and this JSON body is larger than the {} KiB the relay reads to find its model (--model-scan-limit-kib)",
             scan_limit / 1024
         ),
-    )
-}
-
-/// The 403 for a form the multipart scanner refused.
-fn model_refusal(client: &str, error: MultipartError) -> ApiError {
-    ApiError::new(
-        StatusCode::FORBIDDEN,
-        "model_not_allowed",
-        format!("client '{client}': {error}"),
     )
 }
 

@@ -19,6 +19,7 @@ use tokio_util::codec::FramedRead;
 use crate::answer_cache::{CACHE_HEADER, CacheKey, CachedAnswer, MAX_CACHED_BODY};
 use crate::body_prefix::{Reservation, read_prefix};
 use crate::policy::{Applied, CacheUse};
+use crate::request_body::RequestBody;
 use crate::request_model::{BodyKind, json_model};
 
 use super::head::{content_type, content_type_count, declared_length};
@@ -157,7 +158,7 @@ pub(super) async fn serve_cacheable(
         if let Some(held) = held {
             resumed = resumed.hold_until_prefix_sent(PrefixHold(Box::new(held)));
         }
-        Either::Right(resumed)
+        Either::Right(RequestBody::new(resumed))
     } else {
         Either::Left(Empty::<Bytes>::new())
     };

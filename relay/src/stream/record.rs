@@ -11,6 +11,7 @@ use tracing::info;
 use crate::answer_cache::CacheFill;
 use crate::ledger::LedgerEntry;
 use crate::metrics::RequestFigures;
+use crate::request_body::RefusalSlot;
 use crate::request_model::json_model;
 use crate::state::Admission;
 use crate::usage::{Usage, UsageTap};
@@ -46,8 +47,8 @@ pub(crate) struct RequestRecord {
     pub(super) cache_hit: bool,
     /// The request's place on an upstream connection, until it ends.
     pub(super) upstream_slot: Option<crate::upstream::LaneSlot>,
-    /// Why an inspector aborted the request body, if one did.
-    pub(super) body_refusal: Arc<std::sync::Mutex<Option<passage_shared::error_body::ApiError>>>,
+    /// Where the request body leaves its refusal, if it refuses itself.
+    pub(super) body_refusal: RefusalSlot,
 }
 
 /// How a request ended, as its usage line and ledger entry say it.

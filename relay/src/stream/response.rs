@@ -3,8 +3,6 @@
 //! and already here, else frame by frame as it arrives; `End`, or
 //! `Failure` when the upstream broke off.
 
-use std::sync::atomic::Ordering;
-
 use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt;
 use http::StatusCode;
@@ -22,10 +20,10 @@ use passage_shared::transport::write_last;
 use tokio::io::AsyncWriteExt;
 
 use crate::answer_cache::{CACHE_HEADER, CacheFill};
+use crate::request_body::BodyRefusal;
 use crate::upstream::UpstreamBody;
 use crate::usage::UsageTap;
 
-use super::body::too_large;
 use super::{Outcome, Request, RequestRecord, Responder, StreamContext};
 
 /// The request's straight path; returns how it ended.
@@ -66,20 +64,13 @@ async fn send_upstream(
             req.record.upstream_slot = Some(slot);
             Ok((response, key))
         }
-        Ok(Err(_)) if req.record.bytes_in.load(Ordering::Relaxed) > ctx.max_body => {
-            // The body crossed the limit and aborted the request.
-            Err(too_large(ctx.max_body))
-        }
-        Ok(Err(error)) => {
-            // An inspector may have aborted the body on purpose.
-            let refusal = req
-                .record
-                .body_refusal
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
-            Err(refusal.unwrap_or(error))
-        }
+        // The body may have refused itself (too large, a second model),
+        // which aborted the request.
+        Ok(Err(error)) => Err(req
+            .record
+            .body_refusal
+            .refusal()
+            .map_or(error, BodyRefusal::api_error)),
         Err(_) => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_timeout",
