@@ -7,6 +7,8 @@
 //! and [`forward`] moves one request onto a stream and its response back;
 //! [`doctor`] checks each hop when something does not work.
 
+#![warn(missing_docs)]
+
 pub mod connect;
 pub mod doctor;
 pub mod forward;

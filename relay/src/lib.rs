@@ -7,6 +7,8 @@
 //! (in this process, or in Redis: [`state_redis`]), and [`pki_cmd`]
 //! implements `init`, `issue`, `revoke` and `list`.
 
+#![warn(missing_docs)]
+
 pub mod answer_cache;
 pub mod body_prefix;
 pub mod doctor;

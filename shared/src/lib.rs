@@ -5,6 +5,8 @@
 //! The request path is app → client → [`frame`] → relay → upstream; this
 //! crate owns everything on that path that both programs must agree on.
 
+#![warn(missing_docs)]
+
 pub mod allocator;
 pub mod body;
 pub mod bundle;

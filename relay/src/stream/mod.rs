@@ -105,7 +105,10 @@ pub(crate) enum Outcome {
     /// The response was delivered in full.
     Complete,
     /// The upstream failed after the head was sent; the client got `Failure`.
-    UpstreamBrokeOff { reason: String },
+    UpstreamBrokeOff {
+        /// What broke, as the `Failure` frame said it.
+        reason: String,
+    },
     /// passage answered with its own error.
     Refused(ApiError),
     /// The client went away (app cancelled or tunnel lost).
@@ -129,7 +132,7 @@ impl Outcome {
 
 /// One request on its way through the stages: who sent it, under which
 /// rules, where its answer goes and what its record says.
-pub(crate) struct Request<'a> {
+struct Request<'a> {
     /// What every stream handler shares.
     ctx: &'a StreamContext,
     /// The client's name.

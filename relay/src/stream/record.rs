@@ -23,12 +23,17 @@ use super::cached::CachePending;
 /// What the usage line and the metrics say about one request.
 #[derive(Debug, Default)]
 pub(crate) struct RequestRecord {
+    /// The model the request named, once known.
     pub(crate) model: Option<String>,
     /// The status the app gets (0 until a response head is sent).
     pub(crate) status: u16,
+    /// Time from the stream's head to the answer's first bytes going out.
     pub(crate) ttfb: Option<Duration>,
+    /// Request body bytes read from the app (counted by the body itself).
     pub(crate) bytes_in: Arc<AtomicU64>,
+    /// Response body bytes sent to the app.
     pub(crate) bytes_out: u64,
+    /// The tokens the upstream reported, or the session added up.
     pub(crate) usage: Option<Usage>,
     /// Watches the response for its usage (taken by `finish`).
     pub(super) tap: Option<UsageTap>,
