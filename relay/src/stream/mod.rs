@@ -12,9 +12,9 @@
 //! the upstream connection and stops token spend.
 //!
 //! The stages, each in its module, in the order a request meets them:
-//! [`head`] (read and check the head), the client's rules (here, in
-//! `serve`), [`cached`] (the answer cache) or [`body`] (the request body),
-//! [`response`] (the upstream call and its answer), and [`record`] (what
+//! `head` (read and check the head), the client's rules (here, in
+//! `serve`), `cached` (the answer cache) or `body` (the request body),
+//! `response` (the upstream call and its answer), and `record` (what
 //! the request leaves behind: charge, metrics, usage line, ledger).
 
 mod body;

@@ -38,7 +38,7 @@ pub(crate) struct RequestRecord {
     /// Watches the response for its usage (taken by `finish`).
     pub(super) tap: Option<UsageTap>,
     /// The rate-limit admission: in flight until the response ends (taken
-    /// in `handle`) or, on an early return, until the record drops.
+    /// by `charge`) or, on an early return, until the record drops.
     pub(super) admission: Option<Admission>,
     /// Whether the request's tokens were counted against its limits.
     charged: bool,
