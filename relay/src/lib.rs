@@ -12,7 +12,6 @@
 pub mod answer_cache;
 pub mod body_prefix;
 pub mod doctor;
-pub mod doctor_answer;
 pub mod keys;
 pub mod ledger;
 pub mod limits;
@@ -31,7 +30,9 @@ pub mod upstream_check;
 pub mod upstream_config;
 pub mod usage;
 pub mod usage_report;
-pub mod websocket;
+
+/// Stages of a request stream, kept at their old paths.
+pub use stream::{doctor_answer, websocket};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -12,16 +12,20 @@
 //! the upstream connection and stops token spend.
 //!
 //! The stages, each in its module, in the order a request meets them:
-//! `head` (read and check the head), the client's rules (here, in
-//! `serve`), `cached` (the answer cache) or `body` (the request body),
-//! `response` (the upstream call and its answer), and `record` (what
-//! the request leaves behind: charge, metrics, usage line, ledger).
+//! `head` (read and check the head), [`doctor_answer`] (a client's doctor
+//! question, answered here), the client's rules (in `serve`), then one
+//! path: a [`websocket`] session, `cached` (the answer cache), or `body`
+//! (the request body) and `response` (the upstream call and its answer);
+//! last `record` (what the request leaves behind: charge, metrics, usage
+//! line, ledger).
 
 mod body;
 mod cached;
+pub mod doctor_answer;
 mod head;
 mod record;
 mod response;
+pub mod websocket;
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -182,7 +186,7 @@ pub async fn handle(send: BoxSend, recv: BoxRecv, ctx: Arc<StreamContext>, clien
     let span =
         info_span!("request", id = %head.id, client = %client, method = %head.method, path = %path);
     async move {
-        if let Some(question) = crate::doctor_answer::question(&head) {
+        if let Some(question) = doctor_answer::question(&head) {
             answer_doctor(question, &mut frames, &mut responder, &ctx).await;
             return;
         }
@@ -201,7 +205,7 @@ async fn answer_doctor(
     ctx: &StreamContext,
 ) {
     let started = Instant::now();
-    match crate::doctor_answer::answer(question, frames, responder, ctx).await {
+    match doctor_answer::answer(question, frames, responder, ctx).await {
         Ok(status) => {
             responder.get_mut().finish();
             info!(status, ms = millis(started.elapsed()), question = %String::from_utf8_lossy(question), "doctor question answered");
@@ -334,8 +338,8 @@ async fn serve(
             value: Bytes::from_static(b"identity"),
         });
     }
-    if crate::websocket::is_session(&head) {
-        let session = crate::websocket::Session {
+    if websocket::is_session(&head) {
+        let session = websocket::Session {
             client,
             applied: &req.applied,
             record: req.record,
@@ -343,7 +347,7 @@ async fn serve(
         };
         // Boxed: the session's state would otherwise sit in every
         // request's future (about 1.5 KiB per held stream).
-        return Box::pin(crate::websocket::session(
+        return Box::pin(websocket::session(
             head,
             frames,
             req.responder,

@@ -21,8 +21,8 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::codec::FramedRead;
 use tracing::{debug, info};
 
+use super::{Outcome, RequestRecord, Responder, StreamContext};
 use crate::policy::Applied;
-use crate::stream::{Outcome, RequestRecord, Responder, StreamContext};
 use crate::usage::{Usage, session_event_usage};
 
 /// Largest body of a refused upgrade that is passed on (an error JSON).

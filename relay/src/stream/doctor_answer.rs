@@ -15,7 +15,7 @@ use passage_shared::frame::{Frame, FrameCodec, FrameError, Header, RequestHead, 
 use passage_shared::transport::BoxRecv;
 use tokio_util::codec::FramedRead;
 
-use crate::stream::{Responder, StreamContext};
+use super::{Responder, StreamContext};
 
 /// Longest the upstream check waits for each answer.
 const UPSTREAM_LIMIT: Duration = Duration::from_secs(10);
