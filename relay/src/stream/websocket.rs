@@ -46,7 +46,7 @@ pub fn is_session(head: &RequestHead) -> bool {
 /// 1008. Usage from `response.done` / `response.completed` events adds up
 /// into the request's record.
 pub(crate) async fn session(
-    mut head: RequestHead,
+    head: RequestHead,
     frames: FramedRead<BoxRecv, FrameCodec>,
     responder: &mut Responder,
     ctx: &StreamContext,
@@ -67,53 +67,10 @@ pub(crate) async fn session(
         }
         return Outcome::Refused(error);
     }
-    head.headers.retain(|h| {
-        !h.name.eq_ignore_ascii_case(UPGRADE_HEADER) && !websocket::is_handshake_header(&h.name)
-    });
-    let key = generate_key();
-    for (name, value) in [
-        ("connection", "upgrade".to_owned()),
-        ("upgrade", "websocket".to_owned()),
-        ("sec-websocket-version", "13".to_owned()),
-        ("sec-websocket-key", key.clone()),
-    ] {
-        head.headers.push(Header {
-            name: name.to_owned(),
-            value: Bytes::from(value),
-        });
-    }
-    let (mut request, key_index) = match ctx.upstream.request(head, Either::Left(Empty::new())) {
-        Ok(request) => request,
+    let (response, key) = match send_upgrade(head, ctx).await {
+        Ok(sent) => sent,
         Err(error) => return Outcome::Refused(error),
     };
-    // The wire mapping drops hop-by-hop headers; the handshake needs two.
-    let headers = request.headers_mut();
-    headers.insert(
-        http::header::CONNECTION,
-        http::HeaderValue::from_static("upgrade"),
-    );
-    headers.insert(
-        http::header::UPGRADE,
-        http::HeaderValue::from_static("websocket"),
-    );
-    let response =
-        match tokio::time::timeout(ctx.idle_read_timeout, ctx.upstream.send_upgrade(request)).await
-        {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => return Outcome::Refused(error),
-            Err(_) => {
-                return Outcome::Refused(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    format!(
-                        "the upstream did not answer the WebSocket upgrade within {} s",
-                        ctx.idle_read_timeout.as_secs()
-                    ),
-                ));
-            }
-        };
-    ctx.upstream
-        .report(key_index, response.status(), response.headers());
     record.status = response.status().as_u16();
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return refused(response, responder, record).await;
@@ -149,6 +106,83 @@ pub(crate) async fn session(
             };
         }
     };
+    let session = Session {
+        client,
+        applied,
+        record,
+        started,
+    };
+    carry(upgraded, frames, responder, ctx, session).await
+}
+
+/// Sends the upgrade request for `head` over a connection of its own and
+/// waits for the upstream's answer; returns it with the handshake key sent.
+async fn send_upgrade(
+    mut head: RequestHead,
+    ctx: &StreamContext,
+) -> Result<(http::Response<hyper::body::Incoming>, String), ApiError> {
+    head.headers.retain(|h| {
+        !h.name.eq_ignore_ascii_case(UPGRADE_HEADER) && !websocket::is_handshake_header(&h.name)
+    });
+    let key = generate_key();
+    for (name, value) in [
+        ("connection", "upgrade".to_owned()),
+        ("upgrade", "websocket".to_owned()),
+        ("sec-websocket-version", "13".to_owned()),
+        ("sec-websocket-key", key.clone()),
+    ] {
+        head.headers.push(Header {
+            name: name.to_owned(),
+            value: Bytes::from(value),
+        });
+    }
+    let (mut request, key_index) = ctx.upstream.request(head, Either::Left(Empty::new()))?;
+    // The wire mapping drops hop-by-hop headers; the handshake needs two.
+    let headers = request.headers_mut();
+    headers.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
+    let response =
+        match tokio::time::timeout(ctx.idle_read_timeout, ctx.upstream.send_upgrade(request)).await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => return Err(error),
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!(
+                        "the upstream did not answer the WebSocket upgrade within {} s",
+                        ctx.idle_read_timeout.as_secs()
+                    ),
+                ));
+            }
+        };
+    ctx.upstream
+        .report(key_index, response.status(), response.headers());
+    Ok((response, key))
+}
+
+/// Carries the open session's messages both ways until either side ends
+/// it, checking the models the app asks for and adding up the usage.
+async fn carry(
+    upgraded: hyper::upgrade::Upgraded,
+    frames: FramedRead<BoxRecv, FrameCodec>,
+    responder: &mut Responder,
+    ctx: &StreamContext,
+    session: Session<'_>,
+) -> Outcome {
+    let Session {
+        client,
+        applied,
+        record,
+        ..
+    } = session;
     let limits = ctx.ws_limits;
     let ws = WebSocketStream::from_raw_socket(
         TokioIo::new(upgraded),
