@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use passage_shared::bundle::Bundle;
-use passage_shared::cert_expiry::RENEW_WITHIN_DAYS;
+use passage_shared::cert_expiry::{CertificateExpiry, RENEW_WITHIN_DAYS};
 use passage_shared::doctor::{
     Check, DOCTOR_DOWNLOAD, DOCTOR_ECHO, DOCTOR_HEADER, DOCTOR_MAX_DOWNLOAD, DOCTOR_UPLOAD,
     DOCTOR_UPSTREAM, Report, UpstreamReport, Verdict,
 };
 use passage_shared::frame::{Frame, Header, RequestHead, frame_reader, frame_writer};
-use passage_shared::pki::{certificate_not_after, day_of, parse_cert};
+use passage_shared::pki::parse_cert;
 use passage_shared::transport::{TransportKind, TransportTuning};
 
 use crate::connect::{Connection, Dialer, Endpoints, Established, NO_REPLY, TransportChoice};
@@ -61,7 +61,7 @@ pub async fn examine(path: &Path, options: &DoctorOptions) -> Report {
             )]);
         }
     };
-    let expiry = match CertificateExpiry::of(&bundle) {
+    let expiry = match client_certificate_expiry(&bundle) {
         Ok(expiry) => expiry,
         Err(why) => return Report::new(vec![Check::fail("bundle", why, REISSUE)]),
     };
@@ -124,34 +124,10 @@ pub async fn examine(path: &Path, options: &DoctorOptions) -> Report {
 const REISSUE: &str = "issue a new bundle with `passage-relay renew --name NAME` on the relay";
 
 /// The client certificate's expiry, as the bundle holds it.
-struct CertificateExpiry {
-    until: time::OffsetDateTime,
-}
-
-impl CertificateExpiry {
-    fn of(bundle: &Bundle) -> Result<CertificateExpiry, String> {
-        let der = parse_cert(&bundle.cert, "the client certificate")
-            .map_err(|e| passage_shared::error_chain(&e))?;
-        let until = certificate_not_after(&der)
-            .ok_or_else(|| "the client certificate cannot be read".to_owned())?;
-        Ok(CertificateExpiry { until })
-    }
-
-    fn days_left(&self) -> i64 {
-        (self.until - time::OffsetDateTime::now_utc()).whole_days()
-    }
-
-    fn expired(&self) -> bool {
-        self.until <= time::OffsetDateTime::now_utc()
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "valid until {} ({} days)",
-            day_of(self.until),
-            self.days_left()
-        )
-    }
+fn client_certificate_expiry(bundle: &Bundle) -> Result<CertificateExpiry, String> {
+    let der = parse_cert(&bundle.cert, "the client certificate")
+        .map_err(|e| passage_shared::error_chain(&e))?;
+    CertificateExpiry::of(&der).ok_or_else(|| "the client certificate cannot be read".to_owned())
 }
 
 /// How one handshake went.

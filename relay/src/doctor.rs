@@ -8,10 +8,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use passage_shared::cert_expiry::RENEW_WITHIN_DAYS;
+use passage_shared::cert_expiry::{CertificateExpiry, RENEW_WITHIN_DAYS};
 use passage_shared::doctor::{Check, Report};
 use passage_shared::frame::ALPN_TCP;
-use passage_shared::pki::{PkiDir, certificate_not_after, day_of};
+use passage_shared::pki::{PkiDir, day_of};
 use passage_shared::tls::anonymous_probe_config;
 use rustls::pki_types::{CertificateDer, ServerName};
 
@@ -132,14 +132,17 @@ fn pki_checks(pki: &PkiDir, checks: &mut Vec<Check>) -> Option<CertificateDer<'s
 
 /// A certificate's validity as a check.
 pub fn expiry_check(name: &str, what: &str, der: &[u8], hint: &str) -> Check {
-    let Some(until) = certificate_not_after(der) else {
+    let Some(expiry) = CertificateExpiry::of(der) else {
         return Check::fail(name, format!("{what} cannot be read"), hint);
     };
-    let days = (until - time::OffsetDateTime::now_utc()).whole_days();
-    let detail = format!("{what} is valid until {} ({days} days)", day_of(until));
-    if until <= time::OffsetDateTime::now_utc() {
-        Check::fail(name, format!("{what} expired on {}", day_of(until)), hint)
-    } else if days < RENEW_WITHIN_DAYS {
+    let detail = format!("{what} is {}", expiry.describe());
+    if expiry.expired() {
+        Check::fail(
+            name,
+            format!("{what} expired on {}", day_of(expiry.not_after())),
+            hint,
+        )
+    } else if expiry.days_left() < RENEW_WITHIN_DAYS {
         Check::warn(name, detail, hint)
     } else {
         Check::ok(name, detail)

@@ -54,6 +54,25 @@ impl CertificateExpiry {
         self.not_after.load(Ordering::Relaxed) - OffsetDateTime::now_utc().unix_timestamp()
     }
 
+    /// Whole days until it expires (negative once it has).
+    pub fn days_left(&self) -> i64 {
+        self.seconds_left() / 86_400
+    }
+
+    /// Whether it has expired.
+    pub fn expired(&self) -> bool {
+        self.seconds_left() <= 0
+    }
+
+    /// `valid until YYYY-MM-DD (N days)`, as the doctors show it.
+    pub fn describe(&self) -> String {
+        format!(
+            "valid until {} ({} days)",
+            day_of(self.not_after()),
+            self.days_left()
+        )
+    }
+
     /// The `/healthz` fields: the expiry date and the seconds left.
     pub fn health_fields(&self, body: &mut serde_json::Value) {
         body["certificate_expires"] = day_of(self.not_after()).into();

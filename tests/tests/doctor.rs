@@ -41,6 +41,13 @@ impl Finding {
     fn first_failure(&self) -> Option<&str> {
         self.report["first_failure"].as_str()
     }
+
+    /// Asserts exit code 1, `check` as the first failure, and `needle` in its detail.
+    fn assert_fails_at(&self, check: &str, needle: &str) {
+        assert_eq!(self.code, 1, "{}", self.report);
+        assert_eq!(self.first_failure(), Some(check), "{}", self.report);
+        assert!(self.detail(check).contains(needle), "{}", self.report);
+    }
 }
 
 fn write_bundle(dir: &Path, bundle: &Bundle) -> PathBuf {
@@ -147,13 +154,7 @@ async fn a_relay_that_is_down_is_named() {
     let bundle = pki.issue("laptop", &[free_udp_port()]);
     let path = write_bundle(pki.dir.path(), &bundle);
     let found = doctor(&path, &[]).await;
-    assert_eq!(found.code, 1, "{}", found.report);
-    assert_eq!(found.first_failure(), Some("relay"), "{}", found.report);
-    assert!(
-        found.detail("relay").contains("refused"),
-        "{}",
-        found.report
-    );
+    found.assert_fails_at("relay", "refused");
     assert_eq!(found.verdict("upstream"), "skip");
 }
 
@@ -199,18 +200,7 @@ async fn a_revoked_certificate_is_named() {
     let path = write_bundle(pki.dir.path(), &bundle);
     for transport in ["auto", "tcp"] {
         let found = doctor(&path, &["--transport", transport]).await;
-        assert_eq!(found.code, 1, "{}", found.report);
-        assert_eq!(
-            found.first_failure(),
-            Some("certificate"),
-            "{}",
-            found.report
-        );
-        assert!(
-            found.detail("certificate").contains("revoked"),
-            "{}",
-            found.report
-        );
+        found.assert_fails_at("certificate", "revoked");
         assert_eq!(found.verdict("relay"), "ok", "{}", found.report);
     }
 }
@@ -226,18 +216,7 @@ async fn an_expired_certificate_is_named() {
     let _relay = InProcessRelay::start(&pki, addr, &upstream.url(), |_| {});
     let path = write_bundle(pki.dir.path(), &bundle);
     let found = doctor(&path, &[]).await;
-    assert_eq!(found.code, 1, "{}", found.report);
-    assert_eq!(
-        found.first_failure(),
-        Some("certificate"),
-        "{}",
-        found.report
-    );
-    assert!(
-        found.detail("certificate").contains("expired"),
-        "{}",
-        found.report
-    );
+    found.assert_fails_at("certificate", "expired");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,18 +229,7 @@ async fn a_bundle_from_another_ca_is_named() {
     let bundle = other.issue("stranger", &[addr]);
     let path = write_bundle(other.dir.path(), &bundle);
     let found = doctor(&path, &[]).await;
-    assert_eq!(found.code, 1, "{}", found.report);
-    assert_eq!(
-        found.first_failure(),
-        Some("certificate"),
-        "{}",
-        found.report
-    );
-    assert!(
-        found.detail("certificate").contains("not trusted"),
-        "{}",
-        found.report
-    );
+    found.assert_fails_at("certificate", "not trusted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,13 +260,7 @@ async fn an_unreachable_upstream_is_named() {
     let relay = relay_with_key(&pki, &closed, "sk-doctor-good");
     let path = write_bundle(pki.dir.path(), &pki.issue("laptop", &[relay.addr]));
     let found = doctor(&path, &[]).await;
-    assert_eq!(found.code, 1, "{}", found.report);
-    assert_eq!(found.first_failure(), Some("upstream"), "{}", found.report);
-    assert!(
-        found.detail("upstream").contains("cannot reach"),
-        "{}",
-        found.report
-    );
+    found.assert_fails_at("upstream", "cannot reach");
 }
 
 /// `passage-relay doctor` with `args` after `--pki DIR`: its findings.
