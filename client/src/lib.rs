@@ -38,6 +38,7 @@ use crate::metrics::ClientMetrics;
 use crate::server::ServerContext;
 use crate::transport_memory::TransportMemory;
 use crate::tunnel::{RelayTarget, Tunnel, TunnelSettings, TunnelSetup};
+use passage_shared::metrics_http::{MetricsBindError, MetricsListener};
 
 /// Default address of the local endpoint.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8710";
@@ -137,13 +138,8 @@ pub enum ClientError {
     #[error(transparent)]
     LocalAccess(#[from] LocalAccessError),
     /// The metrics address could not be bound.
-    #[error("cannot serve metrics on {addr}")]
-    Metrics {
-        /// The address.
-        addr: SocketAddr,
-        /// The I/O error.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Metrics(#[from] MetricsBindError),
     /// The local address could not be bound.
     #[error("cannot listen on {addr}")]
     Listen {
@@ -193,7 +189,7 @@ pub struct Client {
     tls: Arc<rustls::ClientConfig>,
     targets: Vec<RelayTarget>,
     config: ClientConfig,
-    metrics: Option<TcpListener>,
+    metrics: Option<MetricsListener>,
     access: LocalAccess,
     expiry: CertificateExpiry,
 }
@@ -225,13 +221,7 @@ impl Client {
                     addr: config.listen,
                     source,
                 })?;
-        let metrics = match config.metrics {
-            Some(addr) => Some(
-                passage_shared::metrics_http::bind(addr)
-                    .map_err(|source| ClientError::Metrics { addr, source })?,
-            ),
-            None => None,
-        };
+        let metrics = MetricsListener::bind(config.metrics)?;
         Ok(Client {
             listener,
             quic,
@@ -246,7 +236,7 @@ impl Client {
 
     /// The address metrics are served on, if `--metrics` is on.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+        self.metrics.as_ref().and_then(MetricsListener::local_addr)
     }
 
     /// The local address apps connect to.
@@ -287,12 +277,7 @@ impl Client {
                 Arc::new(move || metrics.render(&tunnel, &expiry))
                     as passage_shared::metrics_http::Render
             };
-            let task = tokio::spawn(passage_shared::metrics_http::serve(
-                listener,
-                render,
-                None,
-                shutdown.clone(),
-            ));
+            let task = listener.spawn(render, None, shutdown.clone());
             (metrics, task)
         });
         let ctx = Arc::new(ServerContext {

@@ -18,6 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use passage_shared::metrics_http::{latency_histogram, registered};
 use passage_shared::transport::TransportKind;
 
 use crate::tunnel::Tunnel;
@@ -47,10 +48,6 @@ struct TransportLabel {
 struct ProbeLabel {
     relay: String,
     result: &'static str,
-}
-
-fn latency_histogram() -> Histogram {
-    Histogram::new(passage_shared::metrics_http::latency_buckets())
 }
 
 /// The client's metrics and their registry.
@@ -83,91 +80,82 @@ impl ClientMetrics {
     /// Makes the metrics, registered under the `passage_client` prefix.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("passage_client");
-        let requests = Family::<StatusLabel, Counter>::default();
-        registry.register("requests", "Requests answered, by status", requests.clone());
-        let duration = Family::<StatusLabel, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram,
-        );
-        registry.register(
-            "request_duration_seconds",
-            "Time from the request to the end of the response body, by status",
-            duration.clone(),
-        );
-        let ttfb = latency_histogram();
-        registry.register(
-            "time_to_first_byte_seconds",
-            "Time from the request to the response head",
-            ttfb.clone(),
-        );
-        let bytes = Family::<DirectionLabel, Counter>::default();
-        registry.register(
-            "body_bytes",
-            "Body bytes: up (request Content-Length), down (response body)",
-            bytes.clone(),
-        );
-        let active_streams = Gauge::default();
-        registry.register(
-            "active_streams",
-            "Request streams open in the tunnel",
-            active_streams.clone(),
-        );
-        let rtt = Family::<RelayLabel, Gauge<f64, AtomicU64>>::default();
-        registry.register(
-            "tunnel_rtt_seconds",
-            "The tunnel's round-trip time, by relay",
-            rtt.clone(),
-        );
-        let up = Family::<RelayLabel, Gauge>::default();
-        registry.register(
-            "tunnel_up",
-            "1 while the link to the relay is usable",
-            up.clone(),
-        );
-        let reconnects = Family::<RelayLabel, Counter>::default();
-        registry.register(
-            "tunnel_reconnects",
-            "Connections to the relay established after the first",
-            reconnects.clone(),
-        );
-        let transport = Family::<TransportLabel, Gauge>::default();
-        registry.register(
-            "tunnel_transport",
-            "1 for the transport the link to the relay uses now (quic or tcp), 0 for the other",
-            transport.clone(),
-        );
-        let fallbacks = Family::<RelayLabel, Counter>::default();
-        registry.register(
-            "transport_fallbacks",
-            "Times the link to the relay came up on TCP while QUIC was preferred",
-            fallbacks.clone(),
-        );
-        let probes = Family::<ProbeLabel, Counter>::default();
-        registry.register(
-            "quic_probes",
-            "QUIC probes made while on TCP, by result (ok: the link moved to QUIC)",
-            probes.clone(),
-        );
-        let certificate_expiry = Gauge::default();
-        registry.register(
-            "certificate_expiry_seconds",
-            "Seconds until the client's certificate expires (negative once it has)",
-            certificate_expiry.clone(),
-        );
+        let r = &mut registry;
         ClientMetrics {
-            registry,
-            certificate_expiry,
-            requests,
-            duration,
-            ttfb,
-            bytes,
-            active_streams,
-            rtt,
-            up,
-            reconnects,
-            transport,
-            fallbacks,
-            probes,
+            requests: registered(
+                r,
+                "requests",
+                "Requests answered, by status",
+                Family::default(),
+            ),
+            duration: registered(
+                r,
+                "request_duration_seconds",
+                "Time from the request to the end of the response body, by status",
+                Family::new_with_constructor(latency_histogram),
+            ),
+            ttfb: registered(
+                r,
+                "time_to_first_byte_seconds",
+                "Time from the request to the response head",
+                latency_histogram(),
+            ),
+            bytes: registered(
+                r,
+                "body_bytes",
+                "Body bytes: up (request Content-Length), down (response body)",
+                Family::default(),
+            ),
+            active_streams: registered(
+                r,
+                "active_streams",
+                "Request streams open in the tunnel",
+                Gauge::default(),
+            ),
+            rtt: registered(
+                r,
+                "tunnel_rtt_seconds",
+                "The tunnel's round-trip time, by relay",
+                Family::default(),
+            ),
+            up: registered(
+                r,
+                "tunnel_up",
+                "1 while the link to the relay is usable",
+                Family::default(),
+            ),
+            reconnects: registered(
+                r,
+                "tunnel_reconnects",
+                "Connections to the relay established after the first",
+                Family::default(),
+            ),
+            transport: registered(
+                r,
+                "tunnel_transport",
+                "1 for the transport the link to the relay uses now (quic or tcp), 0 for the other",
+                Family::default(),
+            ),
+            fallbacks: registered(
+                r,
+                "transport_fallbacks",
+                "Times the link to the relay came up on TCP while QUIC was preferred",
+                Family::default(),
+            ),
+            probes: registered(
+                r,
+                "quic_probes",
+                "QUIC probes made while on TCP, by result (ok: the link moved to QUIC)",
+                Family::default(),
+            ),
+            certificate_expiry: registered(
+                r,
+                "certificate_expiry_seconds",
+                "Seconds until the client's certificate expires (negative once it has)",
+                Gauge::default(),
+            ),
             rendering: std::sync::Mutex::new(()),
+            registry,
         }
     }
 

@@ -57,6 +57,7 @@ use crate::policy::Policy;
 use crate::state::{Backend, FailMode, StateConfig, StateError, StateStore};
 use crate::stream::StreamContext;
 use crate::upstream::{ApiKey, UpstreamBase, UpstreamClient, UpstreamConfigError};
+use passage_shared::metrics_http::{MetricsBindError, MetricsListener};
 
 /// Default largest request body: 1 GiB, room for any audio or file upload
 /// the API takes.
@@ -191,13 +192,8 @@ pub enum RelayError {
     #[error("state store: {0}")]
     State(#[from] StateError),
     /// The metrics address could not be bound.
-    #[error("metrics listener on {addr}: {source}")]
-    Metrics {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Metrics(#[from] MetricsBindError),
 }
 
 /// A bound relay, ready to serve.
@@ -210,7 +206,7 @@ pub struct Relay {
     drain_timeout: Duration,
     status_interval: Duration,
     pki: PkiWatch,
-    metrics: Option<(tokio::net::TcpListener, Arc<RelayMetrics>)>,
+    metrics: Option<(MetricsListener, Arc<RelayMetrics>)>,
     state: Arc<dyn StateStore>,
 }
 
@@ -267,14 +263,8 @@ impl Relay {
             config.upstream_streams_per_connection,
         )?;
         let state = crate::state::open(&config.state)?;
-        let metrics = match config.metrics {
-            Some(addr) => {
-                let listener = passage_shared::metrics_http::bind(addr)
-                    .map_err(|source| RelayError::Metrics { addr, source })?;
-                Some((listener, Arc::new(RelayMetrics::new())))
-            }
-            None => None,
-        };
+        let metrics = MetricsListener::bind(config.metrics)?
+            .map(|listener| (listener, Arc::new(RelayMetrics::new())));
         Ok(Relay {
             endpoint,
             tcp,
@@ -315,7 +305,7 @@ impl Relay {
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics
             .as_ref()
-            .and_then(|(listener, _)| listener.local_addr().ok())
+            .and_then(|(listener, _)| listener.local_addr())
     }
 
     /// The UDP address the relay listens on.
@@ -340,12 +330,11 @@ impl Relay {
         );
         let expiry = self.pki.expiry.clone();
         let metrics_task = self.metrics.map(|(listener, metrics)| {
-            tokio::spawn(passage_shared::metrics_http::serve(
-                listener,
+            listener.spawn(
                 metrics.renderer(self.state.clone(), expiry.clone()),
                 Some(health_renderer(self.state.clone(), expiry.clone())),
                 shutdown.clone(),
-            ))
+            )
         });
         let expiry_warnings = tokio::spawn(expiry.warn_while_due(
             "relay",

@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use passage_shared::metrics_http::{latency_histogram, registered};
+
 use crate::usage::Usage;
 
 /// Most distinct model labels kept; further models count as `other`, so
@@ -62,10 +64,6 @@ struct ClientModelKind {
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(passage_shared::metrics_http::latency_buckets())
-}
-
 /// What one finished request adds to the metrics.
 #[derive(Debug)]
 pub struct RequestFigures<'a> {
@@ -103,15 +101,11 @@ pub struct RelayMetrics {
     bytes: Family<ClientDirection, Counter>,
     handshake_failures: Family<ReasonLabel, Counter>,
     refusals: Family<ClientCode, Counter>,
-    usage_requests: Family<ClientModel, Counter>,
-    usage_errors: Family<ClientModel, Counter>,
-    usage_tokens: Family<ClientModelKind, Counter>,
-    usage_bytes: Family<ClientModelKind, Counter>,
+    usage: UsageByModel,
     state_up: Gauge,
     certificate_expiry: Gauge,
     state_failures: Counter,
     ledger_dropped: Counter,
-    models: Mutex<HashSet<String>>,
 }
 
 impl Default for RelayMetrics {
@@ -124,121 +118,82 @@ impl RelayMetrics {
     /// Makes the metrics, registered under the `passage_relay` prefix.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("passage_relay");
-        let requests = Family::<ClientStatus, Counter>::default();
-        registry.register(
-            "requests",
-            "Requests served, by client and status",
-            requests.clone(),
-        );
-        let duration = Histograms::<ClientStatus>::new_with_constructor(latency_histogram);
-        registry.register(
-            "request_duration_seconds",
-            "Time from the request head to the end of the response",
-            duration.clone(),
-        );
-        let ttfb = Histograms::<ClientLabel>::new_with_constructor(latency_histogram);
-        registry.register(
-            "time_to_first_byte_seconds",
-            "Time from the request head to the response head",
-            ttfb.clone(),
-        );
-        let active_streams = Gauge::default();
-        registry.register(
-            "active_streams",
-            "Request streams being served",
-            active_streams.clone(),
-        );
-        let connections = Gauge::default();
-        registry.register(
-            "connections",
-            "Client connections open",
-            connections.clone(),
-        );
-        let bytes = Family::<ClientDirection, Counter>::default();
-        registry.register(
-            "body_bytes",
-            "Body bytes, by client and direction (in: request, out: response)",
-            bytes.clone(),
-        );
-        let handshake_failures = Family::<ReasonLabel, Counter>::default();
-        registry.register(
-            "handshake_failures",
-            "Connection attempts refused or failed, by reason",
-            handshake_failures.clone(),
-        );
-        let refusals = Family::<ClientCode, Counter>::default();
-        registry.register(
-            "refusals",
-            "Requests refused by policy or rate limit, by client and error code",
-            refusals.clone(),
-        );
-        let usage_requests = Family::<ClientModel, Counter>::default();
-        registry.register(
-            "usage_requests",
-            "Requests by client and model",
-            usage_requests.clone(),
-        );
-        let usage_errors = Family::<ClientModel, Counter>::default();
-        registry.register(
-            "usage_errors",
-            "Requests that failed (passage or upstream 4xx/5xx, or cut short), by client and model",
-            usage_errors.clone(),
-        );
-        let usage_tokens = Family::<ClientModelKind, Counter>::default();
-        registry.register(
-            "usage_tokens",
-            "Tokens the upstream reported, by client, model and kind (prompt, completion)",
-            usage_tokens.clone(),
-        );
-        let usage_bytes = Family::<ClientModelKind, Counter>::default();
-        registry.register(
-            "usage_bytes",
-            "Body bytes by client, model and kind (in, out)",
-            usage_bytes.clone(),
-        );
-        let state_up = Gauge::default();
-        registry.register(
-            "state_up",
-            "1 while the state store works as configured, 0 while it is unreachable (limits then fall back to this relay's own, or refuse)",
-            state_up.clone(),
-        );
-        let state_failures = Counter::default();
-        registry.register(
-            "state_failures",
-            "Times the state store failed or did not answer within 250 ms",
-            state_failures.clone(),
-        );
-        let certificate_expiry = Gauge::default();
-        registry.register(
-            "certificate_expiry_seconds",
-            "Seconds until the relay's certificate expires (negative once it has)",
-            certificate_expiry.clone(),
-        );
-        let ledger_dropped = Counter::default();
-        registry.register(
-            "ledger_dropped",
-            "Usage ledger entries lost (the writer was behind, or the store was unreachable)",
-            ledger_dropped.clone(),
-        );
+        let r = &mut registry;
         RelayMetrics {
+            requests: registered(
+                r,
+                "requests",
+                "Requests served, by client and status",
+                Family::default(),
+            ),
+            duration: registered(
+                r,
+                "request_duration_seconds",
+                "Time from the request head to the end of the response",
+                Histograms::new_with_constructor(latency_histogram),
+            ),
+            ttfb: registered(
+                r,
+                "time_to_first_byte_seconds",
+                "Time from the request head to the response head",
+                Histograms::new_with_constructor(latency_histogram),
+            ),
+            active_streams: registered(
+                r,
+                "active_streams",
+                "Request streams being served",
+                Gauge::default(),
+            ),
+            connections: registered(
+                r,
+                "connections",
+                "Client connections open",
+                Gauge::default(),
+            ),
+            bytes: registered(
+                r,
+                "body_bytes",
+                "Body bytes, by client and direction (in: request, out: response)",
+                Family::default(),
+            ),
+            handshake_failures: registered(
+                r,
+                "handshake_failures",
+                "Connection attempts refused or failed, by reason",
+                Family::default(),
+            ),
+            refusals: registered(
+                r,
+                "refusals",
+                "Requests refused by policy or rate limit, by client and error code",
+                Family::default(),
+            ),
+            usage: UsageByModel::registered(r),
+            state_up: registered(
+                r,
+                "state_up",
+                "1 while the state store works as configured, 0 while it is unreachable (limits then fall back to this relay's own, or refuse)",
+                Gauge::default(),
+            ),
+            state_failures: registered(
+                r,
+                "state_failures",
+                "Times the state store failed or did not answer within 250 ms",
+                Counter::default(),
+            ),
+            certificate_expiry: registered(
+                r,
+                "certificate_expiry_seconds",
+                "Seconds until the relay's certificate expires (negative once it has)",
+                Gauge::default(),
+            ),
+            ledger_dropped: registered(
+                r,
+                "ledger_dropped",
+                "Usage ledger entries lost (the writer was behind, or the store was unreachable)",
+                Counter::default(),
+            ),
             registry,
-            requests,
-            duration,
-            ttfb,
-            active_streams,
-            connections,
-            bytes,
-            handshake_failures,
-            refusals,
-            usage_requests,
-            usage_errors,
-            usage_tokens,
-            usage_bytes,
-            state_up,
-            state_failures,
-            ledger_dropped,
-            certificate_expiry,
-            models: Mutex::new(HashSet::new()),
         }
     }
 
@@ -298,22 +253,6 @@ impl RelayMetrics {
             .inc();
     }
 
-    /// The label for `model`: itself once the upstream has answered a
-    /// request for it with success (so made-up names never become
-    /// labels) and while fewer than [`MAX_MODELS`] are known; else `other`.
-    fn model_label(&self, model: Option<&str>, succeeded: bool) -> String {
-        let Some(model) = model else {
-            return "unknown".to_owned();
-        };
-        let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
-        if models.contains(model) || (succeeded && models.len() < MAX_MODELS) {
-            models.insert(model.to_owned());
-            model.to_owned()
-        } else {
-            "other".to_owned()
-        }
-    }
-
     /// Adds a finished request.
     pub fn record(&self, figures: &RequestFigures<'_>) {
         let client = figures.client.to_owned();
@@ -340,32 +279,97 @@ impl RelayMetrics {
                 })
                 .inc_by(count);
         }
+        self.usage.record(&client, figures);
+    }
+}
+
+/// Requests, errors, tokens and bytes by client and model, with model
+/// labels capped at [`MAX_MODELS`].
+#[derive(Debug)]
+struct UsageByModel {
+    requests: Family<ClientModel, Counter>,
+    errors: Family<ClientModel, Counter>,
+    tokens: Family<ClientModelKind, Counter>,
+    bytes: Family<ClientModelKind, Counter>,
+    models: Mutex<HashSet<String>>,
+}
+
+impl UsageByModel {
+    /// Makes the usage metrics, registered in `registry`.
+    fn registered(registry: &mut Registry) -> Self {
+        UsageByModel {
+            requests: registered(
+                registry,
+                "usage_requests",
+                "Requests by client and model",
+                Family::default(),
+            ),
+            errors: registered(
+                registry,
+                "usage_errors",
+                "Requests that failed (passage or upstream 4xx/5xx, or cut short), by client and model",
+                Family::default(),
+            ),
+            tokens: registered(
+                registry,
+                "usage_tokens",
+                "Tokens the upstream reported, by client, model and kind (prompt, completion)",
+                Family::default(),
+            ),
+            bytes: registered(
+                registry,
+                "usage_bytes",
+                "Body bytes by client, model and kind (in, out)",
+                Family::default(),
+            ),
+            models: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The label for `model`: itself once the upstream has answered a
+    /// request for it with success (so made-up names never become
+    /// labels) and while fewer than [`MAX_MODELS`] are known; else `other`.
+    fn model_label(&self, model: Option<&str>, succeeded: bool) -> String {
+        let Some(model) = model else {
+            return "unknown".to_owned();
+        };
+        let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
+        if models.contains(model) || (succeeded && models.len() < MAX_MODELS) {
+            models.insert(model.to_owned());
+            model.to_owned()
+        } else {
+            "other".to_owned()
+        }
+    }
+
+    /// Adds a finished request of `client`'s.
+    fn record(&self, client: &str, figures: &RequestFigures<'_>) {
         let model = self.model_label(figures.model, (200..300).contains(&figures.status));
         let by_model = ClientModel {
-            client: client.clone(),
+            client: client.to_owned(),
             model: model.clone(),
         };
-        self.usage_requests.get_or_create(&by_model).inc();
+        self.requests.get_or_create(&by_model).inc();
         if figures.failed {
-            self.usage_errors.get_or_create(&by_model).inc();
+            self.errors.get_or_create(&by_model).inc();
         }
         let usage = figures.usage.unwrap_or_default();
         for (kind, count) in [
             ("prompt", usage.prompt_tokens),
             ("completion", usage.completion_tokens),
         ] {
-            self.usage_tokens
+            self.tokens
                 .get_or_create(&ClientModelKind {
-                    client: client.clone(),
+                    client: client.to_owned(),
                     model: model.clone(),
                     kind,
                 })
                 .inc_by(count);
         }
         for (kind, count) in [("in", figures.bytes_in), ("out", figures.bytes_out)] {
-            self.usage_bytes
+            self.bytes
                 .get_or_create(&ClientModelKind {
-                    client: client.clone(),
+                    client: client.to_owned(),
                     model: model.clone(),
                     kind,
                 })

@@ -14,6 +14,8 @@ use http::{Method, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Metric, Registry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -29,22 +31,78 @@ pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 /// The content type of the OpenMetrics text format.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Buckets (seconds) of the latency histograms: 1 ms doubling to about 9 min.
-pub fn latency_buckets() -> impl Iterator<Item = f64> {
-    prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 20)
+/// A latency histogram as both programs keep them: buckets (seconds) from
+/// 1 ms doubling to about 9 min.
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 20,
+    ))
 }
 
-/// Binds the metrics listener, so a bad address fails at start; must run
-/// inside a tokio runtime.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let listener = std::net::TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    TcpListener::from_std(listener)
+/// Registers `metric` in `registry` under `name` with `help`, and hands it
+/// back, so a metrics struct is built one field at a time.
+pub fn registered<M: Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// The `--metrics` address, bound at start (so a bad address fails then)
+/// and served once the program runs.
+#[derive(Debug)]
+pub struct MetricsListener {
+    listener: TcpListener,
+}
+
+/// The metrics address could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}")]
+pub struct MetricsBindError {
+    /// The address asked for.
+    pub addr: SocketAddr,
+    /// Why binding failed.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl MetricsListener {
+    /// Binds `addr`, if metrics are asked for; must run inside a tokio
+    /// runtime.
+    pub fn bind(addr: Option<SocketAddr>) -> Result<Option<Self>, MetricsBindError> {
+        let Some(addr) = addr else { return Ok(None) };
+        let bound = std::net::TcpListener::bind(addr)
+            .and_then(|listener| {
+                listener.set_nonblocking(true)?;
+                TcpListener::from_std(listener)
+            })
+            .map_err(|source| MetricsBindError { addr, source })?;
+        Ok(Some(MetricsListener { listener: bound }))
+    }
+
+    /// The address bound.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves `render`'s output at `/metrics` (and `health`'s JSON, if
+    /// given, at `/healthz`) in a task of its own until `shutdown`.
+    pub fn spawn(
+        self,
+        render: Render,
+        health: Option<Render>,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(serve(self.listener, render, health, shutdown))
+    }
 }
 
 /// Serves `render`'s output at `/metrics` (and `health`'s JSON, if given,
 /// at `/healthz`) on `listener` until `shutdown`.
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     render: Render,
     health: Option<Render>,
