@@ -10,11 +10,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use passage_shared::frame::{Frame, FrameCodec, close_code, frame_reader};
-use passage_shared::transport::tcp::{self, H2Recv};
+use passage_shared::control::{ControlError, ControlMessage, ControlReader};
+use passage_shared::frame::close_code;
+use passage_shared::transport::tcp;
 use passage_shared::transport::{BoxRecv, BoxSend, SendHalf, TransportKind, TransportTuning, quic};
-use tokio_util::codec::FramedRead;
 
 /// Which transports the client may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -146,57 +145,12 @@ impl Connection {
     }
 }
 
-/// The relay's control messages on one connection (the welcome, then
-/// perhaps a go-away).
-pub enum Control {
-    /// QUIC: each message on a unidirectional stream of its own.
-    Quic(quinn::Connection),
-    /// TCP: the control stream.
-    Tcp {
-        /// The relay's control frames.
-        frames: FramedRead<H2Recv, FrameCodec>,
-        /// The client's side of the control stream.
-        send: tcp::H2Send,
-    },
-}
-
-impl Control {
-    /// The relay's next control frame; `None` once the connection ends.
-    pub async fn next_frame(&mut self) -> Option<Result<Frame, String>> {
-        match self {
-            Control::Quic(connection) => {
-                let stream = connection.accept_uni().await.ok()?;
-                let frame = frame_reader(stream).next().await;
-                Some(match frame {
-                    Some(Ok(frame)) => Ok(frame),
-                    Some(Err(e)) => Err(e.to_string()),
-                    None => Err("the relay closed a control stream early".to_owned()),
-                })
-            }
-            Control::Tcp { frames, .. } => frames
-                .next()
-                .await
-                .map(|frame| frame.map_err(|e| e.to_string())),
-        }
-    }
-
-    /// Resolves when the relay announces its shutdown; never if the connection ends first.
-    pub async fn go_away(&mut self) {
-        while let Some(frame) = self.next_frame().await {
-            if let Ok(Frame::GoAway) = frame {
-                return;
-            }
-        }
-        std::future::pending().await
-    }
-}
-
 /// A connection whose relay has welcomed this client.
 pub struct Established {
     /// The connection.
     pub connection: Connection,
     /// Its control messages.
-    pub control: Control,
+    pub control: ControlReader,
 }
 
 impl Established {
@@ -211,12 +165,12 @@ impl Established {
     pub fn leave(self, code: u32, reason: &str) {
         match (self.connection, self.control) {
             (connection @ Connection::Quic(_), _) => connection.close(code, reason),
-            (Connection::Tcp(_), Control::Tcp { mut send, .. }) => {
+            (Connection::Tcp(_), ControlReader::Tcp { mut send, .. }) => {
                 // Resetting the control stream tells the relay; with every
                 // handle dropped, HTTP/2 closes once the last stream ends.
                 send.reset(code);
             }
-            (Connection::Tcp(connection), Control::Quic(_)) => connection.close(reason),
+            (Connection::Tcp(connection), ControlReader::Quic(_)) => connection.close(reason),
         }
     }
 }
@@ -251,7 +205,7 @@ impl Dialer {
             quinn::ConnectionError::TimedOut => NO_REPLY.to_owned(),
             e => e.to_string(),
         })?;
-        let mut control = Control::Quic(connection.clone());
+        let mut control = ControlReader::Quic(connection.clone());
         let connection = Connection::Quic(connection);
         welcome(&mut control, &connection).await?;
         Ok(Established {
@@ -269,10 +223,7 @@ impl Dialer {
                     tcp::ConnectError::Tcp(e) => e.to_string(),
                     e => e.to_string(),
                 })?;
-        let mut control = Control::Tcp {
-            frames: frame_reader(control.recv),
-            send: control.send,
-        };
+        let mut control = ControlReader::tcp(control);
         let connection = Connection::Tcp(connection);
         welcome(&mut control, &connection).await?;
         Ok(Established {
@@ -289,7 +240,7 @@ pub const NO_REPLY: &str = "no reply";
 /// before the relay has judged its certificate, so only the welcome proves
 /// it was accepted. A refusal carries the connection's end as the relay
 /// gave it (its TLS alert, or passage's close reason).
-async fn welcome(control: &mut Control, connection: &Connection) -> Result<(), String> {
+async fn welcome(control: &mut ControlReader, connection: &Connection) -> Result<(), String> {
     let refused = |detail: Option<String>| {
         let why = connection.close_reason().or(detail).unwrap_or_default();
         if why.is_empty() {
@@ -298,13 +249,15 @@ async fn welcome(control: &mut Control, connection: &Connection) -> Result<(), S
             format!("the relay refused the connection: {why}")
         }
     };
-    match control.next_frame().await {
-        Some(Ok(Frame::Welcome(_))) => Ok(()),
-        Some(Ok(frame)) => Err(format!(
-            "the relay sent a {} frame instead of a welcome",
-            frame.kind()
+    match control.next().await {
+        Some(Ok(ControlMessage::Welcome(_))) => Ok(()),
+        Some(Ok(ControlMessage::GoAway)) => {
+            Err("the relay sent a go-away frame instead of a welcome".to_owned())
+        }
+        Some(Err(ControlError::Unexpected(kind))) => Err(format!(
+            "the relay sent a {kind} frame instead of a welcome"
         )),
-        Some(Err(e)) => Err(refused(Some(e))),
+        Some(Err(e)) => Err(refused(Some(e.to_string()))),
         None => Err(refused(None)),
     }
 }

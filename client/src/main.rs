@@ -101,16 +101,7 @@ struct RunArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    let parsed = passage_shared::config_file::parse_with_config::<Cli>(&["run", "doctor"], &[])
-        .map_err(anyhow::Error::from)
-        .and_then(run);
-    match parsed {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("passage-client: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    passage_shared::process::run_command_line("passage-client", &["run", "doctor"], &[], run)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -196,13 +187,10 @@ fn serve(args: RunArgs) -> anyhow::Result<()> {
         })?;
         config.access_token = Some(passage_client::AccessToken(token.trim().to_owned()));
     }
-    let runtime = common.runtime().context("starting the async runtime")?;
-    runtime.block_on(async {
+    passage_shared::process::serve_until_signal(&common, |shutdown| async {
         let client = Client::bind(config)
             .await
             .context("starting passage-client")?;
-        let shutdown = passage_shared::process::shutdown_on_signal()
-            .context("installing the SIGTERM/SIGINT handlers")?;
         client.run(shutdown).await;
         Ok(())
     })

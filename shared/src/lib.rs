@@ -12,6 +12,7 @@ pub mod body;
 pub mod bundle;
 pub mod cert_expiry;
 pub mod config_file;
+pub mod control;
 pub mod doctor;
 pub mod error_body;
 pub mod frame;

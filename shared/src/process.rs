@@ -1,5 +1,6 @@
-//! Process setup both binaries share: logging to stderr filtered by
-//! `RUST_LOG`, and a shutdown token cancelled by SIGTERM or SIGINT.
+//! Process setup both binaries share: the command line's run and exit
+//! code, logging to stderr filtered by `RUST_LOG`, the async runtime, and a
+//! shutdown token cancelled by SIGTERM or SIGINT.
 
 use std::io::IsTerminal;
 
@@ -135,4 +136,57 @@ pub fn shutdown_on_signal() -> std::io::Result<CancellationToken> {
         token.cancel();
     });
     Ok(shutdown)
+}
+
+/// The `main` of both programs: parses the command line (a `--config` file
+/// may fill the flags of `subcommands` and the tables `sections`), runs
+/// it, and on an error prints `PROGRAM: error: cause: …` and exits 1.
+pub fn run_command_line<C, E>(
+    program: &str,
+    subcommands: &[&str],
+    sections: &[&str],
+    run: impl FnOnce(C) -> Result<(), E>,
+) -> std::process::ExitCode
+where
+    C: clap::Parser,
+    E: From<crate::config_file::ConfigFileError> + std::fmt::Display,
+{
+    let outcome = crate::config_file::parse_with_config::<C>(subcommands, sections)
+        .map_err(E::from)
+        .and_then(run);
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Why a program could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The async runtime could not be built.
+    #[error("starting the async runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The SIGTERM/SIGINT handlers could not be installed.
+    #[error("installing the SIGTERM/SIGINT handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Runs `serve` to its end on the runtime `common` asks for, handing it a
+/// token that the first SIGTERM or SIGINT cancels.
+pub fn serve_until_signal<F, E>(
+    common: &CommonArgs,
+    serve: impl FnOnce(CancellationToken) -> F,
+) -> Result<(), E>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: From<StartError>,
+{
+    let runtime = common.runtime().map_err(StartError::Runtime)?;
+    runtime.block_on(async {
+        let shutdown = shutdown_on_signal().map_err(StartError::Signals)?;
+        serve(shutdown).await
+    })
 }
