@@ -22,7 +22,6 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use passage_shared::body::BodyError;
 use passage_shared::error_body::ApiError;
 use passage_shared::error_chain;
 use passage_shared::frame::RequestHead;
@@ -438,7 +437,7 @@ impl UpstreamClient {
         let detail = error_chain(&e);
         let too_large =
             find_source::<hyper::Error>(&e).is_some_and(hyper::Error::is_parse_too_large);
-        if let Some(body_error) = find_source::<BodyError>(&e) {
+        if let Some(body_error) = find_source::<crate::request_body::RequestBodyError>(&e) {
             // The app's side broke the body it was sending.
             ApiError::new(
                 StatusCode::BAD_REQUEST,

@@ -33,126 +33,42 @@ pub enum BodyError {
     /// The stream ended without an `End` frame.
     #[error("stream ended before the body was complete")]
     Truncated,
-    /// The inspector set with [`FrameBody::inspect`] refused the body,
-    /// for this reason (the inspector's own error, to be downcast by
-    /// whoever set it).
-    #[error("the body was refused: {0}")]
-    Refused(InspectError),
-    /// The body grew past the limit set with [`FrameBody::limited`].
-    #[error("the body is larger than the limit of {limit} bytes")]
-    TooLarge {
-        /// The limit in bytes.
-        limit: u64,
-    },
 }
 
 /// The body frames of one direction of a stream, as an `http_body::Body`.
 #[derive(Debug)]
 pub struct FrameBody<R> {
     frames: FramedRead<R, FrameCodec>,
-    /// Chunks already read from `frames` (a prefix the reader looked into).
-    pending: std::collections::VecDeque<Bytes>,
     done: bool,
-    /// Adds up the bytes of the chunks handed out, when set.
-    counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
-    /// Bytes handed out so far.
-    seen: u64,
-    /// Most bytes the body may have.
-    limit: Option<u64>,
-    /// Looks at every chunk read from the stream (not the prefix).
-    inspector: Option<Inspector>,
-    /// Kept until the prefix has been handed out, then dropped.
-    prefix_hold: Option<PrefixHold>,
-}
-
-/// Something (a memory reservation) that a [`FrameBody`] keeps only while
-/// it still holds its prefix; see [`FrameBody::hold_until_prefix_sent`].
-pub struct PrefixHold(pub Box<dyn Send>);
-
-impl std::fmt::Debug for PrefixHold {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PrefixHold")
-    }
-}
-
-/// A check run on each body chunk read from the stream; an `Err` aborts
-/// the body with [`BodyError::Refused`].
-pub struct Inspector(pub Box<InspectFn>);
-
-/// What an [`Inspector`] runs: `Err(why)` refuses the body.
-pub type InspectFn = dyn FnMut(&Bytes) -> Result<(), InspectError> + Send;
-
-/// Why an [`Inspector`] refused a body: its own error, kept typed.
-pub type InspectError = Box<dyn std::error::Error + Send + Sync>;
-
-impl std::fmt::Debug for Inspector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Inspector")
-    }
 }
 
 impl<R: AsyncRead + Unpin> FrameBody<R> {
     /// Reads the body from `frames`, whose head has already been taken.
     pub fn new(frames: FramedRead<R, FrameCodec>) -> Self {
-        FrameBody::resume(frames, Vec::new(), false)
-    }
-
-    /// A body whose first chunks, `prefix`, were already read from `frames`
-    /// (and, if `ended`, its `End` too); they come first, then the rest.
-    pub fn resume(frames: FramedRead<R, FrameCodec>, prefix: Vec<Bytes>, ended: bool) -> Self {
         FrameBody {
             frames,
-            pending: prefix.into(),
-            done: ended,
-            counter: None,
-            seen: 0,
-            limit: None,
-            inspector: None,
-            prefix_hold: None,
+            done: false,
         }
     }
 
-    /// Keeps `hold` until the prefix given to [`FrameBody::resume`] has been
-    /// handed out (or the body is dropped), then drops it.
-    pub fn hold_until_prefix_sent(mut self, hold: PrefixHold) -> Self {
-        self.prefix_hold = Some(hold);
-        self
-    }
-
-    /// Shows every chunk read from the stream from now on (not the prefix
-    /// given to [`FrameBody::resume`]) to `inspector` before handing it out.
-    pub fn inspect(mut self, inspector: Inspector) -> Self {
-        self.inspector = Some(inspector);
-        self
-    }
-
-    /// Fails the body (so the message it belongs to is aborted) once it
-    /// grows past `limit` bytes.
-    pub fn limited(mut self, limit: u64) -> Self {
-        self.limit = Some(limit);
-        self
-    }
-
-    /// Adds the length of every chunk this body receives to `counter`
-    /// (including one that crosses the limit).
-    pub fn counting(mut self, counter: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
-        self.counter = Some(counter);
-        self
-    }
-
-    fn chunk(&mut self, data: Bytes) -> Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
-        self.seen += data.len() as u64;
-        if let Some(counter) = &self.counter {
-            counter.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    /// The next chunk of the body; `None` after its `End`.
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
+        if self.done {
+            return Poll::Ready(None);
         }
-        if let Some(limit) = self.limit
-            && self.seen > limit
-        {
-            self.done = true;
-            self.pending.clear();
-            return Poll::Ready(Some(Err(BodyError::TooLarge { limit })));
-        }
-        Poll::Ready(Some(Ok(http_body::Frame::data(data))))
+        let error = match ready!(self.frames.poll_next_unpin(cx)) {
+            Some(Ok(Frame::Data(bytes))) => return Poll::Ready(Some(Ok(bytes))),
+            Some(Ok(Frame::End)) => {
+                self.done = true;
+                return Poll::Ready(None);
+            }
+            Some(Ok(Frame::Failure(failure))) => BodyError::Failure(failure),
+            Some(Ok(other)) => BodyError::Unexpected(other.kind()),
+            Some(Err(e)) => BodyError::Frame(e),
+            None => BodyError::Truncated,
+        };
+        self.done = true;
+        Poll::Ready(Some(Err(error)))
     }
 }
 
@@ -164,41 +80,12 @@ impl<R: AsyncRead + Unpin> http_body::Body for FrameBody<R> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
-        if let Some(chunk) = self.pending.pop_front() {
-            return self.chunk(chunk);
-        }
-        // Asked for more: the prefix is out.
-        self.prefix_hold = None;
-        if self.done {
-            return Poll::Ready(None);
-        }
-        let next = ready!(self.frames.poll_next_unpin(cx));
-        let result = match next {
-            Some(Ok(Frame::Data(bytes))) => {
-                let verdict = match &mut self.inspector {
-                    Some(inspector) => (inspector.0)(&bytes),
-                    None => Ok(()),
-                };
-                match verdict {
-                    Ok(()) => return self.chunk(bytes),
-                    Err(why) => BodyError::Refused(why),
-                }
-            }
-            Some(Ok(Frame::End)) => {
-                self.done = true;
-                return Poll::Ready(None);
-            }
-            Some(Ok(Frame::Failure(failure))) => BodyError::Failure(failure),
-            Some(Ok(other)) => BodyError::Unexpected(other.kind()),
-            Some(Err(e)) => BodyError::Frame(e),
-            None => BodyError::Truncated,
-        };
-        self.done = true;
-        Poll::Ready(Some(Err(result)))
+        self.poll_chunk(cx)
+            .map(|chunk| chunk.map(|chunk| chunk.map(http_body::Frame::data)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.pending.is_empty()
+        self.done
     }
 }
 
@@ -295,37 +182,6 @@ mod tests {
             .build()
             .expect("runtime")
             .block_on(f)
-    }
-
-    #[test]
-    fn the_prefix_hold_is_dropped_once_the_prefix_is_out() {
-        struct Flag(std::sync::Arc<std::sync::atomic::AtomicBool>);
-        impl Drop for Flag {
-            fn drop(&mut self) {
-                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut wire = BytesMut::new();
-        for frame in [Frame::Data(Bytes::from_static(b"rest")), Frame::End] {
-            encode_frame(&frame, &mut wire).expect("encodes");
-        }
-        let reader = std::io::Cursor::new(wire.to_vec());
-        let prefix = vec![Bytes::from_static(b"pre"), Bytes::from_static(b"fix")];
-        let mut body = FrameBody::resume(FramedRead::new(reader, FrameCodec), prefix, false)
-            .hold_until_prefix_sent(PrefixHold(Box::new(Flag(dropped.clone()))));
-        let held = || !dropped.load(std::sync::atomic::Ordering::SeqCst);
-        block_on(async {
-            for (expected, still_held) in [("pre", true), ("fix", true), ("rest", false)] {
-                let chunk = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx))
-                    .await
-                    .expect("a chunk")
-                    .expect("data");
-                assert_eq!(chunk.into_data().expect("data"), expected);
-                // The last prefix chunk is out only once more is asked for.
-                assert_eq!(held(), still_held, "after {expected}");
-            }
-        });
     }
 
     #[test]

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Either;
-use passage_shared::body::{FrameBody, Inspector, PrefixHold};
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::{FrameCodec, RequestHead};
 use passage_shared::transport::BoxRecv;
@@ -73,13 +72,13 @@ fn plain_body(
     kind: BodyKind,
     frames: FramedRead<BoxRecv, FrameCodec>,
 ) -> UpstreamBody {
-    let mut body = FrameBody::new(frames)
+    let mut body = RequestBody::new(frames)
         .counting(req.record.bytes_in.clone())
         .limited(req.ctx.max_body);
     if kind == BodyKind::Json {
         let copy = Arc::new(std::sync::Mutex::new(JsonCopy::default()));
         req.record.json_copy = Some(copy.clone());
-        body = body.inspect(Inspector(Box::new(move |chunk: &Bytes| {
+        body = body.inspect(Box::new(move |chunk: &Bytes| {
             let mut copy = copy
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -90,12 +89,9 @@ fn plain_body(
                 copy.bytes = Vec::new();
             }
             Ok(())
-        })));
+        }));
     }
-    Either::Right(RequestBody::reporting(
-        body,
-        req.record.body_refusal.clone(),
-    ))
+    Either::Right(body.reporting(req.record.body_refusal.clone()))
 }
 
 /// The body of a client under a model rule: its start is held back (a
@@ -152,25 +148,23 @@ async fn model_checked_body(
     req.applied
         .check_model(client, req.record.model.as_deref())?;
     let ended = prefix.ended;
-    let mut body = FrameBody::resume(frames, prefix.into_chunks(), ended)
-        .hold_until_prefix_sent(PrefixHold(Box::new(held)))
+    let mut body = RequestBody::resume(frames, prefix.into_chunks(), ended)
+        .hold_until_prefix_sent(Box::new(held))
         .counting(req.record.bytes_in.clone())
         .limited(ctx.max_body);
     if let Some(mut scanner) = scanner {
         // The rest of the form streams on, watched for a second `model`.
         let client = client.clone();
-        body = body.inspect(Inspector(Box::new(move |chunk: &Bytes| {
-            scanner.feed(chunk).map_err(|error| {
-                let refusal = BodyRefusal::Model {
-                    client: client.clone(),
-                    error,
-                };
-                refusal.into()
+        body = body.inspect(Box::new(move |chunk: &Bytes| {
+            scanner.feed(chunk).map_err(|error| BodyRefusal::Model {
+                client: client.clone(),
+                error,
             })
-        })));
+        }));
     }
-    let refusals = req.record.body_refusal.clone();
-    Ok(Either::Right(RequestBody::reporting(body, refusals)))
+    Ok(Either::Right(
+        body.reporting(req.record.body_refusal.clone()),
+    ))
 }
 
 /// What finds the model in a body of this kind: a multipart scanner for a

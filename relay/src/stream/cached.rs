@@ -10,7 +10,6 @@ use bytes::Bytes;
 use futures_util::SinkExt;
 use http::StatusCode;
 use http_body_util::{Either, Empty};
-use passage_shared::body::{FrameBody, PrefixHold};
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::{Frame, FrameCodec, Header, RequestHead, ResponseHead};
 use passage_shared::transport::BoxRecv;
@@ -154,11 +153,11 @@ pub(super) async fn serve_cacheable(
         max_entry: plan.max_entry,
     });
     let upstream_body = if head.has_body {
-        let mut resumed = FrameBody::resume(frames, vec![body], true);
+        let mut resumed = RequestBody::resume(frames, vec![body], true);
         if let Some(held) = held {
-            resumed = resumed.hold_until_prefix_sent(PrefixHold(Box::new(held)));
+            resumed = resumed.hold_until_prefix_sent(Box::new(held));
         }
-        Either::Right(RequestBody::new(resumed))
+        Either::Right(resumed)
     } else {
         Either::Left(Empty::<Bytes>::new())
     };
