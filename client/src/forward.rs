@@ -19,7 +19,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use passage_shared::body::{FrameBody, INLINE_WAIT, encode_whole_body, is_inline, send_data};
+use passage_shared::body::{FrameBody, encode_if_prompt, send_data};
 use passage_shared::error_body::ApiError;
 use passage_shared::frame::{
     Frame, FrameCodec, FrameError, RequestHead, ResponseHead, encode_frame, frame_reader,
@@ -71,7 +71,6 @@ async fn try_forward(
     let (parts, mut body) = request.into_parts();
     let path_and_query = origin_form_target(&parts.method, &parts.uri)?;
     let has_body = !body.is_end_stream();
-    let inline = has_body && is_inline(&body);
     let head = RequestHead {
         id,
         method: parts.method.as_str().to_owned(),
@@ -86,18 +85,11 @@ async fn try_forward(
     // trickles in is not waited for: what came goes now, the pump sends
     // the rest.
     let mut pump = has_body;
-    if inline {
-        let whole = tokio::time::timeout(
-            INLINE_WAIT,
-            encode_whole_body(&mut body, &mut batch, |_| {}),
-        )
-        .await;
-        if let Ok(result) = whole {
-            result.map_err(invalid_request)?;
-            pump = false;
-        }
-    } else if !has_body {
+    if !has_body {
         encode_frame(&Frame::End, &mut batch).map_err(invalid_request)?;
+    } else if let Some(whole) = encode_if_prompt(&mut body, &mut batch, |_| {}).await {
+        whole.map_err(invalid_request)?;
+        pump = false;
     }
 
     // A request held whole here can be sent again if the relay provably

@@ -110,10 +110,10 @@ pub const INLINE_BODY_LIMIT: u64 = 64 * 1024;
 /// How long a sender waits for a small body to complete before it sends
 /// what it has and streams the rest: enough for data already in flight on
 /// loopback, too short to hold back a response anyone would notice.
-pub const INLINE_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+const INLINE_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Whether `body` is small and sized, so [`encode_whole_body`] may take it.
-pub fn is_inline<B: http_body::Body>(body: &B) -> bool {
+fn is_inline<B: http_body::Body>(body: &B) -> bool {
     body.size_hint()
         .exact()
         .is_some_and(|len| len <= INLINE_BODY_LIMIT)
@@ -130,10 +130,31 @@ pub enum WholeBodyError<E> {
     Frame(#[from] FrameError),
 }
 
+/// Sends a small body with its head: if `body` is small and sized and
+/// arrives whole within [`INLINE_WAIT`], appends it to `batch` as `Data`
+/// frames and `End` (showing each chunk to `observe`). `None` when it is
+/// not, or takes longer: what came so far is then in `batch`, to go out
+/// now while the rest streams, so a slow body is never held back.
+pub async fn encode_if_prompt<B>(
+    body: &mut B,
+    batch: &mut BytesMut,
+    observe: impl FnMut(&Bytes),
+) -> Option<Result<(), WholeBodyError<B::Error>>>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    if !is_inline(body) {
+        return None;
+    }
+    tokio::time::timeout(INLINE_WAIT, encode_whole_body(body, batch, observe))
+        .await
+        .ok()
+}
+
 /// Reads all of `body` and appends it to `batch` as `Data` frames and `End`,
 /// showing each chunk to `observe` on the way. Meant for bodies
 /// [`is_inline`] accepts: their size bounds the buffer.
-pub async fn encode_whole_body<B>(
+async fn encode_whole_body<B>(
     body: &mut B,
     batch: &mut BytesMut,
     mut observe: impl FnMut(&Bytes),

@@ -9,7 +9,7 @@ use http::StatusCode;
 use http::header::{CONTENT_LENGTH, HeaderValue};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use passage_shared::body::{INLINE_WAIT, encode_whole_body, is_inline, send_data};
+use passage_shared::body::{encode_if_prompt, send_data};
 use passage_shared::error_body::ApiError;
 use passage_shared::error_chain;
 use passage_shared::frame::{
@@ -38,9 +38,7 @@ pub(super) async fn proxy(req: &mut Request<'_>, head: RequestHead, body: Upstre
         Ok(batch) => batch,
         Err(error) => return Outcome::Refused(error),
     };
-    if is_inline(&body)
-        && let Some(outcome) = send_inline(req, &mut body, &mut batch).await
-    {
+    if let Some(outcome) = send_inline(req, &mut body, &mut batch).await {
         return outcome;
     }
     req.record.ttfb = Some(req.started.elapsed());
@@ -148,7 +146,7 @@ async fn send_inline(
     let record = &mut *req.record;
     let mut bytes = 0u64;
     let (tap, fill) = (&mut record.tap, &mut record.cache_fill);
-    let whole = encode_whole_body(body, batch, |data| {
+    let whole = encode_if_prompt(body, batch, |data| {
         bytes += data.len() as u64;
         if let Some(tap) = tap {
             tap.observe(data);
@@ -157,8 +155,8 @@ async fn send_inline(
             fill.observe(data);
         }
     });
-    match tokio::time::timeout(INLINE_WAIT, whole).await {
-        Ok(Ok(())) => {
+    match whole.await {
+        Some(Ok(())) => {
             record.ttfb = Some(req.started.elapsed());
             record.bytes_out = bytes;
             // Counted (and kept, if cached) before the app has its
@@ -174,7 +172,7 @@ async fn send_inline(
                 },
             )
         }
-        Ok(Err(e)) => {
+        Some(Err(e)) => {
             // As on the streaming path: the upstream's head and what
             // arrived, then a response cut short.
             record.ttfb = Some(req.started.elapsed());
@@ -185,8 +183,8 @@ async fn send_inline(
             let reason = error_chain(&e);
             Some(fail(req.responder, record, "upstream_body_failed", reason).await)
         }
-        Err(_) => {
-            // What arrived so far is in `batch` and goes out next.
+        None => {
+            // What arrived so far (if anything) is in `batch` and goes out next.
             record.bytes_out = bytes;
             None
         }
