@@ -8,6 +8,7 @@ pub mod mock_realtime;
 pub mod mock_upstream;
 pub mod redis_server;
 pub mod relays;
+pub mod requests;
 pub mod secrets;
 pub mod stack;
 
