@@ -29,8 +29,10 @@ macro_rules! say {
     }};
 }
 
+pub mod app;
 pub mod bed;
 pub mod procs;
+pub mod relay_faults;
 pub mod scenarios;
 
 use std::path::{Path, PathBuf};
