@@ -135,40 +135,10 @@ impl LocalAccess {
                 "passage-client serves this machine only: the Host header must be localhost or a loopback address",
             ));
         }
-        if let Some(origin) = headers.get(header::ORIGIN) {
-            let normal = origin.to_str().ok().and_then(normalize_origin);
-            let Some(allowed) = self
-                .cors_origins
-                .iter()
-                .find(|o| normal.as_deref().is_some_and(|n| *o == n))
-            else {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "origin_not_allowed",
-                    "browser requests from this origin are not allowed; add it with --cors-origin",
-                ));
-            };
-            cors.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed.clone());
-            if method == Method::OPTIONS
-                && let Some(requested) = headers.get(header::ACCESS_CONTROL_REQUEST_METHOD)
-            {
-                // A preflight: answered here, never forwarded, and never
-                // asked for the token (browsers send none with it).
-                cors.insert(header::ACCESS_CONTROL_ALLOW_METHODS, requested.clone());
-                if let Some(asked) = headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
-                    cors.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
-                }
-                cors.insert(
-                    header::ACCESS_CONTROL_MAX_AGE,
-                    HeaderValue::from(PREFLIGHT_MAX_AGE_S),
-                );
-                return Ok(Verdict::Preflight);
-            }
-            // Apps read the request id, rate-limit and processing headers.
-            cors.insert(
-                header::ACCESS_CONTROL_EXPOSE_HEADERS,
-                HeaderValue::from_static("*"),
-            );
+        if let Some(origin) = headers.get(header::ORIGIN)
+            && self.answer_origin(origin, method, headers, cors)?
+        {
+            return Ok(Verdict::Preflight);
         }
         let Some(token) = &self.token else {
             return Ok(Verdict::Forward);
@@ -199,6 +169,52 @@ impl LocalAccess {
             }
         }
         Ok(Verdict::Forward)
+    }
+
+    /// Checks a browser request's `origin` against `--cors-origin` and
+    /// puts the CORS headers for it in `cors`; `Ok(true)` for a preflight,
+    /// which is answered here, never forwarded.
+    fn answer_origin(
+        &self,
+        origin: &HeaderValue,
+        method: &Method,
+        headers: &HeaderMap,
+        cors: &mut HeaderMap,
+    ) -> Result<bool, ApiError> {
+        let normal = origin.to_str().ok().and_then(normalize_origin);
+        let Some(allowed) = self
+            .cors_origins
+            .iter()
+            .find(|o| normal.as_deref().is_some_and(|n| *o == n))
+        else {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                "browser requests from this origin are not allowed; add it with --cors-origin",
+            ));
+        };
+        cors.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed.clone());
+        if method == Method::OPTIONS
+            && let Some(requested) = headers.get(header::ACCESS_CONTROL_REQUEST_METHOD)
+        {
+            // A preflight: answered here, never forwarded, and never
+            // asked for the token (browsers send none with it).
+            cors.insert(header::ACCESS_CONTROL_ALLOW_METHODS, requested.clone());
+            if let Some(asked) = headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+                cors.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
+            }
+            cors.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from(PREFLIGHT_MAX_AGE_S),
+            );
+            return Ok(true);
+        }
+        // Apps read the request id, rate-limit and processing headers.
+        cors.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("*"),
+        );
+        Ok(false)
     }
 }
 
