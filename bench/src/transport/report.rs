@@ -44,8 +44,8 @@ pub(super) fn section(
     section
 }
 
-/// The wrk, CPU, bulk and memory rows measured on loopback.
-fn loopback_rows(settings: &Settings, quic: &Figures, tcp: Option<&Figures>) -> Vec<Row> {
+/// The request rate and latency rows wrk measured on loopback.
+fn wrk_rows(settings: &Settings, quic: &Figures, tcp: Option<&Figures>) -> Vec<Row> {
     let wrk_how = format!(
         "wrk 1 thread, {} s per run, median of {} rounds (transports take turns)",
         settings.wrk_duration.as_secs(),
@@ -72,6 +72,12 @@ fn loopback_rows(settings: &Settings, quic: &Figures, tcp: Option<&Figures>) -> 
             });
         }
     }
+    rows
+}
+
+/// The wrk, CPU, bulk and memory rows measured on loopback.
+fn loopback_rows(settings: &Settings, quic: &Figures, tcp: Option<&Figures>) -> Vec<Row> {
+    let mut rows = wrk_rows(settings, quic, tcp);
     rows.push(Row {
         measure: "client + relay CPU per request @32 conns (µs)".into(),
         quic: some_median(&quic.cpu_us_32),
@@ -257,26 +263,10 @@ fn targets(section: &mut Section, selectable: bool, quic: &Figures, tcp: Option<
             } else {
                 String::new()
             };
-            if ratio < 0.8 {
-                let cpu = |f: Option<&Figures>| some_median(&f?.cpu_us_32);
-                let idle = |f: Option<&Figures>| some_median(&f?.idle_32);
-                if let (Some(quic_cpu), Some(tcp_cpu), Some(tcp_idle)) =
-                    (cpu(Some(quic)), cpu(tcp), idle(tcp))
-                {
-                    let bound = if tcp_idle < 10.0 {
-                        "so the rate is bound by CPU, "
-                    } else {
-                        ""
-                    };
-                    section.notes.push(format!(
-                        "TCP misses the 0.8× target at 32 connections by {:.2} ({ratio:.2}×). \
-                         The machine was {tcp_idle:.0}% idle during TCP's runs, {bound}and \
-                         client + relay spent {tcp_cpu:.0} µs of CPU per request over TCP \
-                         against {quic_cpu:.0} µs over QUIC ({:.2}×).",
-                        0.8 - ratio,
-                        tcp_cpu / quic_cpu
-                    ));
-                }
+            if ratio < 0.8
+                && let Some(note) = cpu_note(ratio, quic, tcp)
+            {
+                section.notes.push(note);
             }
             section.target(
                 "TCP vs QUIC req/s @32 conns",
@@ -326,6 +316,29 @@ fn targets(section: &mut Section, selectable: bool, quic: &Figures, tcp: Option<
             false,
         ),
     }
+}
+
+/// Why TCP missed the request-rate target, in CPU figures, when they exist.
+fn cpu_note(ratio: f64, quic: &Figures, tcp: Option<&Figures>) -> Option<String> {
+    let cpu = |f: Option<&Figures>| some_median(&f?.cpu_us_32);
+    let idle = |f: Option<&Figures>| some_median(&f?.idle_32);
+    let (Some(quic_cpu), Some(tcp_cpu), Some(tcp_idle)) = (cpu(Some(quic)), cpu(tcp), idle(tcp))
+    else {
+        return None;
+    };
+    let bound = if tcp_idle < 10.0 {
+        "so the rate is bound by CPU, "
+    } else {
+        ""
+    };
+    Some(format!(
+        "TCP misses the 0.8× target at 32 connections by {:.2} ({ratio:.2}×). \
+         The machine was {tcp_idle:.0}% idle during TCP's runs, {bound}and \
+         client + relay spent {tcp_cpu:.0} µs of CPU per request over TCP \
+         against {quic_cpu:.0} µs over QUIC ({:.2}×).",
+        0.8 - ratio,
+        tcp_cpu / quic_cpu
+    ))
 }
 
 /// One table row: what, QUIC's and TCP's figures, decimals, how.
