@@ -58,10 +58,9 @@ impl std::fmt::Display for TransportKind {
 pub enum Congestion {
     /// CUBIC (RFC 9438), loss-based; quinn's default.
     Cubic,
-    /// BBR, model-based: keeps its rate through random loss. passage's
-    /// default: on an emulated 300 ms link with 1% loss it kept about three
-    /// quarters of its lossless throughput where CUBIC fell to 0.02×
-    /// (BENCHMARKS.md, one run per cell).
+    /// BBR, model-based: keeps its rate through random loss, where CUBIC's
+    /// collapses, so it is passage's default (the two side by side on
+    /// emulated lossy links: BENCHMARKS.md, section 5).
     #[default]
     Bbr,
     /// NewReno, the classic loss-based controller.
