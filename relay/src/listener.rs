@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use std::net::SocketAddr;
 
-use futures_util::SinkExt;
-use passage_shared::frame::{ALPN_TCP, Frame, Welcome, close_code, frame_writer, reset_code};
+use passage_shared::control::{self, ControlError, ControlMessage};
+use passage_shared::frame::{ALPN_TCP, Welcome, close_code, reset_code};
 use passage_shared::pki::certificate_common_name;
 use passage_shared::revocation::{Fingerprint, Revocations, fingerprint};
 use passage_shared::transport::{BoxRecv, BoxSend, Ended, TransportKind, TransportTuning, tcp};
@@ -510,15 +510,10 @@ impl ClientConnection {
     }
 
     /// Sends a control frame (welcome, go-away) to the client.
-    async fn send_control(&mut self, frame: Frame) -> Result<(), String> {
+    async fn send_control(&mut self, message: ControlMessage) -> Result<(), ControlError> {
         match self {
-            ClientConnection::Quic(connection) => {
-                let send = connection.open_uni().await.map_err(|e| e.to_string())?;
-                let mut writer = frame_writer(send);
-                writer.send(frame).await.map_err(|e| e.to_string())?;
-                writer.get_mut().finish().map_err(|e| e.to_string())
-            }
-            ClientConnection::Tcp(connection) => connection.send_control(frame),
+            ClientConnection::Quic(connection) => control::send_quic(connection, message).await,
+            ClientConnection::Tcp(connection) => connection.send_control(message),
         }
     }
 
@@ -566,7 +561,7 @@ async fn serve_connection(
     }
     let span = info_span!("connection", client = %client, %remote, %transport);
     async move {
-        let welcome = Frame::Welcome(Welcome {
+        let welcome = ControlMessage::Welcome(Welcome {
             client: client.to_string(),
         });
         if let Err(e) = connection.send_control(welcome).await {
@@ -590,7 +585,7 @@ async fn serve_connection(
                     // No more stream credit, and a go-away so the client
                     // stops opening streams here; open streams carry on.
                     connection.stop_new_streams();
-                    if let Err(e) = connection.send_control(Frame::GoAway).await {
+                    if let Err(e) = connection.send_control(ControlMessage::GoAway).await {
                         debug!(reason = %e, "could not send the go-away");
                     }
                     unannounced = None;

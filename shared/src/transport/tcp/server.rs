@@ -6,7 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use h2::Reason;
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
@@ -19,7 +19,7 @@ use super::{
     CONTROL_PATH, CONTROL_WAIT, MAX_FRAME_SIZE, MAX_HEADER_LIST, PENDING_ACCEPT_RESETS,
     STREAM_PATH, windows,
 };
-use crate::frame::{Frame, encode_frame};
+use crate::control::{self, ControlError, ControlMessage};
 use crate::transport::{Ended, TransportTuning};
 
 /// The relay's TLS acceptor side of a new TCP connection: tunes the socket
@@ -153,14 +153,12 @@ impl ServerConnection {
         })
     }
 
-    /// Sends one control frame (welcome, go-away) to the client. Control
-    /// frames are a few bytes, so they skip flow control and never wait.
-    pub fn send_control(&mut self, frame: Frame) -> Result<(), String> {
-        let mut encoded = BytesMut::new();
-        encode_frame(&frame, &mut encoded).map_err(|e| e.to_string())?;
+    /// Sends one control message (welcome, go-away) to the client. Control
+    /// messages are a few bytes, so they skip flow control and never wait.
+    pub fn send_control(&mut self, message: ControlMessage) -> Result<(), ControlError> {
         lock(&self.control)
-            .send_data(encoded.freeze(), false)
-            .map_err(|e| e.to_string())
+            .send_data(control::encode(message)?, false)
+            .map_err(|e| ControlError::Stream(e.to_string()))
     }
 
     /// The next request stream, answered at once with the `200` head that
