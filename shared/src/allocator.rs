@@ -8,7 +8,7 @@
 //! Building jemalloc needs `make`; without the `jemalloc` feature (and on
 //! MSVC, where jemalloc does not build) the system allocator stays.
 
-/// jemalloc's allocator type, for [`tuned_allocator!`].
+/// jemalloc's allocator type, for [`crate::tuned_allocator!`].
 #[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 pub use tikv_jemallocator::Jemalloc;
 

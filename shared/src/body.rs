@@ -1,5 +1,5 @@
 //! HTTP bodies on a passage stream: [`FrameBody`] reads the `Data` frames up
-//! to `End` as a body, and [`encode_whole_body`] writes a small body whole.
+//! to `End` as a body, and [`encode_if_prompt`] writes a small body whole.
 //!
 //! The relay hands one to hyper as the upstream request body, the client as
 //! the app's response body, so neither side buffers a whole body: each
@@ -131,7 +131,7 @@ pub enum WholeBodyError<E> {
 }
 
 /// Sends a small body with its head: if `body` is small and sized and
-/// arrives whole within [`INLINE_WAIT`], appends it to `batch` as `Data`
+/// arrives whole within `INLINE_WAIT` (5 ms), appends it to `batch` as `Data`
 /// frames and `End` (showing each chunk to `observe`). `None` when it is
 /// not, or takes longer: what came so far is then in `batch`, to go out
 /// now while the rest streams, so a slow body is never held back.

@@ -4,6 +4,20 @@
 //!
 //! The request path is app → client → [`frame`] → relay → upstream; this
 //! crate owns everything on that path that both programs must agree on.
+//! Its modules, by concern:
+//!
+//! - the wire: [`frame`] (frames and their codec), [`http_map`] (headers
+//!   in frames), [`body`] (a stream's body frames as an HTTP body),
+//!   [`websocket`] (WebSocket messages in frames), [`error_body`] (the
+//!   OpenAI-shaped error);
+//! - the transports: [`transport`] (stream halves over QUIC and over TLS on
+//!   TCP) and [`control`] (the relay's welcome and go-away on them);
+//! - trust: [`pki`] (the private CA), [`revocation`], [`bundle`] (the
+//!   client's one file), [`private_file`], [`tls`], [`cert_expiry`];
+//! - the programs around it: [`process`] (start-up, logging, runtime,
+//!   signals), [`config_file`] (`--config`), [`metrics_http`] (`/metrics`,
+//!   `/healthz`), [`doctor`] (the doctor's report), [`loopback_host`],
+//!   [`allocator`].
 
 #![warn(missing_docs)]
 
