@@ -26,6 +26,16 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         title: "7. Per-request cost: where each µs goes".into(),
         ..Section::default()
     };
+    // A hand measurement behind the TCP transport's unreserved budget
+    // (shared/src/transport/tcp/stream.rs), kept here so a regenerated
+    // report still carries it.
+    section.notes.push(
+        "TCP transport, by hand with `scripts/request_cost.py` (not in this run): before a \
+         stream's first bytes went to h2 without waiting for send capacity (the unreserved \
+         budget in `shared/src/transport/tcp/stream.rs`), a small request went out as three \
+         TCP segments (head, data, end) and a small answer as three too."
+            .to_owned(),
+    );
     let out = tempfile::NamedTempFile::new()?;
     let seconds = if settings.quick { 1 } else { 5 };
     let mut command = Command::new("python3");

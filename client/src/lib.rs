@@ -15,6 +15,7 @@ pub mod forward;
 pub mod local_access;
 pub mod metrics;
 pub mod server;
+pub mod server_context;
 pub mod transport_memory;
 pub mod tunnel;
 pub mod websocket;
@@ -35,7 +36,7 @@ use tracing::info;
 
 use crate::local_access::{LocalAccess, LocalAccessError};
 use crate::metrics::ClientMetrics;
-use crate::server::ServerContext;
+use crate::server_context::ServerContext;
 use crate::transport_memory::TransportMemory;
 use crate::tunnel::{RelayTarget, Tunnel, TunnelSettings, TunnelSetup};
 use passage_shared::metrics_http::{MetricsBindError, MetricsListener};

@@ -24,33 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::forward::{ResponseBody, forward};
-use crate::local_access::{LocalAccess, Verdict, finish_headers};
-use crate::metrics::{ClientMetrics, Observed};
+use crate::local_access::{Verdict, finish_headers};
+use crate::metrics::Observed;
 use crate::tunnel::{LinkState, RelayLink, Tunnel, last_errors};
 
-/// What each request handler needs.
-#[derive(Debug)]
-pub struct ServerContext {
-    /// The tunnel requests go through.
-    pub tunnel: Tunnel,
-    /// The client's name (from its certificate), for logs.
-    pub client_name: String,
-    /// How long a request waits for the tunnel before failing with 503.
-    pub connect_wait: Duration,
-    /// Metrics, when `--metrics` is on.
-    pub metrics: Option<Arc<ClientMetrics>>,
-    /// Who may use the endpoint (Host, Origin, access token).
-    pub access: LocalAccess,
-    /// Largest WebSocket message either way, in bytes.
-    pub ws_max_message: usize,
-    /// The WebSocket sessions in progress (the drain waits for them).
-    pub sessions: tokio_util::task::TaskTracker,
-    /// Cancelled when the drain timeout has run out: sessions still open
-    /// close with 1001.
-    pub sessions_closing: CancellationToken,
-    /// The client certificate's expiry, for `/healthz`.
-    pub expiry: passage_shared::cert_expiry::CertificateExpiry,
-}
+pub use crate::server_context::ServerContext;
 
 /// Most header lines a request may have. Below the 100 that hyper's parser
 /// takes by default, so a head a little over the limit gets passage's

@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{Instrument, debug, info};
 
 use crate::forward::{ResponseBody, or_error_response, origin_form_target, response_for};
-use crate::server::ServerContext;
+use crate::server_context::ServerContext;
 use crate::tunnel::TunnelError;
 
 /// The subprotocol prefix under which browsers pass an API key.

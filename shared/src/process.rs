@@ -16,6 +16,8 @@ pub struct CommonArgs {
     /// Seconds in-flight responses may run on after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    // The measurement: BENCHMARKS.md, section 1 (Request overhead), the
+    // note on runtime and logging. (A `//` comment: clap shows `///` as help.)
     /// Runtime threads: 1 runs everything on one thread (measured fastest
     /// on small machines); more for a busy many-core host.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -86,9 +88,10 @@ impl CommonArgs {
 /// Logs to stderr at the level `RUST_LOG` sets (default `info`), with
 /// colours only when stderr is a terminal.
 ///
-/// Lines are written synchronously: a background writer thread (measured
-/// with tracing-appender) cost more per request than the write itself,
-/// because every line woke that thread.
+/// Lines are written synchronously: a background writer thread
+/// (tracing-appender) cost more per request than the write itself, because
+/// every line woke that thread; see BENCHMARKS.md, section 1 (Request
+/// overhead), the note on runtime and logging.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -102,10 +105,11 @@ pub fn init_logging() {
 /// The async runtime of a binary: with `threads` = 1 (the default of both
 /// programs) a single-threaded runtime, else a multi-threaded one.
 ///
-/// Measured by hand with passage-bench on a 2-core machine: one thread per program
-/// gave about 1.3× the request throughput and ~40 µs less latency than tokio's
-/// default multi-threaded runtime, whose cross-thread wake-ups cost more
-/// than they bring when client, relay, app and upstream share few cores.
+/// One thread per program measured faster, in throughput and latency, than
+/// tokio's default multi-threaded runtime, whose cross-thread wake-ups cost
+/// more than they bring when client, relay, app and upstream share few
+/// cores; see BENCHMARKS.md, section 1 (Request overhead), the note on
+/// runtime and logging.
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()

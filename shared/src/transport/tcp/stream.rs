@@ -48,9 +48,10 @@ pub struct H2Send {
 
 /// The first bytes of a stream, up to this many, are handed to h2 without
 /// waiting for send capacity, which only the connection's task assigns:
-/// each wait costs a flush of its own, so a small request went out as
-/// three segments (head, data, end) and a small answer as three too
-/// (measured with `scripts/request_cost.py`). The peer's window at the
+/// each wait costs a flush of its own, so a small request went out as a
+/// segment each for head, data and end, and a small answer likewise (see
+/// BENCHMARKS.md, section 7 (Per-request cost), the note on the TCP
+/// transport). The peer's window at the
 /// start of a stream is far larger, so h2 sends them at once; past the
 /// budget every write waits for capacity, which is the backpressure.
 const UNRESERVED_BUDGET: usize = 64 * 1024;
