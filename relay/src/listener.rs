@@ -513,7 +513,7 @@ impl ClientConnection {
     async fn send_control(&mut self, message: ControlMessage) -> Result<(), ControlError> {
         match self {
             ClientConnection::Quic(connection) => control::send_quic(connection, message).await,
-            ClientConnection::Tcp(connection) => connection.send_control(message),
+            ClientConnection::Tcp(connection) => control::send_tcp(connection, message),
         }
     }
 

@@ -3,14 +3,14 @@
 //! encode and decode: over QUIC each message on a unidirectional stream
 //! of its own, over TCP on the client's control stream.
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use tokio_util::codec::FramedRead;
 
 use crate::frame::{
     Frame, FrameCodec, FrameError, Welcome, encode_frame, frame_reader, frame_writer,
 };
-use crate::transport::tcp::{ControlStream, H2Recv, H2Send};
+use crate::transport::tcp::{ControlStream, H2Recv, H2Send, ServerConnection};
 
 /// A message on the control channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +33,7 @@ impl From<ControlMessage> for Frame {
 /// Why a control message could not be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    /// The QUIC stream for the message could not be opened, written or
+    /// The stream for the message could not be opened, written or
     /// finished (the connection is gone).
     #[error("{0}")]
     Stream(String),
@@ -65,12 +65,17 @@ pub async fn send_quic(
         .map_err(|e| ControlError::Stream(e.to_string()))
 }
 
-/// `message` as the bytes of one frame, for the TCP control stream
+/// Sends `message` on the client's control stream of a TCP connection
 /// (relay side).
-pub fn encode(message: ControlMessage) -> Result<Bytes, ControlError> {
+pub fn send_tcp(
+    connection: &mut ServerConnection,
+    message: ControlMessage,
+) -> Result<(), ControlError> {
     let mut encoded = BytesMut::new();
     encode_frame(&Frame::from(message), &mut encoded)?;
-    Ok(encoded.freeze())
+    connection
+        .send_control(encoded.freeze())
+        .map_err(|e| ControlError::Stream(e.to_string()))
 }
 
 /// The client's end of the control channel: where the relay's messages

@@ -19,7 +19,6 @@ use super::{
     CONTROL_PATH, CONTROL_WAIT, MAX_FRAME_SIZE, MAX_HEADER_LIST, PENDING_ACCEPT_RESETS,
     STREAM_PATH, windows,
 };
-use crate::control::{self, ControlError, ControlMessage};
 use crate::transport::{Ended, TransportTuning};
 
 /// The relay's TLS acceptor side of a new TCP connection: tunes the socket
@@ -153,12 +152,11 @@ impl ServerConnection {
         })
     }
 
-    /// Sends one control message (welcome, go-away) to the client. Control
-    /// messages are a few bytes, so they skip flow control and never wait.
-    pub fn send_control(&mut self, message: ControlMessage) -> Result<(), ControlError> {
-        lock(&self.control)
-            .send_data(control::encode(message)?, false)
-            .map_err(|e| ControlError::Stream(e.to_string()))
+    /// Sends one encoded control message (welcome, go-away; see
+    /// [`crate::control`]) on the client's control stream. They are a few
+    /// bytes, so they skip flow control and never wait.
+    pub fn send_control(&mut self, encoded: Bytes) -> Result<(), h2::Error> {
+        lock(&self.control).send_data(encoded, false)
     }
 
     /// The next request stream, answered at once with the `200` head that
