@@ -17,17 +17,27 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use passage_shared::body::FrameBody;
 use passage_shared::error_body::ApiError;
-use passage_shared::frame::{Frame, Header, RequestHead, frame_reader, frame_writer};
+use passage_shared::frame::{
+    Frame, FrameCodec, Header, RequestHead, ResponseHead, frame_reader, frame_writer,
+};
 use passage_shared::http_map::headers_to_wire;
+use passage_shared::transport::{BoxRecv, BoxSend};
 use passage_shared::websocket::{self, SessionLimits, UPGRADE_HEADER, UPGRADE_WEBSOCKET};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug, info};
 
 use crate::forward::{ResponseBody, or_error_response, origin_form_target, response_for};
 use crate::server_context::ServerContext;
 use crate::tunnel::TunnelError;
+
+/// The session's frames to the relay.
+type ToRelay = FramedWrite<BoxSend, FrameCodec>;
+
+/// The session's frames from the relay.
+type FromRelay = FramedRead<BoxRecv, FrameCodec>;
 
 /// The subprotocol prefix under which browsers pass an API key.
 const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
@@ -47,23 +57,7 @@ async fn try_upgrade(
     id: String,
     mut request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let app_key = request
-        .headers()
-        .get("sec-websocket-key")
-        .cloned()
-        .filter(|_| {
-            request
-                .headers()
-                .get("sec-websocket-version")
-                .is_some_and(|v| v == "13")
-        })
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_websocket_upgrade",
-                "a WebSocket upgrade needs Sec-WebSocket-Key and Sec-WebSocket-Version: 13",
-            )
-        })?;
+    let app_key = handshake_key(&request)?;
     let path_and_query = origin_form_target(request.method(), request.uri())?;
     let on_upgrade = hyper::upgrade::on(&mut request);
     let head = RequestHead {
@@ -73,7 +67,44 @@ async fn try_upgrade(
         headers: wire_headers(request.headers()),
         has_body: false,
     };
+    let (head, to_relay, from_relay) = ask_relay(ctx, head).await?;
+    // Refused upstream (or by the relay): the app gets that answer.
+    if head.status != StatusCode::SWITCHING_PROTOCOLS.as_u16() {
+        return response_for(head, Either::Right(FrameBody::new(from_relay)));
+    }
+    let mut response = response_for(head, Either::Left(Full::new(Bytes::new())))?;
+    answer_handshake(response.headers_mut(), &app_key)?;
+    spawn_session(ctx, on_upgrade, from_relay, to_relay);
+    Ok(response)
+}
 
+/// The app's `Sec-WebSocket-Key`, if its handshake is one this client
+/// answers (version 13).
+fn handshake_key(request: &Request<Incoming>) -> Result<HeaderValue, ApiError> {
+    let headers = request.headers();
+    headers
+        .get("sec-websocket-key")
+        .cloned()
+        .filter(|_| {
+            headers
+                .get("sec-websocket-version")
+                .is_some_and(|v| v == "13")
+        })
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_websocket_upgrade",
+                "a WebSocket upgrade needs Sec-WebSocket-Key and Sec-WebSocket-Version: 13",
+            )
+        })
+}
+
+/// Sends the upgrade `head` over a new tunnel stream; the relay's response
+/// head and the stream's two directions.
+async fn ask_relay(
+    ctx: &ServerContext,
+    head: RequestHead,
+) -> Result<(ResponseHead, ToRelay, FromRelay), ApiError> {
     let opened = ctx
         .tunnel
         .open_stream(ctx.connect_wait, None)
@@ -104,17 +135,13 @@ async fn try_upgrade(
             ));
         }
     };
-    // Refused upstream (or by the relay): the app gets that answer.
-    let (body, session) = if head.status == StatusCode::SWITCHING_PROTOCOLS.as_u16() {
-        (Either::Left(Full::new(Bytes::new())), Some(from_relay))
-    } else {
-        (Either::Right(FrameBody::new(from_relay)), None)
-    };
-    let mut response = response_for(head, body)?;
-    let Some(from_relay) = session else {
-        return Ok(response);
-    };
-    let headers = response.headers_mut();
+    Ok((head, to_relay, from_relay))
+}
+
+/// Turns the upstream's `101` headers into this client's answer to the
+/// app's handshake: the upstream's handshake headers out, the app's
+/// accept key in.
+fn answer_handshake(headers: &mut http::HeaderMap, app_key: &HeaderValue) -> Result<(), ApiError> {
     for name in websocket::HANDSHAKE_HEADERS {
         headers.remove(name);
     }
@@ -128,7 +155,17 @@ async fn try_upgrade(
         )
     })?;
     headers.insert("sec-websocket-accept", accept);
+    Ok(())
+}
 
+/// Bridges the session in a task of its own once hyper hands the app's
+/// connection over.
+fn spawn_session(
+    ctx: &ServerContext,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    from_relay: FromRelay,
+    to_relay: ToRelay,
+) {
     let limits = SessionLimits {
         max_message: ctx.ws_max_message,
         // The relay closes idle sessions; its timeout applies.
@@ -166,7 +203,6 @@ async fn try_upgrade(
         }
         .in_current_span(),
     );
-    Ok(response)
 }
 
 /// The app's headers as they travel: end-to-end ones, without its
