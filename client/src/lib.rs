@@ -9,16 +9,21 @@
 
 #![warn(missing_docs)]
 
-pub mod connect;
-pub mod doctor;
-pub mod forward;
-pub mod local_access;
-pub mod metrics;
-pub mod server;
-pub mod server_context;
-pub mod transport_memory;
-pub mod tunnel;
-pub mod websocket;
+mod connect;
+mod doctor;
+mod forward;
+mod local_access;
+mod metrics;
+mod server;
+mod server_context;
+mod transport_memory;
+mod tunnel;
+mod websocket;
+
+pub use connect::{Connection, Dialer, Established, TransportChoice};
+pub use doctor::{DoctorOptions, examine};
+pub use transport_memory::default_state_file;
+pub use tunnel::TunnelSettings;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,7 +43,7 @@ use crate::local_access::{LocalAccess, LocalAccessError};
 use crate::metrics::ClientMetrics;
 use crate::server_context::ServerContext;
 use crate::transport_memory::TransportMemory;
-use crate::tunnel::{RelayTarget, Tunnel, TunnelSettings, TunnelSetup};
+use crate::tunnel::{RelayTarget, Tunnel, TunnelSetup};
 use passage_shared::metrics_http::{MetricsBindError, MetricsListener};
 
 /// Default address of the local endpoint.

@@ -105,11 +105,6 @@ impl LocalAccess {
         })
     }
 
-    /// Whether an access token is required.
-    pub fn has_token(&self) -> bool {
-        self.token.is_some()
-    }
-
     /// Checks a request; when it may go on, the token (if any) has been
     /// removed from `headers`.
     pub fn check(&self, method: &Method, path: &str, headers: &mut HeaderMap) -> Decision {

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use passage_client::connect::TransportChoice;
-use passage_client::tunnel::TunnelSettings;
-use passage_client::{Client, ClientConfig, DEFAULT_LISTEN};
+use passage_client::{Client, ClientConfig, DEFAULT_LISTEN, TransportChoice, TunnelSettings};
 use passage_shared::bundle::Bundle;
 use passage_shared::process::CommonArgs;
 use passage_shared::transport::TransportTuning;
@@ -120,7 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn doctor(args: RunArgs, json: bool, timeout: u64, transfer_seconds: u64) -> anyhow::Result<()> {
     let mut tuning = TransportTuning::default();
     args.common.apply(&mut tuning).map_err(anyhow::Error::msg)?;
-    let options = passage_client::doctor::DoctorOptions {
+    let options = passage_client::DoctorOptions {
         extra_relays: args.relays,
         choice: args.transport,
         tcp_port: args.tcp_port,
@@ -132,7 +130,7 @@ fn doctor(args: RunArgs, json: bool, timeout: u64, transfer_seconds: u64) -> any
         .common
         .runtime()
         .context("starting the async runtime")?;
-    let report = runtime.block_on(passage_client::doctor::examine(&args.bundle, &options));
+    let report = runtime.block_on(passage_client::examine(&args.bundle, &options));
     if json {
         println!("{}", report.json());
     } else {
@@ -176,7 +174,7 @@ fn serve(args: RunArgs) -> anyhow::Result<()> {
     config.state_file = match state_file {
         Some(path) if path.as_os_str() == "none" => None,
         Some(path) => Some(path),
-        None => passage_client::transport_memory::default_state_file(),
+        None => passage_client::default_state_file(),
     };
     config.metrics = metrics;
     config.allow_non_loopback = allow_non_loopback;

@@ -15,7 +15,7 @@ pub mod stack;
 /// The transports a request-level test runs over: each such test takes a
 /// `#[values(Quic, Tcp)] transport: Transport` argument (rstest), so one
 /// body runs once per transport.
-pub use passage_client::connect::TransportChoice as Transport;
+pub use passage_client::TransportChoice as Transport;
 
 /// Raises this process's open-file limit towards `wanted` (as far as the
 /// hard limit allows); whether it now allows that many.

@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use passage_client::{ClientConfig, tunnel::TunnelSettings};
+use passage_client::{ClientConfig, TunnelSettings};
 use passage_relay::upstream::{ApiKey, UpstreamBase};
 use passage_relay::{Relay, RelayConfig};
 use passage_shared::bundle::Bundle;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use passage_client::connect::{Connection, Dialer, Established};
+use passage_client::{Connection, Dialer, Established};
 use passage_shared::frame::{ALPN_TCP, Frame, Header, RequestHead, encode_frame, frame_reader};
 use passage_shared::pki::{parse_cert, parse_key};
 use passage_shared::transport::{TransportTuning, quic};

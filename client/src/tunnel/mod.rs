@@ -59,7 +59,7 @@ use tracing::warn;
 use crate::connect::{Connection, Dialer, Endpoints};
 use link::Link;
 use link_state::choose;
-pub use link_state::{LinkState, Liveness, RelayLink, last_errors};
+pub use link_state::{LinkState, RelayLink, last_errors};
 pub use setup::{RelayTarget, TunnelSettings, TunnelSetup};
 
 /// Why no stream could be had.
@@ -90,8 +90,6 @@ pub struct OpenedStream {
     pub recv: BoxRecv,
     /// Identifies the connection it runs on (see [`Tunnel::open_stream`]'s `avoid`).
     pub connection_id: u64,
-    /// The relay it goes to.
-    pub relay: String,
 }
 
 /// Handle to the tunnel, cheap to clone; the link tasks run behind it.
@@ -223,7 +221,6 @@ impl Tunnel {
                         send,
                         recv: Box::new(recv),
                         connection_id: id,
-                        relay: connection.remote_address().to_string(),
                     });
                 }
                 Ok(Err(e)) if attempt < 2 => {
