@@ -268,7 +268,7 @@ async fn state_check(config: &RelayConfig) -> Check {
         Backend::Redis { .. } if !config.state.ledger && config.state.cache_bytes == 0 => {
             Check::skip("state", "nothing kept")
         }
-        Backend::Redis { url } => match crate::state_redis::ping(url, UPSTREAM_WAIT).await {
+        Backend::Redis { url } => match crate::state::redis::ping(url, UPSTREAM_WAIT).await {
             Ok(took) => Check::ok(
                 "state",
                 format!(

@@ -4,7 +4,7 @@
 //! [`listener`] accepts QUIC connections and streams, [`stream`] serves one
 //! request, [`upstream`] is the HTTP client for the configured upstream,
 //! [`state`] keeps limits, the usage [`ledger`] and the [`answer_cache`]
-//! (in this process, or in Redis: [`state_redis`]), and [`pki_cmd`]
+//! (in this process, or in Redis: [`state::redis`]), and [`pki_cmd`]
 //! implements `init`, `issue`, `revoke` and `list`.
 
 #![warn(missing_docs)]
@@ -23,7 +23,6 @@ pub mod policy;
 pub mod request_body;
 pub mod request_model;
 pub mod state;
-pub mod state_redis;
 pub mod stream;
 pub mod upstream;
 pub mod upstream_check;

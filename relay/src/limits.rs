@@ -1,7 +1,7 @@
 //! Per-client rate limits of one relay: requests per rolling minute (at
 //! most N in any 60 s, counted in 1 s buckets), concurrent requests, and
 //! tokens per rolling minute and day counted from the upstream's reported
-//! usage. The Redis backend (`state_redis`) keeps the same counts, in the
+//! usage. The Redis backend (`state::redis`) keeps the same counts, in the
 //! same buckets, for every relay at once.
 //!
 //! Tokens are known only once a response ends, so a request is admitted

@@ -488,7 +488,7 @@ fn usage(
                 .build()
                 .context("starting the async runtime")?;
             runtime
-                .block_on(passage_relay::state_redis::read_totals(
+                .block_on(passage_relay::state::redis::read_totals(
                     &url, since_ms, grouping,
                 ))
                 .map_err(anyhow::Error::msg)?

@@ -234,7 +234,7 @@ async fn the_redis_cache_keeps_to_its_byte_cap() {
     let redis = passage_tests::redis_server::RedisServer::start();
     let cap = 64 * 1024;
     let store =
-        passage_relay::state_redis::RedisState::open(&redis.url(), FailMode::Open, cap, false)
+        passage_relay::state::redis::RedisState::open(&redis.url(), FailMode::Open, cap, false)
             .expect("store");
     // 4 KiB answers, each due a second after the one before.
     for i in 0..64u8 {

@@ -1,7 +1,7 @@
 //! Where the relay keeps what outlives one request: the rate, token and
 //! concurrency counts, and the usage ledger. Two backends behind the one
 //! [`StateStore`] trait: [`Embedded`] (this process's memory and a SQLite
-//! file, the default) and [`crate::state_redis::RedisState`] (one Redis
+//! file, the default) and [`redis::RedisState`] (one Redis
 //! shared by every relay of a team, so a client's limits hold across them).
 
 use std::path::PathBuf;
@@ -15,6 +15,8 @@ use crate::answer_cache::{CacheKey, CachedAnswer, MemoryCache};
 use crate::ledger::{LedgerEntry, LedgerError, SqliteLedger};
 use crate::limits::{Limits, LocalAdmission};
 use crate::policy::Applied;
+
+pub mod redis;
 
 /// Longest a request waits on the state store, over all its calls; past
 /// it the store counts as unavailable for that request.
@@ -73,7 +75,7 @@ pub enum Admission {
     /// Counted by this relay alone.
     Local(LocalAdmission),
     /// Counted in the shared store.
-    Shared(crate::state_redis::SharedAdmission),
+    Shared(redis::SharedAdmission),
 }
 
 impl Admission {
@@ -157,7 +159,7 @@ pub fn open(config: &StateConfig) -> Result<Arc<dyn StateStore>, StateError> {
                 Err(e) => Err(e),
             }
         }
-        Backend::Redis { url } => Ok(Arc::new(crate::state_redis::RedisState::open(
+        Backend::Redis { url } => Ok(Arc::new(redis::RedisState::open(
             url,
             config.fail,
             config.cache_bytes,
