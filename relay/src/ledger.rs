@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{Connection, params};
-use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
-use crate::usage_report::{Grouping, UsageRow};
+pub use crate::usage_totals::LedgerEntry;
+use crate::usage_totals::{Grouping, UsageRow};
 
 /// Longest time an entry waits in memory before its batch is committed.
 pub const BATCH_WINDOW: Duration = Duration::from_millis(250);
@@ -29,43 +29,6 @@ const BATCH_MAX: usize = 2048;
 const QUEUE_MAX: usize = 65_536;
 /// The file's name in the data directory.
 pub const LEDGER_FILE: &str = "usage.sqlite3";
-
-/// One finished request, as the ledger keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LedgerEntry {
-    /// When it ended, in milliseconds since the Unix epoch.
-    pub at_ms: i64,
-    /// The client's certificate name.
-    pub client: String,
-    /// The model, where the body or session named one.
-    pub model: Option<String>,
-    /// The request path, without the query.
-    pub path: String,
-    /// The status the app got (0: none, the app went away first).
-    pub status: u16,
-    /// How it ended: complete, cache_hit, refused, client_gone,
-    /// upstream_broke_off, closed_by_policy.
-    pub outcome: String,
-    /// Input (prompt) tokens the upstream reported.
-    pub input_tokens: u64,
-    /// Output (completion) tokens the upstream reported.
-    pub output_tokens: u64,
-    /// Request body bytes.
-    pub bytes_in: u64,
-    /// Response body bytes.
-    pub bytes_out: u64,
-    /// From the stream's request head to its end, in microseconds.
-    pub duration_us: u64,
-}
-
-impl LedgerEntry {
-    /// Milliseconds since the Unix epoch, now.
-    pub fn now_ms() -> i64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-    }
-}
 
 /// Why the ledger could not be opened or read.
 #[derive(Debug, thiserror::Error)]

@@ -29,6 +29,7 @@ pub mod upstream_check;
 pub mod upstream_config;
 pub mod usage;
 pub mod usage_report;
+pub mod usage_totals;
 
 /// Stages of a request stream, kept at their old paths.
 pub use stream::{doctor_answer, websocket};

@@ -39,7 +39,7 @@ use crate::policy::{Applied, ClientRules};
 use crate::state::{
     Admission, FailMode, STORE_WAIT, StateError, StateStore, StoreCounts, StoreHealth,
 };
-use crate::usage_report::{Grouping, UsageRow, totals};
+use crate::usage_totals::{Grouping, UsageRow, totals};
 
 pub use ledger_stream::read_totals;
 use ledger_stream::write_ledger;
