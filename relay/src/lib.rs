@@ -340,17 +340,18 @@ impl Relay {
             "relay",
             "renew it with `passage-relay renew --server`; the relay loads it within 30 s or on SIGHUP",
         ));
-        listener::serve(
-            self.endpoint,
-            self.tcp,
-            self.ctx,
-            self.tuning,
-            self.drain_timeout,
-            self.status_interval,
-            self.pki,
-            shutdown,
-        )
-        .await;
+        let (tuning, max_streams) = self.tuning;
+        let serving = listener::Listener {
+            endpoint: self.endpoint,
+            tcp: self.tcp,
+            ctx: self.ctx,
+            tuning,
+            max_streams,
+            drain_timeout: self.drain_timeout,
+            status_interval: self.status_interval,
+            pki: self.pki,
+        };
+        listener::serve(serving, shutdown).await;
         if let Some(task) = metrics_task {
             task.abort();
         }
