@@ -93,6 +93,17 @@ pub enum MultipartError {
     LongHeaders,
 }
 
+/// Where one scanning step left the buffer.
+enum ScanStep {
+    /// The state moved on: scan again.
+    Go,
+    /// More bytes are needed: keep the buffer from here on.
+    Wait {
+        /// The first byte to keep.
+        keep_from: usize,
+    },
+}
+
 #[derive(Debug)]
 enum ScanState {
     /// Looking for the next delimiter; `Some` while inside a `model` part.
@@ -146,79 +157,93 @@ impl MultipartScanner {
         buf.extend_from_slice(chunk);
         let mut pos = 0;
         loop {
-            match &mut self.state {
+            let step = match self.state {
                 ScanState::Done => return Ok(()),
-                ScanState::Body { value } => match self.delimiter.find(&buf[pos..]) {
-                    Some(at) => {
-                        if let Some(mut bytes) = value.take() {
-                            keep(&mut bytes, &buf[pos..pos + at]);
-                            self.complete_model(bytes);
-                        }
-                        pos += at + self.delimiter.needle().len();
-                        self.state = ScanState::Headers { searched: 0 };
-                    }
-                    None => {
-                        // Keep what could be the start of a delimiter.
-                        let safe = buf
-                            .len()
-                            .saturating_sub(self.delimiter.needle().len() - 1)
-                            .max(pos);
-                        if let Some(bytes) = value {
-                            keep(bytes, &buf[pos..safe]);
-                        }
-                        buf.drain(..safe);
-                        self.carry = buf;
-                        return Ok(());
-                    }
-                },
-                ScanState::Headers { searched } => {
-                    let rest = &buf[pos..];
-                    if rest.len() < 2 {
-                        buf.drain(..pos);
-                        self.carry = buf;
-                        return Ok(());
-                    }
-                    if rest.starts_with(b"--") {
-                        self.state = ScanState::Done;
-                        return Ok(());
-                    }
-                    // Resume where the last search stopped, less the three
-                    // bytes a terminator could have been cut after.
-                    let from = searched.saturating_sub(3);
-                    match find(&rest[from..], b"\r\n\r\n").map(|at| from + at) {
-                        // The limit is on the block's own length, so it
-                        // bites the same however the body is chunked.
-                        Some(end) if end > MAX_PART_HEADERS => {
-                            return Err(MultipartError::LongHeaders);
-                        }
-                        Some(end) => {
-                            let named_model = names_model(&rest[..end]);
-                            pos += end + 4;
-                            if named_model {
-                                self.models += 1;
-                                if self.models > 1 {
-                                    return Err(MultipartError::SecondModel);
-                                }
-                            }
-                            self.state = ScanState::Body {
-                                value: named_model.then(Vec::new),
-                            };
-                        }
-                        // A terminator found later would start at
-                        // `rest.len() - 3` or after: already too far.
-                        None if rest.len() > MAX_PART_HEADERS + 3 => {
-                            return Err(MultipartError::LongHeaders);
-                        }
-                        None => {
-                            *searched = rest.len();
-                            // Keep the buffer (and its capacity): no copy
-                            // of the block per chunk.
-                            buf.drain(..pos);
-                            self.carry = buf;
-                            return Ok(());
-                        }
+                ScanState::Body { .. } => self.scan_body(&buf, &mut pos),
+                ScanState::Headers { searched } => self.scan_headers(&buf, &mut pos, searched)?,
+            };
+            if let ScanStep::Wait { keep_from } = step {
+                // Keep the buffer (and its capacity): no copy per chunk.
+                buf.drain(..keep_from);
+                self.carry = buf;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads a part's body from `pos` up to its delimiter, keeping the
+    /// value if the part is the model.
+    fn scan_body(&mut self, buf: &[u8], pos: &mut usize) -> ScanStep {
+        let ScanState::Body { value } = &mut self.state else {
+            return ScanStep::Go;
+        };
+        let needle = self.delimiter.needle().len();
+        match self.delimiter.find(&buf[*pos..]) {
+            Some(at) => {
+                if let Some(mut bytes) = value.take() {
+                    keep(&mut bytes, &buf[*pos..*pos + at]);
+                    self.complete_model(bytes);
+                }
+                *pos += at + needle;
+                self.state = ScanState::Headers { searched: 0 };
+                ScanStep::Go
+            }
+            None => {
+                // Keep what could be the start of a delimiter.
+                let safe = buf.len().saturating_sub(needle - 1).max(*pos);
+                if let Some(bytes) = value {
+                    keep(bytes, &buf[*pos..safe]);
+                }
+                ScanStep::Wait { keep_from: safe }
+            }
+        }
+    }
+
+    /// Reads a part's header block from `pos` (the first `searched` bytes
+    /// were looked through before), or the form's end.
+    fn scan_headers(
+        &mut self,
+        buf: &[u8],
+        pos: &mut usize,
+        searched: usize,
+    ) -> Result<ScanStep, MultipartError> {
+        let rest = &buf[*pos..];
+        if rest.len() < 2 {
+            return Ok(ScanStep::Wait { keep_from: *pos });
+        }
+        if rest.starts_with(b"--") {
+            self.state = ScanState::Done;
+            return Ok(ScanStep::Go);
+        }
+        // Resume where the last search stopped, less the three bytes a
+        // terminator could have been cut after.
+        let from = searched.saturating_sub(3);
+        match find(&rest[from..], b"\r\n\r\n").map(|at| from + at) {
+            // The limit is on the block's own length, so it bites the same
+            // however the body is chunked.
+            Some(end) if end > MAX_PART_HEADERS => Err(MultipartError::LongHeaders),
+            Some(end) => {
+                let named_model = names_model(&rest[..end]);
+                *pos += end + 4;
+                if named_model {
+                    self.models += 1;
+                    if self.models > 1 {
+                        return Err(MultipartError::SecondModel);
                     }
                 }
+                self.state = ScanState::Body {
+                    value: named_model.then(Vec::new),
+                };
+                Ok(ScanStep::Go)
+            }
+            // A terminator found later would start at `rest.len() - 3` or
+            // after: already too far.
+            None if rest.len() > MAX_PART_HEADERS + 3 => Err(MultipartError::LongHeaders),
+            None => {
+                self.state = ScanState::Headers {
+                    searched: rest.len(),
+                };
+                Ok(ScanStep::Wait { keep_from: *pos })
             }
         }
     }
