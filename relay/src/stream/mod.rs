@@ -249,7 +249,7 @@ async fn run(
     let ending = end_stream(&outcome, &record, responder).await;
     // The response is queued on the QUIC stream. Let the connection
     // driver send it before the metrics and the usage line below, which
-    // the app need not wait for (about 20 µs at one connection).
+    // the app need not wait for.
     tokio::task::yield_now().await;
     record.report(ctx, client, path, ending, started.elapsed());
 }
