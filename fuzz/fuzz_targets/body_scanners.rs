@@ -12,8 +12,7 @@
 use bytes::Bytes;
 use http::StatusCode;
 use libfuzzer_sys::fuzz_target;
-use passage_relay::request_model::{BodyKind, MultipartError, MultipartScanner, json_model};
-use passage_relay::usage::UsageTap;
+use passage_relay::{BodyKind, MultipartError, MultipartScanner, UsageTap, json_model};
 
 /// Cuts `len` bytes into chunk ranges whose sizes come from `seed`: a max
 /// chunk of 1 to 128 bytes, sizes 0..=max from a xorshift stream.

@@ -11,7 +11,7 @@ use http::HeaderMap;
 use http::header::{AUTHORIZATION, HOST, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use passage_fuzz::decode_stream;
-use passage_relay::stream::check_head;
+use passage_relay::check_head;
 use passage_relay::upstream::{UpstreamBase, upstream_request};
 use passage_shared::frame::{Frame, RequestHead, decode_payload};
 use passage_shared::http_map::{MAX_HEADERS, extend_from_wire, is_hop_by_hop};

@@ -1,38 +1,49 @@
 //! passage-relay: the end of the tunnel that runs abroad, holds the API key
 //! and calls the upstream API.
 //!
-//! [`listener`] accepts QUIC connections and streams, [`stream`] serves one
-//! request, [`upstream`] is the HTTP client for the configured upstream,
-//! [`state`] keeps limits, the usage [`ledger`] and the [`answer_cache`]
-//! (in this process, or in Redis: [`state::redis`]), and [`pki_cmd`]
-//! implements `init`, `issue`, `revoke` and `list`.
+//! Its modules, from a connection inward: `listener` accepts QUIC and TCP
+//! connections and their streams; `stream` serves one request in stages
+//! (head checks, body, response, record), helped by `request_body`,
+//! `request_model` and `body_prefix` (the body and its model), `limits`
+//! (this relay's own counts) and `usage` (tokens read from the answer);
+//! [`upstream`] is the HTTP client for the configured upstream, with its
+//! `keys`, `upstream_config` and `upstream_check` (the doctor's upstream
+//! question); [`state`] keeps limits, the usage [`ledger`] (its entries
+//! and sums in `usage_totals`) and the `answer_cache`, in this process or
+//! in Redis ([`state::redis`]); `metrics` and `pki_watch` (certificate and
+//! revocation reloads) serve the running relay. The public modules are
+//! what the command line and the tests configure and call: [`policy`],
+//! [`state`], [`upstream`], [`ledger`], [`usage_report`], [`pki_cmd`]
+//! (`init`, `issue`, `revoke`, `list`, `renew`) and [`doctor`].
 
 #![warn(missing_docs)]
 
-pub mod answer_cache;
-pub mod body_prefix;
+mod answer_cache;
+mod body_prefix;
 pub mod doctor;
-pub mod keys;
+mod keys;
 pub mod ledger;
-pub mod limits;
-pub mod listener;
-pub mod metrics;
+mod limits;
+mod listener;
+mod metrics;
 pub mod pki_cmd;
-pub mod pki_watch;
+mod pki_watch;
 pub mod policy;
-pub mod request_body;
-pub mod request_model;
+mod request_body;
+mod request_model;
 pub mod state;
-pub mod stream;
+mod stream;
 pub mod upstream;
-pub mod upstream_check;
-pub mod upstream_config;
-pub mod usage;
+mod upstream_check;
+mod upstream_config;
+mod usage;
 pub mod usage_report;
-pub mod usage_totals;
+mod usage_totals;
 
-/// Stages of a request stream, kept at their old paths.
-pub use stream::{doctor_answer, websocket};
+pub use answer_cache::{CacheKey, CachedAnswer};
+pub use request_model::{BodyKind, MultipartError, MultipartScanner, json_model};
+pub use stream::check_head;
+pub use usage::{Usage, UsageTap};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -6,8 +6,7 @@
 
 use bytes::Bytes;
 use http::StatusCode;
-use passage_relay::request_model::{MultipartError, MultipartScanner};
-use passage_relay::usage::{Usage, UsageTap};
+use passage_relay::{MultipartError, MultipartScanner, Usage, UsageTap};
 use proptest::prelude::*;
 
 /// Splits `bytes` at the `cuts` (taken modulo its length).

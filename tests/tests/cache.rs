@@ -226,8 +226,8 @@ async fn the_redis_cache_serves_repeats_per_client_across_relays(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_cache_keeps_to_its_byte_cap() {
-    use passage_relay::answer_cache::{CacheKey, CachedAnswer};
     use passage_relay::state::{FailMode, StateStore};
+    use passage_relay::{CacheKey, CachedAnswer};
     if !passage_tests::redis_server::available() {
         return;
     }
