@@ -228,7 +228,7 @@ fn method(settings: &Settings) -> String {
                  tunnel (1 thread, {} s per run, {} rounds, the transports back to back in each \
                  round; medians), then one {} MiB download and one upload as in section 3. \
                  Emulated-link rows: two network namespaces joined by TUN devices and a userspace \
-                 forwarder in passage-bench (`bench/src/linkem.rs`) that carries every IP packet, \
+                 forwarder in passage-bench (`bench/src/linkem/`) that carries every IP packet, \
                  TCP and UDP alike, with a fixed one-way delay of {} ms and independent random loss \
                  in each direction (MTU 1500, no bandwidth limit); passage-client runs in one \
                  namespace, passage-relay and the mock upstream in the other, and a fresh tunnel \
