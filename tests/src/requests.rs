@@ -9,10 +9,19 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use passage_relay::policy::ClientRules;
+
 use crate::Transport;
 use crate::mock_upstream::MockUpstream;
 use crate::relays::{LocalClient, RelayLaunch, RelayProcess, TestPki, free_udp_port};
 use crate::stack::body_json;
+
+/// A client's rules: the defaults with `edit` applied.
+pub fn rules(edit: impl FnOnce(&mut ClientRules)) -> ClientRules {
+    let mut rules = ClientRules::default();
+    edit(&mut rules);
+    rules
+}
 
 /// How long a test waits for something that should happen at once.
 pub const WAIT: Duration = Duration::from_secs(10);

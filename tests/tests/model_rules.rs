@@ -8,16 +8,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use passage_relay::policy::{ClientRules, Policy, PolicyTables};
+use passage_relay::policy::{Policy, PolicyTables};
 use passage_tests::mock_upstream::MockUpstream;
 use passage_tests::relays::{InProcessRelay, TestPki, free_udp_port};
-use passage_tests::requests::{WAIT, answer, chat, client_for, eventually, form, send};
-
-fn rules(edit: impl FnOnce(&mut ClientRules)) -> ClientRules {
-    let mut rules = ClientRules::default();
-    edit(&mut rules);
-    rules
-}
+use passage_tests::requests::{WAIT, answer, chat, client_for, eventually, form, rules, send};
 
 #[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,11 +7,11 @@ use passage_tests::Transport::{self, Quic, Tcp};
 use rstest::rstest;
 use std::num::NonZeroU32;
 
-use passage_relay::policy::{ClientRules, Policy, PolicyTables};
+use passage_relay::policy::{Policy, PolicyTables};
 use passage_tests::mock_upstream::MockUpstream;
 use passage_tests::relays::{InProcessRelay, TestPki, free_udp_port};
 use passage_tests::requests::{
-    WAIT, answer, chat, chat_stream, client_for, eventually, relay_with_config, upload,
+    WAIT, answer, chat, chat_stream, client_for, eventually, relay_with_config, rules, upload,
     write_config,
 };
 use passage_tests::stack::{after_first_event, body_json, read_to_end};
@@ -127,12 +127,6 @@ allow_paths = ["/v1/models"]
             WAIT,
         )
         .await;
-}
-
-fn rules(edit: impl FnOnce(&mut ClientRules)) -> ClientRules {
-    let mut rules = ClientRules::default();
-    edit(&mut rules);
-    rules
 }
 
 #[rstest]
