@@ -279,7 +279,7 @@ impl RelayMetrics {
                 })
                 .inc_by(count);
         }
-        self.usage.record(&client, figures);
+        self.usage.record(figures);
     }
 }
 
@@ -342,8 +342,9 @@ impl UsageByModel {
         }
     }
 
-    /// Adds a finished request of `client`'s.
-    fn record(&self, client: &str, figures: &RequestFigures<'_>) {
+    /// Adds a finished request.
+    fn record(&self, figures: &RequestFigures<'_>) {
+        let client = figures.client;
         let model = self.model_label(figures.model, (200..300).contains(&figures.status));
         let by_model = ClientModel {
             client: client.to_owned(),
