@@ -125,7 +125,7 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 
 /// A token cancelled on the first SIGTERM or SIGINT; must be called inside
 /// a tokio runtime.
-pub fn shutdown_on_signal() -> std::io::Result<CancellationToken> {
+fn shutdown_on_signal() -> std::io::Result<CancellationToken> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -8,6 +8,10 @@ use passage_relay::state::FailMode;
 use passage_relay::usage_report::Grouping;
 use passage_shared::process::CommonArgs;
 
+/// The subcommands whose flags a `--config` file may set; the SIGHUP
+/// reload parses the command line with the same list as the start did.
+pub(crate) const CONFIGURED_SUBCOMMANDS: [&str; 2] = ["serve", "doctor"];
+
 /// The relay end of passage: holds the API key and calls the upstream API.
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -14,14 +14,14 @@ use passage_relay::usage_report::Format;
 use passage_relay::{Relay, RelayConfig, pki_cmd};
 use passage_shared::process::CommonArgs;
 
-use cli::{Cli, Command, ServeArgs, UsageArgs};
+use cli::{CONFIGURED_SUBCOMMANDS, Cli, Command, ServeArgs, UsageArgs};
 use serve_config::{ConfigFile, relay_config, reload_config};
 use usage_cmd::StoreLocation;
 
 fn main() -> std::process::ExitCode {
     passage_shared::process::run_command_line(
         "passage-relay",
-        &["serve", "doctor"],
+        &CONFIGURED_SUBCOMMANDS,
         &POLICY_SECTIONS,
         run,
     )

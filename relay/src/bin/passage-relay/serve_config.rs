@@ -12,7 +12,7 @@ use passage_relay::{RelayConfig, TcpListen};
 use passage_shared::config_file::{self, FileSetting};
 use passage_shared::process::CommonArgs;
 
-use crate::cli::{Cli, ServeArgs};
+use crate::cli::{CONFIGURED_SUBCOMMANDS, Cli, ServeArgs};
 
 /// The relay's configuration from the flags of `serve` (and its config file).
 pub(crate) fn relay_config(
@@ -107,7 +107,7 @@ pub(crate) struct ConfigFile {
 /// Parses the process's command line and config file again, as at start.
 pub(crate) fn current_settings() -> Result<Vec<FileSetting>, String> {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    config_file::try_parse_with_config::<Cli>(&argv, &["serve", "doctor"], &POLICY_SECTIONS)
+    config_file::try_parse_with_config::<Cli>(&argv, &CONFIGURED_SUBCOMMANDS, &POLICY_SECTIONS)
         .map(|(_, settings)| settings)
         .map_err(|e| e.to_string())
 }
