@@ -42,29 +42,17 @@ async fn measure(
     congestion: &str,
     window_mib: u32,
 ) -> anyhow::Result<LinkResult> {
-    let relay_port = free_port(true)?;
-    let forwarder = Forwarder::start(
-        ([127, 0, 0, 1], relay_port).into(),
-        Impairment {
-            one_way_delay: Duration::from_millis(rtt_ms / 2),
-            loss,
-        },
-    )
-    .await?;
     let args = vec![
         "--congestion".to_owned(),
         congestion.to_owned(),
         "--stream-window-mib".to_owned(),
         window_mib.to_string(),
     ];
-    let options = TunnelOptions {
-        relay_args: args.clone(),
-        client_args: args,
-        via: Some(forwarder.addr),
-        relay_port: Some(relay_port),
-        ..TunnelOptions::default()
+    let impairment = Impairment {
+        one_way_delay: Duration::from_millis(rtt_ms / 2),
+        loss,
     };
-    let tunnel = Tunnel::start(&bench.bin_dir, &bench.upstream.url, &options).await?;
+    let (forwarder, tunnel) = start_behind_forwarder(bench, impairment, args).await?;
     let http = client();
 
     // Time to first byte of a streaming request on the warm tunnel.
@@ -146,20 +134,7 @@ async fn download(http: &HttpClient, url: &str, bytes: u64) -> anyhow::Result<(f
 pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> {
     let mut section = Section {
         title: "5. Long-haul links (delay and loss)".into(),
-        method: format!(
-            "A userspace UDP forwarder between client and relay delays each datagram by RTT/2 in \
-             each direction and drops each with the given probability, independently. For every \
-             link, congestion controller and stream window (set on both ends with \
-             `--congestion` and `--stream-window-mib`), a fresh \
-             tunnel: time to first byte of {} streaming requests on the warm tunnel (median and \
-             90th percentile, in RTTs: one RTT is the floor), then {} MiB downloads (MB/s, the \
-             median of {} on the same tunnel; a link too slow to finish within 40 s is measured \
-             once, by what arrived). One tunnel per cell. The forwarder has no bandwidth limit: these links are long and lossy, not \
-             narrow. Everything else at defaults.",
-            settings.longhaul_requests,
-            settings.longhaul_bytes >> 20,
-            settings.longhaul_downloads
-        ),
+        method: method(settings),
         ..Section::default()
     };
     section.table.push(
@@ -177,27 +152,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         .map(String::from)
         .to_vec(),
     );
-    // Controllers at the default window, then other windows with the default controller.
-    let mut runs: Vec<(u64, &str, u32, &[f64])> = Vec::new();
-    for &rtt_ms in &settings.longhaul_rtts_ms {
-        for congestion in &settings.longhaul_controllers {
-            runs.push((
-                rtt_ms,
-                congestion,
-                DEFAULT_WINDOW_MIB,
-                &settings.longhaul_losses,
-            ));
-        }
-    }
-    for &window in &settings.longhaul_windows_mib {
-        runs.push((
-            settings.longhaul_window_rtt_ms,
-            settings.default_congestion,
-            window,
-            &[0.0, 0.01],
-        ));
-    }
-    for (rtt_ms, congestion, window, losses) in runs {
+    for (rtt_ms, congestion, window, losses) in cells(settings) {
         let mut lossless = None;
         for &loss in losses {
             let result = measure(bench, settings, rtt_ms, loss, congestion, window).await?;
@@ -242,4 +197,79 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         }
     }
     Ok(section)
+}
+
+/// A forwarder with `impairment` and a tunnel whose client dials the relay
+/// through it (`args` on both programs). The relay's port is chosen before
+/// the relay binds it, so another socket may take it in between: then the
+/// pair is made again on a new port, up to three times.
+async fn start_behind_forwarder(
+    bench: &Bench,
+    impairment: Impairment,
+    args: Vec<String>,
+) -> anyhow::Result<(Forwarder, Tunnel)> {
+    let mut attempt = 1;
+    loop {
+        let relay_port = free_port(true)?;
+        let forwarder = Forwarder::start(([127, 0, 0, 1], relay_port).into(), impairment).await?;
+        let options = TunnelOptions {
+            relay_args: args.clone(),
+            client_args: args.clone(),
+            via: Some(forwarder.addr),
+            relay_port: Some(relay_port),
+            ..TunnelOptions::default()
+        };
+        match Tunnel::start(&bench.bin_dir, &bench.upstream.url, &options).await {
+            Ok(tunnel) => return Ok((forwarder, tunnel)),
+            Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
+                eprintln!("passage-bench: relay port {relay_port} was taken; trying another");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The method paragraph.
+fn method(settings: &Settings) -> String {
+    format!(
+        "A userspace UDP forwarder between client and relay delays each datagram by RTT/2 in \
+         each direction and drops each with the given probability, independently. For every \
+         link, congestion controller and stream window (set on both ends with \
+         `--congestion` and `--stream-window-mib`), a fresh \
+         tunnel: time to first byte of {} streaming requests on the warm tunnel (median and \
+         90th percentile, in RTTs: one RTT is the floor), then {} MiB downloads (MB/s, the \
+         median of {} on the same tunnel; a link too slow to finish within 40 s is measured \
+         once, by what arrived). One tunnel per cell. The forwarder has no bandwidth limit: these links are long and lossy, not \
+         narrow. Everything else at defaults.",
+        settings.longhaul_requests,
+        settings.longhaul_bytes >> 20,
+        settings.longhaul_downloads
+    )
+}
+
+/// The cells to measure, each a fresh tunnel: (RTT ms, controller, stream
+/// window MiB, losses). The controllers at the default window, then other
+/// windows with the default controller.
+fn cells(settings: &Settings) -> Vec<(u64, &str, u32, &[f64])> {
+    let mut cells: Vec<(u64, &str, u32, &[f64])> = Vec::new();
+    for &rtt_ms in &settings.longhaul_rtts_ms {
+        for congestion in &settings.longhaul_controllers {
+            cells.push((
+                rtt_ms,
+                congestion,
+                DEFAULT_WINDOW_MIB,
+                &settings.longhaul_losses,
+            ));
+        }
+    }
+    for &window in &settings.longhaul_windows_mib {
+        cells.push((
+            settings.longhaul_window_rtt_ms,
+            settings.default_congestion,
+            window,
+            &[0.0, 0.01],
+        ));
+    }
+    cells
 }

@@ -105,17 +105,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
     let n = settings.many_streams;
     let mut section = Section {
         title: "4. Many concurrent streams".into(),
-        method: format!(
-            "{n} streaming requests (`/v1/endless`, one event per 10 s) opened through one tunnel, \
-             256 at a time, each on its own app connection, each confirmed by its first event, then \
-             held together. RSS (VmRSS) of each program before (one warm stream, closed), during \
-             (all open) and 2 s after all are closed. Two upstream setups: the default, where the \
-             relay reaches this plain-http mock over HTTP/1.1 and so holds one upstream connection \
-             per stream; and `--upstream-http2` (h2c to the same mock, whose HTTP/2 stream limit is \
-             raised to 10,000), where one connection carries all streams. A real HTTP/2 upstream \
-             caps the streams of one connection (SETTINGS_MAX_CONCURRENT_STREAMS, often 100-256); \
-             beyond it the relay queues requests. A fresh tunnel for each setup."
-        ),
+        method: method(n),
         ..Section::default()
     };
     section.table.push(
@@ -187,4 +177,19 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         ));
     }
     Ok(section)
+}
+
+/// The method paragraph, for `n` streams.
+fn method(n: usize) -> String {
+    format!(
+        "{n} streaming requests (`/v1/endless`, one event per 10 s) opened through one tunnel, \
+         256 at a time, each on its own app connection, each confirmed by its first event, then \
+         held together. RSS (VmRSS) of each program before (one warm stream, closed), during \
+         (all open) and 2 s after all are closed. Two upstream setups: the default, where the \
+         relay reaches this plain-http mock over HTTP/1.1 and so holds one upstream connection \
+         per stream; and `--upstream-http2` (h2c to the same mock, whose HTTP/2 stream limit is \
+         raised to 10,000), where one connection carries all streams. A real HTTP/2 upstream \
+         caps the streams of one connection (SETTINGS_MAX_CONCURRENT_STREAMS, often 100-256); \
+         beyond it the relay queues requests. A fresh tunnel for each setup."
+    )
 }

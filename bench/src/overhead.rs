@@ -269,24 +269,61 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         ("two hops (floor)", format!("{}{path}", bench.hops.url)),
         ("passage", format!("{}{path}", bench.tunnel.url)),
     ];
+    let urls = variants.each_ref().map(|(_, url)| url.as_str());
+    let measured = measure(&script, &urls, settings, |index| {
+        proxy_pids(bench, &nginx, &stunnel, index)
+    })
+    .await?;
+    let mut section = Section {
+        title: "1. Request overhead (wrk, POST chat completion)".into(),
+        method: method(settings),
+        ..Section::default()
+    };
+    section.table = measured.table(&variants.map(|(name, _)| name));
+    measured.add_notes(&mut section);
+    measured.add_targets(&mut section);
+    Ok(section)
+}
+
+/// What every round measured, per variant (indexed like the scenario's list).
+struct Measured {
+    /// Each wrk run with its connection count.
+    runs: Vec<Vec<(u32, WrkRun)>>,
+    /// Proxy CPU per request at 1 connection, µs.
+    cpu_us: Vec<Vec<f64>>,
+    /// Proxy CPU per request at 32 connections, µs.
+    cpu_us_32: Vec<Vec<f64>>,
+    /// The machine's idle share during the 32-connection run, %.
+    idle_32: Vec<Vec<f64>>,
+}
+
+/// Warms every variant, then runs `settings.rounds` rounds in which the
+/// variants take turns at 1 and at 32 connections, counting the CPU of the
+/// processes `pids(index)` names for each.
+async fn measure(
+    script: &Path,
+    urls: &[&str],
+    settings: &Settings,
+    pids: impl Fn(usize) -> Vec<u32>,
+) -> anyhow::Result<Measured> {
     let duration = settings.wrk_duration;
     // Warm every path (pools, QUIC stream credit) before measuring.
-    for (_, url) in &variants {
-        wrk(&script, url, 4, Duration::from_secs(1)).await?;
+    for url in urls {
+        wrk(script, url, 4, Duration::from_secs(1)).await?;
     }
-    let mut runs: Vec<Vec<(u32, WrkRun)>> = vec![Vec::new(); variants.len()];
-    // Per variant: proxy CPU per request at 1 and at 32 connections, and the
-    // machine's idle share during the 32-connection run.
-    let mut cpu_us: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
-    let mut cpu_us_32: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
-    let mut idle_32: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut measured = Measured {
+        runs: vec![Vec::new(); urls.len()],
+        cpu_us: vec![Vec::new(); urls.len()],
+        cpu_us_32: vec![Vec::new(); urls.len()],
+        idle_32: vec![Vec::new(); urls.len()],
+    };
     for _ in 0..settings.rounds {
         for connections in [1u32, 32] {
-            for (index, (_, url)) in variants.iter().enumerate() {
-                let proxies = proxy_pids(bench, &nginx, &stunnel, index);
+            for (index, url) in urls.iter().enumerate() {
+                let proxies = pids(index);
                 let ticks_before = total_ticks(&proxies);
                 let machine_before = machine_ticks()?;
-                let run = wrk(&script, url, connections, duration).await?;
+                let run = wrk(script, url, connections, duration).await?;
                 let idle = idle_share(machine_before, machine_ticks()?);
                 // CPU the proxy hop(s) spent per request; at one connection
                 // this is time on the request's path.
@@ -294,167 +331,192 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
                 let requests = run.rps * duration.as_secs_f64();
                 let per_request = ticks / TICKS_PER_SECOND * 1e6 / requests.max(1.0);
                 if connections == 1 {
-                    cpu_us[index].push(per_request);
+                    measured.cpu_us[index].push(per_request);
                 } else {
-                    cpu_us_32[index].push(per_request);
-                    idle_32[index].push(idle * 100.0);
+                    measured.cpu_us_32[index].push(per_request);
+                    measured.idle_32[index].push(idle * 100.0);
                 }
-                runs[index].push((connections, run));
+                measured.runs[index].push((connections, run));
             }
         }
     }
-    let med = |index: usize, connections: u32, pick: fn(&WrkRun) -> f64| {
-        let samples: Vec<f64> = runs[index]
+    Ok(measured)
+}
+
+/// The section's method paragraph.
+fn method(settings: &Settings) -> String {
+    format!(
+        "wrk 1 thread, {}s per run, {} rounds; in each round the five variants run back to back \
+         at 1 connection and at 32 connections; figures are medians over rounds. The upstream \
+         (passage-mock-upstream) answers a fixed chat completion at once. nginx: `worker_processes \
+         auto`, `keepalive 64` to the upstream, `proxy_buffering off`, `proxy_request_buffering off`. \
+         stunnel pair: two Debian `stunnel4` processes in a chain, TLS 1.3 between them with \
+         client certificates (identities from `passage-relay init` and `issue`), `TCP_NODELAY` \
+         on every socket; each app connection is one TLS connection and one upstream \
+         connection, kept alive like wrk's. \
+         two hops (floor): two `passage-hop` processes in a chain (accept, connect, copy bytes \
+         both ways; no TLS, HTTP or framing), the least that passage's two processes on the \
+         path can cost here. passage: the binaries under test with default settings (log level info, to a file). \
+         Proxy CPU per request: user + system time of the proxy processes (this nginx's master \
+         and workers; the two stunnels; the two hops; passage-client + passage-relay) during a run, divided by \
+         the requests served: a guide to the work each hop adds per request, including work \
+         off the request's critical path (acknowledgements, logging). Machine idle: the share \
+         of all cores' time that `/proc/stat` counts as idle during the 32-connection run.",
+        settings.wrk_duration.as_secs(),
+        settings.rounds
+    )
+}
+
+impl Measured {
+    /// Median over rounds of `pick` for variant `index` at `connections`.
+    fn med(&self, index: usize, connections: u32, pick: fn(&WrkRun) -> f64) -> f64 {
+        let samples: Vec<f64> = self.runs[index]
             .iter()
             .filter(|(c, _)| *c == connections)
             .map(|(_, run)| pick(run))
             .collect();
         median(&samples)
-    };
-
-    let mut section = Section {
-        title: "1. Request overhead (wrk, POST chat completion)".into(),
-        method: format!(
-            "wrk 1 thread, {}s per run, {} rounds; in each round the five variants run back to back \
-             at 1 connection and at 32 connections; figures are medians over rounds. The upstream \
-             (passage-mock-upstream) answers a fixed chat completion at once. nginx: `worker_processes \
-             auto`, `keepalive 64` to the upstream, `proxy_buffering off`, `proxy_request_buffering off`. \
-             stunnel pair: two Debian `stunnel4` processes in a chain, TLS 1.3 between them with \
-             client certificates (identities from `passage-relay init` and `issue`), `TCP_NODELAY` \
-             on every socket; each app connection is one TLS connection and one upstream \
-             connection, kept alive like wrk's. \
-             two hops (floor): two `passage-hop` processes in a chain (accept, connect, copy bytes \
-             both ways; no TLS, HTTP or framing), the least that passage's two processes on the \
-             path can cost here. passage: the binaries under test with default settings (log level info, to a file). \
-             Proxy CPU per request: user + system time of the proxy processes (this nginx's master \
-             and workers; the two stunnels; the two hops; passage-client + passage-relay) during a run, divided by \
-             the requests served: a guide to the work each hop adds per request, including work \
-             off the request's critical path (acknowledgements, logging). Machine idle: the share \
-             of all cores' time that `/proc/stat` counts as idle during the 32-connection run.",
-            duration.as_secs(),
-            settings.rounds
-        ),
-        ..Section::default()
-    };
-    section.table.push(
-        [
-            "variant",
-            "p50 @1 conn (µs)",
-            "p99 @1 conn (µs)",
-            "proxy CPU per request @1 conn (µs)",
-            "req/s @1 conn",
-            "req/s @32 conns",
-            "@32 vs direct",
-            "proxy CPU per request @32 conns (µs)",
-            "machine idle @32 conns",
-        ]
-        .map(String::from)
-        .to_vec(),
-    );
-    let direct_rps = med(DIRECT, 32, |r| r.rps);
-    for (index, (name, _)) in variants.iter().enumerate() {
-        section.table.push(vec![
-            (*name).to_owned(),
-            fixed(med(index, 1, |r| r.p50_us), 0),
-            fixed(med(index, 1, |r| r.p99_us), 0),
-            if index == DIRECT {
-                "–".to_owned()
-            } else {
-                fixed(median(&cpu_us[index]), 0)
-            },
-            fixed(med(index, 1, |r| r.rps), 0),
-            fixed(med(index, 32, |r| r.rps), 0),
-            fixed(med(index, 32, |r| r.rps) / direct_rps, 2),
-            if index == DIRECT {
-                "–".to_owned()
-            } else {
-                fixed(median(&cpu_us_32[index]), 0)
-            },
-            format!("{:.0}%", median(&idle_32[index])),
-        ]);
     }
-    let added = |index: usize| med(index, 1, |r| r.p50_us) - med(DIRECT, 1, |r| r.p50_us);
-    let ratio = |connections: u32, of: usize| {
-        med(PASSAGE, connections, |r| r.rps) / med(of, connections, |r| r.rps)
-    };
-    let above_floor = added(PASSAGE) - added(HOPS);
-    let cpu_1 = median(&cpu_us[PASSAGE]);
-    section.notes.push(format!(
-        "passage ÷ stunnel pair: {:.2}× the requests per second at 1 connection, {:.2}× at 32; \
-         passage ÷ nginx: {:.2}× at 1 connection, {:.2}× at 32.",
-        ratio(1, STUNNEL),
-        ratio(32, STUNNEL),
-        ratio(1, NGINX),
-        ratio(32, NGINX),
-    ));
-    section.notes.push(format!(
-        "At 1 connection passage adds {:.0} µs at the median over direct (nginx {:.0} µs, the \
-         stunnel pair {:.0} µs, the two-hop floor {:.0} µs): {above_floor:.0} µs above the \
-         floor. Its two processes use {cpu_1:.0} µs of CPU per request against {:.0} µs for \
-         the stunnel pair and {:.0} µs for the two bare forwarders. Where each µs goes, by \
-         program and by kind of work, is in section 7 (`scripts/request_cost.sh`).",
-        added(PASSAGE),
-        added(NGINX),
-        added(STUNNEL),
-        added(HOPS),
-        median(&cpu_us[STUNNEL]),
-        median(&cpu_us[HOPS]),
-    ));
-    section.notes.push(format!(
-        "At 32 connections the machine was {:.0}% idle during passage's run: wrk, the two \
-         programs and the upstream take turns on two cores, so throughput there follows the \
-         CPU every process on the path spends per request (passage {:.0} µs, nginx {:.0} µs, \
-         the stunnel pair {:.0} µs).",
-        median(&idle_32[PASSAGE]),
-        median(&cpu_us_32[PASSAGE]),
-        median(&cpu_us_32[NGINX]),
-        median(&cpu_us_32[STUNNEL]),
-    ));
-    // Hand measurements behind defaults in shared/src/process.rs, kept
-    // here so a regenerated report still carries them.
-    section.notes.push(
-        "Runtime and logging (measured by hand with passage-bench on a 2-core machine, not in \
-         this run): one runtime thread per program (`--threads 1`, the default) gave about 1.3× \
-         the request throughput and ~40 µs less latency than tokio's default multi-threaded \
-         runtime; a background log writer thread (tracing-appender) cost more per request than \
-         the synchronous write itself."
-            .to_owned(),
-    );
-    section.target(
-        "req/s @1 conn vs stunnel pair",
-        format!("{:.2}×", ratio(1, STUNNEL)),
-        "≥ 1.0×",
-        ratio(1, STUNNEL) >= 1.0,
-    );
-    section.target(
-        "added p50 @1 conn above the two-hop floor",
-        format!(
-            "{above_floor:.0} µs (passage {:.0} µs, floor {:.0} µs over direct)",
-            added(PASSAGE),
-            added(HOPS)
-        ),
-        "≤ 60 µs",
-        above_floor <= 60.0,
-    );
-    section.target(
-        "proxy CPU per request @1 conn",
-        format!("{cpu_1:.0} µs"),
-        "≤ 175 µs",
-        cpu_1 <= 175.0,
-    );
-    section.target(
-        "req/s @32 conns vs stunnel pair",
-        format!("{:.2}×", ratio(32, STUNNEL)),
-        "≥ 2.5×",
-        ratio(32, STUNNEL) >= 2.5,
-    );
-    section.target(
-        "req/s @32 conns vs nginx",
-        format!("{:.3}×", ratio(32, NGINX)),
-        "≥ 0.8×",
-        ratio(32, NGINX) >= 0.8,
-    );
-    Ok(section)
+
+    /// Median latency at 1 connection that variant `index` adds over direct, µs.
+    fn added(&self, index: usize) -> f64 {
+        self.med(index, 1, |r| r.p50_us) - self.med(DIRECT, 1, |r| r.p50_us)
+    }
+
+    /// passage's requests per second over variant `of`'s at `connections`.
+    fn ratio(&self, connections: u32, of: usize) -> f64 {
+        self.med(PASSAGE, connections, |r| r.rps) / self.med(of, connections, |r| r.rps)
+    }
+
+    /// The table: a header, then one row per variant named in `names`.
+    fn table(&self, names: &[&str]) -> Vec<Vec<String>> {
+        let mut table = vec![
+            [
+                "variant",
+                "p50 @1 conn (µs)",
+                "p99 @1 conn (µs)",
+                "proxy CPU per request @1 conn (µs)",
+                "req/s @1 conn",
+                "req/s @32 conns",
+                "@32 vs direct",
+                "proxy CPU per request @32 conns (µs)",
+                "machine idle @32 conns",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        let direct_rps = self.med(DIRECT, 32, |r| r.rps);
+        // Direct has no proxy, so no proxy CPU.
+        let proxy_cpu = |samples: &[f64], index: usize| {
+            if index == DIRECT {
+                "–".to_owned()
+            } else {
+                fixed(median(samples), 0)
+            }
+        };
+        for (index, name) in names.iter().enumerate() {
+            table.push(vec![
+                (*name).to_owned(),
+                fixed(self.med(index, 1, |r| r.p50_us), 0),
+                fixed(self.med(index, 1, |r| r.p99_us), 0),
+                proxy_cpu(&self.cpu_us[index], index),
+                fixed(self.med(index, 1, |r| r.rps), 0),
+                fixed(self.med(index, 32, |r| r.rps), 0),
+                fixed(self.med(index, 32, |r| r.rps) / direct_rps, 2),
+                proxy_cpu(&self.cpu_us_32[index], index),
+                format!("{:.0}%", median(&self.idle_32[index])),
+            ]);
+        }
+        table
+    }
+
+    /// The remarks below the table: ratios, where latency and CPU stand,
+    /// and the hand measurements behind the runtime defaults.
+    fn add_notes(&self, section: &mut Section) {
+        let above_floor = self.added(PASSAGE) - self.added(HOPS);
+        let cpu_1 = median(&self.cpu_us[PASSAGE]);
+        section.notes.push(format!(
+            "passage ÷ stunnel pair: {:.2}× the requests per second at 1 connection, {:.2}× at 32; \
+             passage ÷ nginx: {:.2}× at 1 connection, {:.2}× at 32.",
+            self.ratio(1, STUNNEL),
+            self.ratio(32, STUNNEL),
+            self.ratio(1, NGINX),
+            self.ratio(32, NGINX),
+        ));
+        section.notes.push(format!(
+            "At 1 connection passage adds {:.0} µs at the median over direct (nginx {:.0} µs, the \
+             stunnel pair {:.0} µs, the two-hop floor {:.0} µs): {above_floor:.0} µs above the \
+             floor. Its two processes use {cpu_1:.0} µs of CPU per request against {:.0} µs for \
+             the stunnel pair and {:.0} µs for the two bare forwarders. Where each µs goes, by \
+             program and by kind of work, is in section 7 (`scripts/request_cost.sh`).",
+            self.added(PASSAGE),
+            self.added(NGINX),
+            self.added(STUNNEL),
+            self.added(HOPS),
+            median(&self.cpu_us[STUNNEL]),
+            median(&self.cpu_us[HOPS]),
+        ));
+        section.notes.push(format!(
+            "At 32 connections the machine was {:.0}% idle during passage's run: wrk, the two \
+             programs and the upstream take turns on two cores, so throughput there follows the \
+             CPU every process on the path spends per request (passage {:.0} µs, nginx {:.0} µs, \
+             the stunnel pair {:.0} µs).",
+            median(&self.idle_32[PASSAGE]),
+            median(&self.cpu_us_32[PASSAGE]),
+            median(&self.cpu_us_32[NGINX]),
+            median(&self.cpu_us_32[STUNNEL]),
+        ));
+        // Hand measurements behind defaults in shared/src/process.rs, kept
+        // here so a regenerated report still carries them.
+        section.notes.push(
+            "Runtime and logging (measured by hand with passage-bench on a 2-core machine, not in \
+             this run): one runtime thread per program (`--threads 1`, the default) gave about 1.3× \
+             the request throughput and ~40 µs less latency than tokio's default multi-threaded \
+             runtime; a background log writer thread (tracing-appender) cost more per request than \
+             the synchronous write itself."
+                .to_owned(),
+        );
+    }
+
+    /// The scenario's targets, each with what this run measured.
+    fn add_targets(&self, section: &mut Section) {
+        let above_floor = self.added(PASSAGE) - self.added(HOPS);
+        let cpu_1 = median(&self.cpu_us[PASSAGE]);
+        section.target(
+            "req/s @1 conn vs stunnel pair",
+            format!("{:.2}×", self.ratio(1, STUNNEL)),
+            "≥ 1.0×",
+            self.ratio(1, STUNNEL) >= 1.0,
+        );
+        section.target(
+            "added p50 @1 conn above the two-hop floor",
+            format!(
+                "{above_floor:.0} µs (passage {:.0} µs, floor {:.0} µs over direct)",
+                self.added(PASSAGE),
+                self.added(HOPS)
+            ),
+            "≤ 60 µs",
+            above_floor <= 60.0,
+        );
+        section.target(
+            "proxy CPU per request @1 conn",
+            format!("{cpu_1:.0} µs"),
+            "≤ 175 µs",
+            cpu_1 <= 175.0,
+        );
+        section.target(
+            "req/s @32 conns vs stunnel pair",
+            format!("{:.2}×", self.ratio(32, STUNNEL)),
+            "≥ 2.5×",
+            self.ratio(32, STUNNEL) >= 2.5,
+        );
+        section.target(
+            "req/s @32 conns vs nginx",
+            format!("{:.3}×", self.ratio(32, NGINX)),
+            "≥ 0.8×",
+            self.ratio(32, NGINX) >= 0.8,
+        );
+    }
 }
 
 #[cfg(test)]

@@ -72,57 +72,78 @@ pub async fn run(bin_dir: &std::path::Path, settings: &SoakSettings) -> anyhow::
         ..TunnelOptions::default()
     };
     let mut tunnel = Tunnel::start(bin_dir, &upstream.url, &options).await?;
+    let idle = Idle::read(&tunnel).await?;
+    let load = load(&mut tunnel, settings).await?;
+    let ended = Ended::settle(&tunnel, &idle).await?;
+    verdict(settings, &idle, &load, &ended)
+}
 
-    // Warm up, then read the idle levels (each reading on a fresh
-    // connection, so idle app connections do not count).
-    {
-        let warm = client();
-        for _ in 0..20 {
-            one_request(&warm, &tunnel.url, false).await?;
+/// Both programs' idle levels after a warm-up, before the load.
+struct Idle {
+    /// The client's.
+    client: Level,
+    /// The relay's status line.
+    relay: RelayStatus,
+    /// The relay's RSS, MiB.
+    relay_rss: f64,
+}
+
+impl Idle {
+    /// Warms the tunnel up, then reads the idle levels (each reading on a
+    /// fresh connection, so idle app connections do not count).
+    async fn read(tunnel: &Tunnel) -> anyhow::Result<Idle> {
+        {
+            let warm = client();
+            for _ in 0..20 {
+                one_request(&warm, &tunnel.url, false).await?;
+            }
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let client = client_level(tunnel).await?;
+        wait_relay_idle(tunnel, None, Duration::from_secs(10)).await?;
+        // The status line comes at most once a second and only on a change:
+        // read it again after more than one interval, so a task started late
+        // by the warm-up (hyper's pool timer) is in the idle level.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let relay = wait_relay_idle(tunnel, None, Duration::from_secs(10)).await?;
+        let relay_rss = tunnel.relay.rss_kib()? as f64 / 1024.0;
+        Ok(Idle {
+            client,
+            relay,
+            relay_rss,
+        })
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let client_start = client_level(&tunnel).await?;
-    wait_relay_idle(&tunnel, None, Duration::from_secs(10)).await?;
-    // The status line comes at most once a second and only on a change:
-    // read it again after more than one interval, so a task started late
-    // by the warm-up (hyper's pool timer) is in the idle level.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let relay_start = wait_relay_idle(&tunnel, None, Duration::from_secs(10)).await?;
-    let relay_start_rss = tunnel.relay.rss_kib()? as f64 / 1024.0;
+}
 
+/// What the load phase saw.
+struct Load {
+    /// Requests that completed, were cancelled by the app, failed, hung.
+    ok: u64,
+    cancelled: u64,
+    failed: u64,
+    hung: u64,
+    /// The most open streams the client reported.
+    peak_client_streams: u64,
+    /// When the relay came back from its restart, from the load's start.
+    restarted_at: Duration,
+    /// How long the load ran.
+    load_time: Duration,
+}
+
+/// Keeps `settings.concurrency` requests of every kind in flight for
+/// `settings.duration`, restarting the relay half-way.
+async fn load(tunnel: &mut Tunnel, settings: &SoakSettings) -> anyhow::Result<Load> {
     let http = client();
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let mut slots = Vec::new();
-    for slot in 0..settings.concurrency {
-        let (http, url, tally, stop) = (
-            http.clone(),
-            tunnel.url.clone(),
-            tally.clone(),
-            stop.clone(),
-        );
-        let limit = settings.request_limit;
-        slots.push(tokio::spawn(async move {
-            let mut rng = fastrand::Rng::with_seed(slot as u64);
-            while !stop.load(Ordering::Relaxed) {
-                let kind = rng.u32(0..10);
-                let outcome =
-                    tokio::time::timeout(limit, one_op(&http, &url, kind, &mut rng)).await;
-                let counter = match &outcome {
-                    Ok(Ok(true)) => &tally.ok,
-                    Ok(Ok(false)) => &tally.cancelled,
-                    Ok(Err(_)) => &tally.failed,
-                    Err(_) => &tally.hung,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                if matches!(outcome, Ok(Err(_))) {
-                    // A failed request (the relay restarting) is not repeated in a hot loop.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }));
-    }
+    let slots: Vec<_> = (0..settings.concurrency)
+        .map(|slot| {
+            let (http, url) = (http.clone(), tunnel.url.clone());
+            let (tally, stop) = (tally.clone(), stop.clone());
+            let limit = settings.request_limit;
+            tokio::spawn(async move { load_slot(slot, &http, &url, &tally, &stop, limit).await })
+        })
+        .collect();
     let started = Instant::now();
     tokio::time::sleep(settings.duration / 2).await;
     let mut peak_client_streams = health(&tunnel.url).await?.0;
@@ -143,54 +164,124 @@ pub async fn run(bin_dir: &std::path::Path, settings: &SoakSettings) -> anyhow::
     let load_time = started.elapsed();
     // Close the load's idle app connections, as apps going away would.
     drop(http);
-
-    // Settle: the counts return to their idle level.
-    let settle = Duration::from_secs(15);
-    let deadline = Instant::now() + settle;
-    let client_end = loop {
-        let level = client_level(&tunnel).await?;
-        if (level.open_streams == 0 && level.tasks <= client_start.tasks)
-            || Instant::now() > deadline
-        {
-            break level;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let relay_end = wait_relay_idle(&tunnel, Some(relay_start.tasks), settle).await;
-    let relay_end_rss = tunnel.relay.rss_kib()? as f64 / 1024.0;
-    let client_peak_rss = tunnel.client.peak_rss_kib()? as f64 / 1024.0;
-    let relay_peak_rss = tunnel.relay.peak_rss_kib()? as f64 / 1024.0;
-
     let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let (ok, cancelled, failed, hung) = (
-        count(&tally.ok),
-        count(&tally.cancelled),
-        count(&tally.failed),
-        count(&tally.hung),
-    );
+    Ok(Load {
+        ok: count(&tally.ok),
+        cancelled: count(&tally.cancelled),
+        failed: count(&tally.failed),
+        hung: count(&tally.hung),
+        peak_client_streams,
+        restarted_at,
+        load_time,
+    })
+}
+
+/// One slot of the load: requests of random kinds one after another until
+/// `stop`, each counted by how it ended.
+async fn load_slot(
+    slot: usize,
+    http: &HttpClient,
+    url: &str,
+    tally: &Tally,
+    stop: &AtomicBool,
+    limit: Duration,
+) {
+    let mut rng = fastrand::Rng::with_seed(slot as u64);
+    while !stop.load(Ordering::Relaxed) {
+        let kind = rng.u32(0..10);
+        let outcome = tokio::time::timeout(limit, one_op(http, url, kind, &mut rng)).await;
+        let counter = match &outcome {
+            Ok(Ok(true)) => &tally.ok,
+            Ok(Ok(false)) => &tally.cancelled,
+            Ok(Err(_)) => &tally.failed,
+            Err(_) => &tally.hung,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if matches!(outcome, Ok(Err(_))) {
+            // A failed request (the relay restarting) is not repeated in a hot loop.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Both programs' levels once the load has stopped and they settled.
+struct Ended {
+    /// The client's level.
+    client: Level,
+    /// The relay's status line, or why it did not return to idle.
+    relay: anyhow::Result<RelayStatus>,
+    /// RSS at the end and at its peak, MiB.
+    relay_rss: f64,
+    client_peak_rss: f64,
+    relay_peak_rss: f64,
+}
+
+impl Ended {
+    /// Waits up to 15 s for the counts to return to their idle level, then
+    /// reads where they and the memory ended.
+    async fn settle(tunnel: &Tunnel, idle: &Idle) -> anyhow::Result<Ended> {
+        let settle = Duration::from_secs(15);
+        let deadline = Instant::now() + settle;
+        let client = loop {
+            let level = client_level(tunnel).await?;
+            if (level.open_streams == 0 && level.tasks <= idle.client.tasks)
+                || Instant::now() > deadline
+            {
+                break level;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let relay = wait_relay_idle(tunnel, Some(idle.relay.tasks), settle).await;
+        Ok(Ended {
+            client,
+            relay,
+            relay_rss: tunnel.relay.rss_kib()? as f64 / 1024.0,
+            client_peak_rss: tunnel.client.peak_rss_kib()? as f64 / 1024.0,
+            relay_peak_rss: tunnel.relay.peak_rss_kib()? as f64 / 1024.0,
+        })
+    }
+}
+
+/// The report, and whether the soak passed: no request hung, at most 10%
+/// failed, both programs back at idle and within the RSS slack.
+fn verdict(
+    settings: &SoakSettings,
+    idle: &Idle,
+    load: &Load,
+    ended: &Ended,
+) -> anyhow::Result<String> {
+    let Load {
+        ok,
+        cancelled,
+        failed,
+        hung,
+        ..
+    } = *load;
     let total = ok + cancelled + failed + hung;
     let mut report = format!(
         "soak: {} s of load, {} requests in flight at once, relay restarted (SIGTERM, --drain-timeout {}) at {:.0} s\n\
          requests: {total} ({ok} complete, {cancelled} cancelled by the app as planned, {failed} failed, {hung} hung past {:?})\n\
-         client: open streams {} → peak {} → {}; tasks {} → {}; RSS {:.1} → peak {client_peak_rss:.1} → {:.1} MiB\n",
-        load_time.as_secs(),
+         client: open streams {} → peak {} → {}; tasks {} → {}; RSS {:.1} → peak {:.1} → {:.1} MiB\n",
+        load.load_time.as_secs(),
         settings.concurrency,
         settings.relay_drain.as_secs(),
-        restarted_at.as_secs_f64(),
+        load.restarted_at.as_secs_f64(),
         settings.request_limit,
-        client_start.open_streams,
-        peak_client_streams,
-        client_end.open_streams,
-        client_start.tasks,
-        client_end.tasks,
-        client_start.rss_mib,
-        client_end.rss_mib,
+        idle.client.open_streams,
+        load.peak_client_streams,
+        ended.client.open_streams,
+        idle.client.tasks,
+        ended.client.tasks,
+        idle.client.rss_mib,
+        ended.client_peak_rss,
+        ended.client.rss_mib,
     );
     let mut problems = Vec::new();
-    match &relay_end {
+    match &ended.relay {
         Ok(end) => report.push_str(&format!(
-            "relay: idle status before (1 connection) {} streams / {} tasks → after {} connection(s), {} streams / {} tasks; RSS {relay_start_rss:.1} MiB (first process, idle) → peak {relay_peak_rss:.1} → {relay_end_rss:.1} MiB (restarted process, under and after its share of the load)\n",
-            relay_start.open_streams, relay_start.tasks, end.connections, end.open_streams, end.tasks,
+            "relay: idle status before (1 connection) {} streams / {} tasks → after {} connection(s), {} streams / {} tasks; RSS {:.1} MiB (first process, idle) → peak {:.1} → {:.1} MiB (restarted process, under and after its share of the load)\n",
+            idle.relay.open_streams, idle.relay.tasks, end.connections, end.open_streams, end.tasks,
+            idle.relay_rss, ended.relay_peak_rss, ended.relay_rss,
         )),
         Err(e) => problems.push(format!("relay: {e:#}")),
     }
@@ -202,15 +293,15 @@ pub async fn run(bin_dir: &std::path::Path, settings: &SoakSettings) -> anyhow::
             "{failed} of {total} requests failed (more than 10%)"
         ));
     }
-    if client_end.open_streams != 0 || client_end.tasks > client_start.tasks {
+    if ended.client.open_streams != 0 || ended.client.tasks > idle.client.tasks {
         problems.push(format!(
             "the client did not return to idle: {} open streams, {} tasks (idle: {})",
-            client_end.open_streams, client_end.tasks, client_start.tasks
+            ended.client.open_streams, ended.client.tasks, idle.client.tasks
         ));
     }
     for (name, start, end) in [
-        ("client", client_start.rss_mib, client_end.rss_mib),
-        ("relay", relay_start_rss, relay_end_rss),
+        ("client", idle.client.rss_mib, ended.client.rss_mib),
+        ("relay", idle.relay_rss, ended.relay_rss),
     ] {
         if end > start + settings.rss_slack_mib {
             problems.push(format!(

@@ -332,28 +332,7 @@ impl Tunnel {
         let relay_addr = SocketAddr::new(relay_ip, relay_port);
         let dialled = options.via.unwrap_or(relay_addr);
         let bundle = dir.path().join("bench.toml");
-        let mut init = Command::new(&relay_bin);
-        init.arg("init").arg("--dir").arg(&pki);
-        if !relay_ip.is_loopback() {
-            // The relay's certificate must name the address the client dials.
-            for host in [
-                "localhost".to_owned(),
-                "127.0.0.1".to_owned(),
-                relay_ip.to_string(),
-            ] {
-                init.arg("--host").arg(host);
-            }
-        }
-        run_quiet(&mut init).await?;
-        run_quiet(
-            Command::new(&relay_bin)
-                .args(["issue", "--name", "bench", "--relay", &dialled.to_string()])
-                .arg("--dir")
-                .arg(&pki)
-                .arg("--out")
-                .arg(&bundle),
-        )
-        .await?;
+        make_identities(&relay_bin, &pki, relay_ip, dialled, &bundle).await?;
 
         let mut relay_args: Vec<String> = vec![
             "serve".into(),
@@ -535,4 +514,38 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
         .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
+}
+
+/// Makes a CA and the relay's identity in `pki` (naming `relay_ip` too when
+/// it is not loopback) and issues the client bundle `bundle` that dials `dialled`.
+async fn make_identities(
+    relay_bin: &Path,
+    pki: &Path,
+    relay_ip: IpAddr,
+    dialled: SocketAddr,
+    bundle: &Path,
+) -> anyhow::Result<()> {
+    let mut init = Command::new(relay_bin);
+    init.arg("init").arg("--dir").arg(pki);
+    if !relay_ip.is_loopback() {
+        // The relay's certificate must name the address the client dials.
+        for host in [
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            relay_ip.to_string(),
+        ] {
+            init.arg("--host").arg(host);
+        }
+    }
+    run_quiet(&mut init).await?;
+    run_quiet(
+        Command::new(relay_bin)
+            .args(["issue", "--name", "bench", "--relay", &dialled.to_string()])
+            .arg("--dir")
+            .arg(pki)
+            .arg("--out")
+            .arg(bundle),
+    )
+    .await?;
+    Ok(())
 }

@@ -207,24 +207,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
     let lane_streams = if settings.quick { 200 } else { LANE_STREAMS };
     let mut section = Section {
         title: "9. Teams: shared state, ledger, cache, upstream lanes".into(),
-        method: format!(
-            "Four fresh tunnels to the fixed-answer mock, the client under limits that never \
-             refuse (so every request is admitted and settled by the store): the embedded store \
-             with `--no-ledger`, the embedded store with its SQLite ledger (the default), and \
-             `--state redis://` on a local redis-server (Debian's), once under all four limits \
-             (one Lua call per request carrying the previous request's settlement: lease and \
-             tokens) and once under `requests_per_minute` alone. {n} sequential small chat \
-             completions on one keep-alive connection each, the four taking turns request by \
-             request after 50 unmeasured ones; p50 of each, and the differences; then {n} bare \
-             PINGs to the same Redis from the benchmark, the floor of any Redis call here. Cache: on the \
-             ledger tunnel, with `cache = \"opt-in\"` and `x-passage-cache: use`, {n} misses \
-             (each body unique) and {n} hits (one body, kept) taking turns; and the same requests \
-             straight to the mock, the floor. Lanes: {lane_streams} streaming requests opened at \
-             once through a tunnel with `--upstream-http2` to a mock that allows 100 streams per \
-             HTTP/2 connection, against the same through one to a mock that allows 10,000; each \
-             on an app connection made beforehand, the slowest first byte from the moment all \
-             were sent."
-        ),
+        method: method(n, lane_streams),
         ..Section::default()
     };
     section.table.push(
@@ -232,52 +215,113 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
             .map(String::from)
             .to_vec(),
     );
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("relay.toml");
-    std::fs::write(&config, RULES)?;
-    let rpm_only = dir.path().join("rpm-only.toml");
-    std::fs::write(&rpm_only, RPM_ONLY)?;
-    let with_config = |file: &std::path::Path, more: &[&str]| TunnelOptions {
-        relay_args: ["--config", &file.display().to_string()]
-            .iter()
-            .chain(more)
-            .map(|s| (*s).to_owned())
-            .collect(),
-        ..TunnelOptions::default()
-    };
-    let redis = start_redis().await;
-    let no_ledger = Tunnel::start(
-        &bench.bin_dir,
-        &bench.upstream.url,
-        &with_config(&config, &["--no-ledger"]),
+    let tunnels = StateTunnels::start(bench).await?;
+    state_costs(&mut section, &tunnels, n).await?;
+    cache(&mut section, tunnels.ledger.addr, bench.upstream.addr, n).await?;
+    drop(tunnels);
+    lanes(&mut section, bench, lane_streams).await?;
+    Ok(section)
+}
+
+/// The section's method paragraph, for `n` requests per row and
+/// `lane_streams` streams opened at once.
+fn method(n: usize, lane_streams: usize) -> String {
+    format!(
+        "Four fresh tunnels to the fixed-answer mock, the client under limits that never \
+         refuse (so every request is admitted and settled by the store): the embedded store \
+         with `--no-ledger`, the embedded store with its SQLite ledger (the default), and \
+         `--state redis://` on a local redis-server (Debian's), once under all four limits \
+         (one Lua call per request carrying the previous request's settlement: lease and \
+         tokens) and once under `requests_per_minute` alone. {n} sequential small chat \
+         completions on one keep-alive connection each, the four taking turns request by \
+         request after 50 unmeasured ones; p50 of each, and the differences; then {n} bare \
+         PINGs to the same Redis from the benchmark, the floor of any Redis call here. Cache: on the \
+         ledger tunnel, with `cache = \"opt-in\"` and `x-passage-cache: use`, {n} misses \
+         (each body unique) and {n} hits (one body, kept) taking turns; and the same requests \
+         straight to the mock, the floor. Lanes: {lane_streams} streaming requests opened at \
+         once through a tunnel with `--upstream-http2` to a mock that allows 100 streams per \
+         HTTP/2 connection, against the same through one to a mock that allows 10,000; each \
+         on an app connection made beforehand, the slowest first byte from the moment all \
+         were sent."
     )
-    .await?;
-    let ledger = Tunnel::start(
-        &bench.bin_dir,
-        &bench.upstream.url,
-        &with_config(&config, &[]),
-    )
-    .await?;
-    let mut addrs = vec![no_ledger.addr, ledger.addr];
-    let mut shared = Vec::new();
-    match &redis {
-        Ok((_, url, _)) => {
+}
+
+/// The tunnels whose state backends the scenario compares, and the Redis
+/// behind the shared ones.
+struct StateTunnels {
+    /// The embedded store with `--no-ledger`.
+    no_ledger: Tunnel,
+    /// The embedded store with its SQLite ledger (the default).
+    ledger: Tunnel,
+    /// `--state redis://` under all four limits, then under one; empty
+    /// when Redis could not start.
+    shared: Vec<Tunnel>,
+    /// The redis-server, its URL and its directory, or why it did not start.
+    redis: anyhow::Result<(Proc, String, tempfile::TempDir)>,
+    /// The relays' config files.
+    _configs: tempfile::TempDir,
+}
+
+impl StateTunnels {
+    /// Starts Redis (if it can) and the tunnels, each to the bench's upstream.
+    async fn start(bench: &Bench) -> anyhow::Result<StateTunnels> {
+        let configs = tempfile::tempdir()?;
+        let config = configs.path().join("relay.toml");
+        std::fs::write(&config, RULES)?;
+        let rpm_only = configs.path().join("rpm-only.toml");
+        std::fs::write(&rpm_only, RPM_ONLY)?;
+        let with_config = |file: &std::path::Path, more: &[&str]| TunnelOptions {
+            relay_args: ["--config", &file.display().to_string()]
+                .iter()
+                .chain(more)
+                .map(|s| (*s).to_owned())
+                .collect(),
+            ..TunnelOptions::default()
+        };
+        let start = |options: TunnelOptions| async move {
+            Tunnel::start(&bench.bin_dir, &bench.upstream.url, &options).await
+        };
+        let redis = start_redis().await;
+        let no_ledger = start(with_config(&config, &["--no-ledger"])).await?;
+        let ledger = start(with_config(&config, &[])).await?;
+        let mut shared = Vec::new();
+        if let Ok((_, url, _)) = &redis {
             for file in [&config, &rpm_only] {
-                let tunnel = Tunnel::start(
-                    &bench.bin_dir,
-                    &bench.upstream.url,
-                    &with_config(file, &["--state", url]),
-                )
-                .await?;
-                addrs.push(tunnel.addr);
-                shared.push(tunnel);
+                shared.push(start(with_config(file, &["--state", url])).await?);
             }
         }
-        Err(e) => section
-            .notes
-            .push(format!("The Redis rows were skipped: {e}.")),
+        Ok(StateTunnels {
+            no_ledger,
+            ledger,
+            shared,
+            redis,
+            _configs: configs,
+        })
     }
-    let samples = interleaved(&addrs, n).await?;
+
+    /// The app-side addresses, in the order of the table's rows.
+    fn addrs(&self) -> Vec<SocketAddr> {
+        [&self.no_ledger, &self.ledger]
+            .into_iter()
+            .chain(&self.shared)
+            .map(|tunnel| tunnel.addr)
+            .collect()
+    }
+}
+
+/// Rows and targets for what each state backend adds per request, and the
+/// bare Redis round trip beneath them.
+async fn state_costs(
+    section: &mut Section,
+    tunnels: &StateTunnels,
+    n: usize,
+) -> anyhow::Result<()> {
+    if let Err(e) = &tunnels.redis {
+        section
+            .notes
+            .push(format!("The Redis rows were skipped: {e}."));
+    }
+    let samples = interleaved(&tunnels.addrs(), n).await?;
     let names = [
         "embedded, --no-ledger",
         "embedded, SQLite ledger (default)",
@@ -285,6 +329,8 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         "--state redis://, requests_per_minute only",
     ];
     for (i, row) in samples.iter().enumerate() {
+        // Each row against the one it adds to: the ledger against none,
+        // Redis against the embedded store with its ledger.
         let against = match i {
             0 => "-".to_owned(),
             _ => format!(
@@ -300,7 +346,7 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
             against,
         ]);
     }
-    if let Ok((_, url, _)) = &redis {
+    if let Ok((_, url, _)) = &tunnels.redis {
         let pings = redis_pings(url.trim_start_matches("redis://"), n).await?;
         section.table.push(vec![
             "a bare Redis PING round trip (the floor of a Redis call)".to_owned(),
@@ -325,10 +371,19 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
             redis_cost <= TARGET_REDIS_US,
         );
     }
+    Ok(())
+}
 
-    // The cache, on the ledger tunnel, against the mock straight.
-    let mut through = Connection::open(ledger.addr).await?;
-    let mut direct = Connection::open(bench.upstream.addr).await?;
+/// Rows and the target for cache hits against misses through the tunnel
+/// at `tunnel`, with the upstream at `upstream` straight as the floor.
+async fn cache(
+    section: &mut Section,
+    tunnel: SocketAddr,
+    upstream: SocketAddr,
+    n: usize,
+) -> anyhow::Result<()> {
+    let mut through = Connection::open(tunnel).await?;
+    let mut direct = Connection::open(upstream).await?;
     let kept = chat_body(usize::MAX);
     through.time(&kept, true).await?;
     let (mut hits, mut misses, mut floor) = (Vec::new(), Vec::new(), Vec::new());
@@ -360,9 +415,13 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         "≤ 0.5×",
         ratio <= TARGET_HIT_RATIO,
     );
-    drop((no_ledger, ledger, shared, redis));
+    Ok(())
+}
 
-    // Lanes.
+/// Rows and the target for `lane_streams` streams opened at once to an
+/// upstream that caps the streams of one HTTP/2 connection at 100, against
+/// one that allows 10,000.
+async fn lanes(section: &mut Section, bench: &Bench, lane_streams: usize) -> anyhow::Result<()> {
     let capped = Upstream::start_with(&bench.bin_dir, None, &["--h2-streams", "100"]).await?;
     let h2 = TunnelOptions {
         relay_args: vec!["--upstream-http2".into()],
@@ -391,5 +450,5 @@ pub async fn run(bench: &Bench, settings: &Settings) -> anyhow::Result<Section> 
         "≤ 1 s (at 1,000 streams)",
         lanes <= TARGET_LANES,
     );
-    Ok(section)
+    Ok(())
 }

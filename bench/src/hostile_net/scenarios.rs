@@ -285,6 +285,18 @@ async fn udp_blocked_mid(stack: &mut Stack, rows: &mut Vec<Row>) -> anyhow::Resu
         ));
         return Ok(());
     }
+    back_to_quic(stack, &client, back, back_target, rows).await
+}
+
+/// Lifts the UDP block and times the auto client's way back to QUIC
+/// (its probes find the path again), then checks a request on it.
+async fn back_to_quic(
+    stack: &mut Stack,
+    client: &Client,
+    back: &str,
+    back_target: &str,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
     let probes_before = client.counter("passage_client_quic_probes_total").await;
     let unblock = Instant::now();
     stack.bed.impose(Impairment::None)?;
