@@ -2,7 +2,19 @@
 //! identity and revocation check, the welcome, every stream until the
 //! client leaves, and the go-away on shutdown.
 
-use super::*;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use passage_shared::control::{self, ControlError, ControlMessage};
+use passage_shared::frame::{Welcome, close_code, reset_code};
+use passage_shared::pki::certificate_common_name;
+use passage_shared::revocation::fingerprint;
+use passage_shared::transport::{BoxRecv, BoxSend, Ended, TransportKind, tcp};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::live::Unannounced;
+use super::{ADDRESS_CHECK, ConnectionContext};
+use crate::stream;
 
 /// A client connection past its handshake, on either transport.
 pub(super) enum ClientConnection {

@@ -1,7 +1,16 @@
 //! One handshake on either transport up to an admitted connection, and the
 //! reasons a refused one is counted and logged under.
 
-use super::*;
+use std::net::SocketAddr;
+
+use passage_shared::frame::ALPN_TCP;
+use passage_shared::transport::tcp;
+use rustls::pki_types::CertificateDer;
+use tracing::{debug, warn};
+
+use super::connection::{ClientConnection, serve_connection};
+use super::live::Unannounced;
+use super::{ConnectionContext, HANDSHAKE_TIMEOUT};
 
 /// Completes one QUIC handshake and serves the connection.
 pub(super) async fn quic_connection(

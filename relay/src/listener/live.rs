@@ -2,7 +2,18 @@
 //! those whose certificate was revoked; the PKI's reload timing; and the
 //! count of clients that have not yet heard the go-away.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use passage_shared::frame::close_code;
+use passage_shared::revocation::Fingerprint;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::connection::Closer;
+use crate::pki_watch::PkiWatch;
 
 /// One open client connection: its certificate's fingerprint, the
 /// client's name, and how to close it.

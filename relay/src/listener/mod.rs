@@ -29,29 +29,22 @@ mod connection;
 mod handshake;
 mod live;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use std::net::SocketAddr;
 
-use passage_shared::control::{self, ControlError, ControlMessage};
-use passage_shared::frame::{ALPN_TCP, Welcome, close_code, reset_code};
-use passage_shared::pki::certificate_common_name;
-use passage_shared::revocation::{Fingerprint, Revocations, fingerprint};
-use passage_shared::transport::{BoxRecv, BoxSend, Ended, TransportKind, TransportTuning, tcp};
-use rustls::pki_types::CertificateDer;
+use passage_shared::revocation::Revocations;
+use passage_shared::transport::TransportTuning;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{info, warn};
 
 use crate::pki_watch::PkiWatch;
-use crate::stream::{self, StreamContext};
+use crate::stream::StreamContext;
 
-use connection::{ClientConnection, Closer, serve_connection};
 use handshake::{quic_connection, tcp_connection};
 use live::{Live, Unannounced, due_instant, reload_pki, sleep_until_due};
 

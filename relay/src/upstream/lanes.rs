@@ -2,7 +2,10 @@
 //! carries its share of requests, so HTTP/2's per-connection stream limit
 //! never queues requests.
 
-use super::*;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+
+use super::UpstreamBody;
 
 /// The HTTP client of one lane.
 pub(super) type LaneClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>;

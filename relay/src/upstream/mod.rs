@@ -19,9 +19,8 @@ mod tests;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, HOST, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::header::HeaderValue;
+use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -30,7 +29,6 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use passage_shared::error_body::ApiError;
 use passage_shared::error_chain;
 use passage_shared::frame::RequestHead;
-use passage_shared::http_map::extend_from_wire;
 
 use crate::keys::KeyRing;
 use crate::request_body::RequestBody;

@@ -1,7 +1,15 @@
 //! Where requests go: the one configured base URL, paths joined to it
 //! without leaving it, and the upstream request built from a request head.
 
-use super::*;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, HOST, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, StatusCode, Uri};
+use passage_shared::error_body::ApiError;
+use passage_shared::frame::RequestHead;
+use passage_shared::http_map::extend_from_wire;
+
+use crate::upstream_config::UpstreamConfigError;
 
 /// Where requests go: scheme, authority and an optional base path.
 #[derive(Debug, Clone, PartialEq, Eq)]

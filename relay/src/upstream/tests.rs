@@ -1,6 +1,7 @@
 //! The upstream client's own tests: path joining, lanes, errors.
 
 use super::*;
+use http::header::{AUTHORIZATION, HOST};
 
 /// The plain statement of [`has_dot_segment`], allocating freely.
 fn dot_segment_reference(path: &str) -> bool {

@@ -1,7 +1,10 @@
 //! The mock's answers about keys and statuses: a rejected key, a rate-limited
 //! key, many headers, error statuses, and the echo of anything else.
 
-use super::*;
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+
+use super::{MockBody, bad_request, digest_body, json};
 
 /// Whether the request's key is one this mock refuses: any whose
 /// Authorization contains `rejected`, as the API refuses a revoked key.

@@ -1,11 +1,16 @@
 //! The mock's chat completions and its SSE streams: endless, stamped, slow
 //! to answer, and broken part-way.
 
-use futures_util::StreamExt as _;
-use http_body_util::StreamBody;
-use hyper::body::Frame;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use super::*;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+
+use super::{MockBody, MockRecord, SSE_CHUNKS, SSE_INTERVAL, digest_body, json, sse};
 
 pub(super) fn chunk_json(index: usize, content: &str, finish: Option<&str>) -> String {
     serde_json::json!({

@@ -2,12 +2,17 @@
 //! (pattern downloads, a counting sink).
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
-use http_body_util::StreamBody;
-use hyper::body::Frame;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
 
-use super::*;
+use super::streams::query_u64;
+use super::{MockBody, MockRecord, bad_request, digest_body, json, pattern_bytes, sha256_hex};
 
 pub(super) async fn upload(request: Request<Incoming>) -> Response<MockBody> {
     let boundary = request

@@ -1,7 +1,20 @@
 //! The usage ledger as a Redis stream: written in batches off the request
 //! path, and read back for `passage-relay usage`.
 
-use super::*;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::store_link::Shared;
+use super::{
+    BATCH_MAX, LEDGER_RETENTION_MS, LEDGER_STREAM, PENDING_MAX, PROBE_INTERVAL, client_for,
+};
+use crate::ledger::{BATCH_WINDOW, LedgerEntry};
+use crate::state::STORE_WAIT;
+use crate::usage_totals::{Grouping, UsageRow, totals};
 
 /// Appends ledger entries to the stream in batches: what arrived in each
 /// [`BATCH_WINDOW`] goes in one pipeline. Entries

@@ -20,30 +20,30 @@ mod ledger_stream;
 mod scripts;
 mod store_link;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use http::StatusCode;
 use passage_shared::error_body::ApiError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::answer_cache::{CacheKey, CachedAnswer};
-use crate::ledger::{BATCH_WINDOW, LedgerEntry};
+use crate::ledger::LedgerEntry;
 use crate::limits::{Limits, too_many};
 use crate::policy::{Applied, ClientRules};
 use crate::state::{
     Admission, FailMode, STORE_WAIT, StateError, StateStore, StoreCounts, StoreHealth,
 };
-use crate::usage_totals::{Grouping, UsageRow, totals};
 
 pub use ledger_stream::read_totals;
 use ledger_stream::write_ledger;
-use scripts::*;
+use scripts::{
+    ADMIT_LUA, CACHE_PUT_LUA, RENEW_LUA, SETTLE_LUA, WINDOW_LUA, cache_keys, client_keys,
+};
 pub use store_link::SharedAdmission;
 use store_link::{Reachability, Shared, carry, queued_then};
 

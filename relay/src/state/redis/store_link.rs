@@ -3,7 +3,20 @@
 //! the concurrency leases kept alive; and one admitted request's hold on
 //! its lease.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use passage_shared::error_body::ApiError;
+use redis::aio::ConnectionManager;
+use tracing::{info, warn};
+
+use super::scripts::client_keys;
+use super::{LEASE, LEASE_RENEWAL, PROBE_INTERVAL, WARN_INTERVAL};
+use crate::limits::Limits;
+use crate::state::{FailMode, STORE_WAIT};
 
 /// Whether the store answers, and since when it does not.
 #[derive(Debug, Default)]
