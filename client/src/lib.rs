@@ -2,10 +2,10 @@
 //! requests to it on 127.0.0.1; it carries each over its own QUIC stream
 //! to passage-relay.
 //!
-//! [`server`] is the local HTTP server, [`tunnel`] keeps a connection to
-//! each relay up (QUIC, or TLS over TCP where UDP is blocked: [`connect`]),
-//! and [`forward`] moves one request onto a stream and its response back;
-//! [`doctor`] checks each hop when something does not work.
+//! `server` is the local HTTP server, `tunnel` keeps a connection to
+//! each relay up (QUIC, or TLS over TCP where UDP is blocked: `connect`),
+//! and `forward` moves one request onto a stream and its response back;
+//! `doctor` checks each hop when something does not work.
 
 #![warn(missing_docs)]
 

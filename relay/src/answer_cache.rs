@@ -50,7 +50,7 @@ impl CacheKey {
 pub struct CachedAnswer {
     /// Always 200 today.
     pub status: u16,
-    /// The upstream's headers, less [`UNKEPT_HEADERS`].
+    /// The upstream's headers, less `UNKEPT_HEADERS`.
     pub headers: Vec<Header>,
     /// The body: one piece, or one per SSE event.
     pub pieces: Vec<Bytes>,

@@ -88,7 +88,7 @@ pub enum MultipartError {
     /// More than one part is named `model`.
     #[error("the form has more than one `model` field")]
     SecondModel,
-    /// A part's headers run past [`MAX_PART_HEADERS`].
+    /// A part's headers run past `MAX_PART_HEADERS`.
     #[error("a form part's headers are longer than {MAX_PART_HEADERS} bytes")]
     LongHeaders,
 }

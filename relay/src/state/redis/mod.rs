@@ -3,7 +3,7 @@
 //!
 //! Each check is one Lua script run atomically on the server (no
 //! read-modify-write between relays): requests and tokens per rolling
-//! window in the same buckets as [`crate::limits`], kept as a list of
+//! window in the same buckets as `crate::limits`, kept as a list of
 //! `start:count` items plus a running total; concurrency as a sorted set
 //! of leases that expire unless renewed, so a relay that dies cannot hold
 //! its slots for ever. The usage ledger is a Redis stream, written in

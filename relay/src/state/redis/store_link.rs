@@ -291,7 +291,7 @@ pub struct SharedAdmission {
 impl SharedAdmission {
     /// Counts `tokens` and frees the lease: queued for this relay's next
     /// call to the store, which applies it first, or sent within
-    /// [`SETTLE_DELAY`]. This relay's next admission so always meets it;
+    /// `SETTLE_DELAY`. This relay's next admission so always meets it;
     /// another relay's, within a few milliseconds.
     pub fn settle(mut self, tokens: u64) {
         self.settled = true;

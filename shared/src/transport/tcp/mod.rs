@@ -23,7 +23,7 @@
 //! - **Liveness.** An HTTP/2 PING every keep-alive interval keeps packets
 //!   flowing both ways; while its answer is late, an empty DATA frame on
 //!   the control stream goes out each interval instead, repeating our
-//!   acknowledgements (see [`connection::keep_alive`]). What proves the
+//!   acknowledgements (see `connection::keep_alive`). What proves the
 //!   peer alive is any TCP segment carrying data from it, as the kernel
 //!   counts them (`TCP_INFO`), in order or not: on a lossy link a lost
 //!   segment holds back every byte behind it, and the PING's answer with
@@ -35,15 +35,15 @@
 //!   `TCP_THIN_LINEAR_TIMEOUTS` keeps a thin stream (an SSE response)
 //!   retransmitting every RTO instead of backing off exponentially, so
 //!   heavy loss does not stall it for seconds; `TCP_RTO_MAX_MS` caps any
-//!   backoff (see [`socket::rto_max`]); `TCP_USER_TIMEOUT` is only
+//!   backoff (see `socket::rto_max`); `TCP_USER_TIMEOUT` is only
 //!   a backstop (3× the idle timeout); `TCP_NOTSENT_LOWAT` keeps the
 //!   kernel's unsent queue short so a PING never waits behind megabytes
 //!   of body.
 //!
-//! The code is laid out by concern: [`stream_error`] (reset codes and
-//! errors), [`stream`] (one request stream's halves), [`socket`] (the TCP
-//! socket and its kernel counters), [`connection`] (per-connection state
-//! and liveness), [`client`] (dialing the relay) and [`server`] (the
+//! The code is laid out by concern: `stream_error` (reset codes and
+//! errors), `stream` (one request stream's halves), `socket` (the TCP
+//! socket and its kernel counters), `connection` (per-connection state
+//! and liveness), `client` (dialing the relay) and `server` (the
 //! relay's accepting side).
 mod client;
 mod connection;

@@ -28,7 +28,7 @@ pub(super) struct ByteCounts {
     pub(super) sent: AtomicU64,
 }
 
-/// A TCP socket that counts the bytes through it (see [`ByteCounts`]).
+/// A TCP socket that counts the bytes through it (see `ByteCounts`).
 pub struct CountedTcp {
     inner: TcpStream,
     counts: Arc<ByteCounts>,
