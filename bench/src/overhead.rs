@@ -383,6 +383,11 @@ impl Measured {
         self.med(index, 1, |r| r.p50_us) - self.med(DIRECT, 1, |r| r.p50_us)
     }
 
+    /// Median latency at 1 connection that passage adds above the two-hop floor, µs.
+    fn above_floor(&self) -> f64 {
+        self.added(PASSAGE) - self.added(HOPS)
+    }
+
     /// passage's requests per second over variant `of`'s at `connections`.
     fn ratio(&self, connections: u32, of: usize) -> f64 {
         self.med(PASSAGE, connections, |r| r.rps) / self.med(of, connections, |r| r.rps)
@@ -433,8 +438,7 @@ impl Measured {
     /// The remarks below the table: ratios, where latency and CPU stand,
     /// and the hand measurements behind the runtime defaults.
     fn add_notes(&self, section: &mut Section) {
-        let above_floor = self.added(PASSAGE) - self.added(HOPS);
-        let cpu_1 = median(&self.cpu_us[PASSAGE]);
+        let (above_floor, cpu_1) = (self.above_floor(), median(&self.cpu_us[PASSAGE]));
         section.notes.push(format!(
             "passage ÷ stunnel pair: {:.2}× the requests per second at 1 connection, {:.2}× at 32; \
              passage ÷ nginx: {:.2}× at 1 connection, {:.2}× at 32.",
@@ -480,8 +484,7 @@ impl Measured {
 
     /// The scenario's targets, each with what this run measured.
     fn add_targets(&self, section: &mut Section) {
-        let above_floor = self.added(PASSAGE) - self.added(HOPS);
-        let cpu_1 = median(&self.cpu_us[PASSAGE]);
+        let (above_floor, cpu_1) = (self.above_floor(), median(&self.cpu_us[PASSAGE]));
         section.target(
             "req/s @1 conn vs stunnel pair",
             format!("{:.2}×", self.ratio(1, STUNNEL)),
